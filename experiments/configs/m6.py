@@ -1,0 +1,86 @@
+"""M6 (dense) pretraining on the shipped real data: digits + captions, Chinese text.
+
+Variants (`--config=experiments/configs/m6.py:VARIANT`):
+  tiny   the quickstart: learns digit captioning on this 2-core CPU in a few minutes.
+  small  a wider/deeper model for a single GPU.
+  base   M6-base-like shape (ours: the paper's exact width/depth are not at hand).
+"""
+import ml_collections
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.variant = arg or "tiny"
+    c.seed = 0
+    c.total_steps = 600
+    c.batch_size = 32
+    c.log_every = 25
+    c.eval_every = 200
+    c.peak_tflops_per_device = 0.0  # 0 = measure (CPU) or look up (GPU/TPU)
+    c.num_caption_samples = 4  # captions printed at the end
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+
+    vocab = ml_collections.FieldReference(2000)
+    c.data = ml_collections.ConfigDict()
+    c.data.text_len = 48
+    c.data.image_size = 8
+    c.data.image_channels = 1
+    c.data.patch_size = 2
+    c.data.vocab_size = vocab
+    c.data.tokenizer_path = ""
+    c.data.task_weights = ml_collections.ConfigDict(
+        dict(caption=0.5, caption_denoise=0.1, denoise=0.2, lm=0.2))
+    c.data.text_files = ""
+    c.data.image_text_files = ""
+    c.data.eval_examples = 256
+    c.data.noise_density = 0.15
+    c.data.mean_span = 3.0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = vocab
+    c.model.emb_dim = 128
+    c.model.num_heads = 4
+    c.model.mlp_dim = 512
+    c.model.num_layers = 4
+    c.model.mlp_activation = "gelu"  # gelu (exact) | gelu_tanh | relu | silu
+    c.model.dropout_rate = 0.0
+    c.model.dtype = "float32"  # compute dtype; parameters are always float32
+    c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    c.model.tie_embeddings = True
+    c.model.share_layers = False
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = 50
+    c.optimizer.end_lr_fraction = 0.1  # cosine decays to this fraction of the peak
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.98
+    c.optimizer.grad_clip_norm = 1.0
+
+    if c.variant == "tiny":
+        pass
+    elif c.variant == "small":
+        c.model.update(emb_dim=512, num_heads=8, mlp_dim=2048, num_layers=8, dtype="bfloat16")
+        c.data.vocab_size = 8000
+        c.data.text_len = 128
+        c.batch_size = 64
+        c.total_steps = 5000
+        c.eval_every = 500
+        c.optimizer.learning_rate = 6e-4
+    elif c.variant == "base":
+        c.model.update(emb_dim=768, num_heads=12, mlp_dim=3072, num_layers=12, dtype="bfloat16",
+                       remat_policy="dots")
+        c.data.vocab_size = 21128  # ours: a BERT-Chinese-sized vocabulary
+        c.data.text_len = 256
+        c.batch_size = 256
+        c.total_steps = 100_000
+        c.eval_every = 2000
+        c.log_every = 100
+        c.optimizer.learning_rate = 3e-4
+        c.optimizer.warmup_steps = 2000
+    else:
+        raise ValueError(f"unknown variant {arg!r} of experiments/configs/m6.py; "
+                         "use one of tiny, small, base")
+    return c

@@ -1,0 +1,33 @@
+r"""M6 pretraining entry point.
+
+  python experiments/pretrain.py --config=experiments/configs/m6.py:tiny --workdir=/tmp/m6
+  python experiments/pretrain.py --config=experiments/configs/m6.py:tiny \
+      --config.total_steps=100 --config.mesh.data=2 --workdir=/tmp/m6_short
+"""
+import os
+import sys
+
+# Runnable as a script from a clone without installing: make `m6jax` importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "configs", "m6.py:tiny"),
+    "Config file (path.py:variant); override fields with --config.field=value.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, tokenizer, summary.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from m6jax.train.loop import train  # import JAX only after flags are parsed
+    logging.info("config:\n%s", _CONFIG.value)
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,57 @@
+"""Refuse bad configs before anything is compiled, with the field to fix in the message."""
+from __future__ import annotations
+
+from m6jax import sharding
+from m6jax.model.block import REMAT_POLICIES
+from m6jax.model.mlp import ACTIVATIONS
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def validate_config(config, num_devices: int) -> tuple[int, ...]:
+    """Checks model, mesh, batch and optimizer fields; returns the resolved mesh shape."""
+    m = config.model
+    for f in ("emb_dim", "num_heads", "mlp_dim", "num_layers", "vocab_size"):
+        if int(m[f]) <= 0:
+            raise ValueError(f"model.{f}={m[f]} must be positive")
+    if m.emb_dim % m.num_heads:
+        raise ValueError(f"model.num_heads={m.num_heads} does not divide model.emb_dim={m.emb_dim}")
+    if m.dtype not in _DTYPES:
+        raise ValueError(f"model.dtype={m.dtype!r} is not one of {', '.join(_DTYPES)}")
+    if m.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"model.remat_policy={m.remat_policy!r} is not one of "
+                         f"{', '.join(REMAT_POLICIES)}")
+    if m.mlp_activation not in ACTIVATIONS:
+        raise ValueError(f"model.mlp_activation={m.mlp_activation!r} is not one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    if not 0.0 <= m.dropout_rate < 1.0:
+        raise ValueError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+    if m.vocab_size != config.data.vocab_size:
+        raise ValueError(f"model.vocab_size={m.vocab_size} differs from data.vocab_size="
+                         f"{config.data.vocab_size}; set data.vocab_size (both follow it)")
+
+    shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
+    sizes = dict(zip(sharding.MESH_AXES, shape))
+    t = sizes["tensor"]
+    for f in ("num_heads", "mlp_dim", "vocab_size"):
+        if m[f] % t:
+            raise ValueError(f"mesh.tensor={t} does not divide model.{f}={m[f]}")
+    if m.emb_dim % sizes["fsdp"]:
+        raise ValueError(f"mesh.fsdp={sizes['fsdp']} does not divide model.emb_dim={m.emb_dim}")
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    if config.batch_size % shards:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by mesh.data*mesh.fsdp*"
+                         f"mesh.expert={shards}")
+
+    for f in ("total_steps", "log_every", "eval_every"):
+        if int(config[f]) <= 0:
+            raise ValueError(f"{f}={config[f]} must be positive")
+    o = config.optimizer
+    if o.learning_rate <= 0:
+        raise ValueError(f"optimizer.learning_rate={o.learning_rate} must be positive")
+    if o.warmup_steps < 0 or o.warmup_steps >= config.total_steps:
+        raise ValueError(f"optimizer.warmup_steps={o.warmup_steps} must be in "
+                         f"[0, total_steps={config.total_steps})")
+    if not 0.0 <= o.end_lr_fraction <= 1.0:
+        raise ValueError(f"optimizer.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
+    return shape

@@ -1,0 +1,82 @@
+"""Held-out evaluation: eval loss per task and digit-caption accuracy from greedy decoding."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from m6jax import sharding
+from m6jax.generate import make_greedy_decoder, pad_rows
+
+LANGS = ("en", "zh")
+
+
+def pad_batch(batch: dict[str, np.ndarray], multiple: int) -> dict[str, np.ndarray]:
+    """Pads rows to a multiple of the batch shards; padded rows carry no loss."""
+    keys = list(batch)
+    arrays, n = pad_rows([batch[k] for k in keys], multiple)
+    out = dict(zip(keys, arrays))
+    if out["loss_mask"].shape[0] != n:
+        out["loss_mask"] = out["loss_mask"].copy()
+        out["loss_mask"][n:] = 0.0
+    return out
+
+
+class Evaluator:
+    """Evaluates params on the pipeline's fixed held-out batches and digit images."""
+
+    def __init__(self, pipe, model, mesh, param_shardings, eval_step, tasks,
+                 caption_max_new: int = 12, decode_batch: int = 128):
+        self.pipe, self.mesh, self.tasks = pipe, mesh, tasks
+        self.eval_step = eval_step
+        self.shards = sharding.batch_shards(mesh)
+        self.batches = [sharding.shard_full_batch(mesh, pad_batch(b, self.shards))
+                        for b in pipe.eval_batches()]
+        self.prompts = {lang: np.asarray(pipe.caption_prompt(lang), np.int32) for lang in LANGS}
+        prompt_len = len(self.prompts["en"])
+        if any(len(p) != prompt_len for p in self.prompts.values()):
+            raise ValueError("caption prompts of all languages must have the same length")
+        max_new = min(caption_max_new, pipe.text_len - prompt_len)
+        self.decode = make_greedy_decoder(model, mesh, param_shardings, prompt_len, max_new,
+                                          eos_id=pipe.tokenizer.eos_id)
+        self.decode_batch = max(self.shards, decode_batch // self.shards * self.shards)
+
+    def losses(self, params) -> dict[str, float]:
+        """`eval_loss` (all held-out target tokens) and `eval_loss/<task>`."""
+        totals = None
+        with jax.set_mesh(self.mesh):
+            for b in self.batches:
+                aux = jax.device_get(self.eval_step(params, b))
+                totals = aux if totals is None else jax.tree.map(np.add, totals, aux)
+        out = {"eval_loss": float(totals["loss_sum"] / max(totals["tokens"], 1.0))}
+        for i, t in enumerate(self.tasks):
+            if totals["task_tokens"][i] > 0:
+                out[f"eval_loss/{t}"] = float(totals["task_loss_sum"][i] / totals["task_tokens"][i])
+        return out
+
+    def captions(self, params, patches, image_mask, lang: str) -> list[str]:
+        """Greedy captions for images (patches f32 [N, P, patch_dim], image_mask [N, P])."""
+        texts = []
+        for start in range(0, len(patches), self.decode_batch):
+            p, m = patches[start:start + self.decode_batch], image_mask[start:start + self.decode_batch]
+            prompt = np.repeat(self.prompts[lang][None], len(p), axis=0)
+            (p, m, prompt), n = pad_rows([p, m, prompt], self.shards)
+            b = sharding.shard_full_batch(self.mesh, dict(p=p, m=m, prompt=prompt))
+            with jax.set_mesh(self.mesh):
+                tokens = jax.device_get(self.decode(params, b["p"], b["m"], b["prompt"]))
+            tokens = np.asarray(tokens)
+            texts += [self.pipe.tokenizer.decode(row.tolist()) for row in tokens[:n]]
+        return texts
+
+    def caption_accuracy(self, params) -> dict:
+        """Exact match of the class word in greedy captions of the held-out digits."""
+        patches, image_mask, labels = self.pipe.caption_eval_set()
+        out, examples, texts = {}, [], {}
+        for lang in LANGS:
+            texts[lang] = self.captions(params, patches, image_mask, lang)
+            pred = [self.pipe.caption_class(t, lang) for t in texts[lang]]
+            out[f"caption_accuracy_{lang}"] = float(np.mean([p == y for p, y in zip(pred, labels)]))
+        out["caption_accuracy"] = float(np.mean([out[f"caption_accuracy_{l}"] for l in LANGS]))
+        for i in range(min(8, len(labels))):
+            examples.append(f"digit {labels[i]}: en '{texts['en'][i]}' | zh '{texts['zh'][i]}'")
+        out["examples"] = examples
+        return out

@@ -1,0 +1,145 @@
+"""The pretraining loop: config -> mesh -> data -> sharded state -> steps -> summary.json."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from m6jax import flops, sharding
+from m6jax.config_checks import validate_config
+from m6jax.data import Pipeline, validate_data_config
+from m6jax.model import M6
+from m6jax.train import evaluation, optim
+from m6jax.train.metrics import MetricsWriter, Progress
+from m6jax.train.state import create_train_state, dummy_batch
+from m6jax.train.step import make_eval_step, make_train_step
+
+
+def build_model(config, deterministic: bool = True) -> M6:
+    grid = config.data.image_size // config.data.patch_size
+    return M6(config.model, grid, config.data.text_len, deterministic=deterministic)
+
+
+def train(config, workdir: str) -> dict:
+    """Runs `config.total_steps` steps, writes metrics and `workdir/summary.json`."""
+    t_start = time.time()
+    devices = jax.devices()
+    # ---- Refuse bad configs before anything is built or compiled.
+    validate_config(config, len(devices))
+    validate_data_config(config)
+    main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+
+    # ---- Mesh and data.
+    mesh = sharding.make_mesh(config.mesh, devices)
+    logging.info("mesh %s over %d %s devices", dict(mesh.shape), len(devices), devices[0].platform)
+    pipe = Pipeline(config.data, seed=config.seed, batch_size=config.batch_size,
+                    process_index=jax.process_index(), process_count=jax.process_count(),
+                    workdir=workdir)
+    tasks = list(pipe.task_names)
+
+    # ---- Model, optimizer, sharded state, compiled steps.
+    model = build_model(config)
+    train_model = build_model(config, deterministic=config.model.dropout_rate == 0.0)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
+    tx = optim.make_optimizer(config.optimizer, config.total_steps)
+    example = dummy_batch(config.batch_size, pipe.num_patches, pipe.patch_dim, pipe.text_len)
+    state, state_sh = create_train_state(train_model, tx, example, mesh, config.seed)
+    num_params = flops.count_params(state.params)
+    logging.info("model: %s parameters, %.1f MB per device (params + optimizer)",
+                 f"{num_params:,}", sharding.per_device_bytes(state) / 2**20)
+    train_step = make_train_step(train_model, tx, mesh, state_sh, len(tasks), schedule)
+    eval_step = make_eval_step(model, mesh, state_sh.params, len(tasks))
+    evaluator = evaluation.Evaluator(pipe, model, mesh, state_sh.params, eval_step, tasks)
+
+    peak, peak_src = flops.peak_flops_total(config.peak_tflops_per_device, devices)
+    seq_flops = flops.train_flops_per_sequence(config.model, pipe.num_patches, pipe.patch_dim,
+                                               pipe.text_len)
+    step_flops = seq_flops * config.batch_size
+    step_tokens = config.batch_size * (pipe.num_patches + pipe.text_len)
+    logging.info("peak %.1f TFLOP/s (%s); %.2f GFLOP per step", peak / 1e12, peak_src,
+                 step_flops / 1e9)
+
+    writer = MetricsWriter(workdir, enabled=main)
+    initial_eval = evaluator.losses(state.params)
+    writer.write(0, initial_eval, jsonl=False)
+    logging.info("initial eval loss %.4f", initial_eval["eval_loss"])
+
+    # ---- Train.
+    progress = Progress(config.total_steps)
+    timed_steps, timed_s = 0, 0.0
+    t_mark, steps_at_mark = None, 0
+    with jax.set_mesh(mesh):
+        for step in range(config.total_steps):
+            batch = sharding.global_batch(mesh, pipe.batch(step))
+            state, metrics = train_step(state, batch)
+            done = step + 1
+            if t_mark is None:  # the first step includes compilation: time from its end
+                jax.block_until_ready(metrics)
+                t_mark, steps_at_mark = time.time(), done
+            if done % config.log_every == 0 or done == config.total_steps:
+                m = jax.device_get(metrics)
+                now = time.time()
+                if done > steps_at_mark:
+                    step_s = (now - t_mark) / (done - steps_at_mark)
+                    timed_s += now - t_mark
+                    timed_steps += done - steps_at_mark
+                    t_mark, steps_at_mark = now, done
+                else:
+                    step_s = now - progress.t0
+                scalars = _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak)
+                writer.write(done, scalars)
+                if main:
+                    print(progress.line(done, scalars, tasks), flush=True)
+            if done % config.eval_every == 0 and done != config.total_steps:
+                ev = evaluator.losses(state.params)
+                writer.write(done, ev, jsonl=False)
+                logging.info("step %d eval loss %.4f", done, ev["eval_loss"])
+                t_mark = time.time()  # do not charge eval time to training steps
+
+    # ---- Final evaluation and summary.
+    final_eval = evaluator.losses(state.params)
+    captions = evaluator.caption_accuracy(state.params)
+    step_s = timed_s / max(timed_steps, 1)
+    summary = dict(
+        total_steps=config.total_steps, final_train_loss=float(m["loss"]),
+        eval_loss=final_eval["eval_loss"], initial_eval_loss=initial_eval["eval_loss"],
+        **{k: v for k, v in final_eval.items() if k != "eval_loss"},
+        **{k.replace("eval_loss", "initial_eval_loss"): v for k, v in initial_eval.items()
+           if k != "eval_loss"},
+        caption_accuracy=captions["caption_accuracy"],
+        caption_accuracy_en=captions["caption_accuracy_en"],
+        caption_accuracy_zh=captions["caption_accuracy_zh"],
+        tokens_per_s=step_tokens / step_s, step_ms=1000 * step_s,
+        mfu=step_flops / step_s / peak, peak_flops=peak, peak_flops_source=peak_src,
+        num_params=num_params, num_devices=len(devices), mesh=dict(mesh.shape),
+        wall_s=time.time() - t_start)
+    writer.write(config.total_steps, {k: summary[k] for k in
+                                      ("eval_loss", "caption_accuracy")}, jsonl=False)
+    writer.close()
+    if main:
+        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, ensure_ascii=False)
+        print("\nGenerated captions (held-out digits):")
+        for line in captions["examples"][: config.num_caption_samples]:
+            print("  " + line)
+        print(f"\ncaption accuracy {summary['caption_accuracy']:.1%} | eval loss "
+              f"{summary['initial_eval_loss']:.3f} -> {summary['eval_loss']:.3f} | "
+              f"{summary['tokens_per_s']:,.0f} tok/s | mfu {summary['mfu']:.1%} | "
+              f"wall {summary['wall_s']:.0f} s | {os.path.join(workdir, 'summary.json')}",
+              flush=True)
+    return summary
+
+
+def _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak) -> dict[str, float]:
+    scalars = dict(loss=m["loss"], grad_norm=m["grad_norm"], learning_rate=m["learning_rate"],
+                   step_s=step_s, tokens_per_s=step_tokens / step_s,
+                   mfu=step_flops / step_s / peak)
+    for i, t in enumerate(tasks):
+        if m["task_tokens"][i] > 0:
+            scalars[f"loss/{t}"] = m["task_loss_sum"][i] / m["task_tokens"][i]
+    return {k: float(np.asarray(v)) for k, v in scalars.items()}

@@ -1,0 +1,69 @@
+"""Metrics out: metrics.jsonl, TensorBoard event files and a progress line with ETA."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (main process only)."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(self.path, "w", encoding="utf-8")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float], jsonl: bool = True):
+        if not self.enabled:
+            return
+        clean = {k: float(v) for k, v in scalars.items()}
+        if jsonl:
+            self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                self._tb.add_scalar(k, v, step)
+
+    def histogram(self, step: int, name: str, values: np.ndarray):
+        if self.enabled and self._tb is not None:
+            self._tb.add_histogram(name, np.asarray(values), step)
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+class Progress:
+    """One line per log step: loss, per-task losses, throughput, MFU and ETA."""
+
+    def __init__(self, total_steps: int, start_step: int = 0):
+        self.total = total_steps
+        self.start_step = start_step
+        self.t0 = time.time()
+
+    def line(self, step: int, m: dict[str, float], task_names) -> str:
+        done = step - self.start_step
+        elapsed = time.time() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        tasks = " ".join(f"{t} {m[f'loss/{t}']:.3f}" for t in task_names if f"loss/{t}" in m)
+        return (f"step {step:>6}/{self.total} | loss {m['loss']:.4f} | {tasks} | "
+                f"{m.get('tokens_per_s', 0):,.0f} tok/s | mfu {100 * m.get('mfu', 0):.1f}% | "
+                f"{1000 * m.get('step_s', 0):.0f} ms/step | eta {_fmt_duration(eta)}")

@@ -1,0 +1,64 @@
+"""Train state, created directly sharded: no full copy ever sits on one device."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from m6jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def dummy_batch(batch_size: int, num_patches: int, patch_dim: int, text_len: int):
+    """Zeros with the batch layout's shapes and dtypes (for init and eval_shape)."""
+    return dict(
+        patches=jnp.zeros((batch_size, num_patches, patch_dim), jnp.float32),
+        image_mask=jnp.ones((batch_size, num_patches), bool),
+        text_tokens=jnp.zeros((batch_size, text_len), jnp.int32),
+        text_mask=jnp.ones((batch_size, text_len), bool),
+        text_is_prefix=jnp.zeros((batch_size, text_len), bool),
+        targets=jnp.zeros((batch_size, text_len), jnp.int32),
+        loss_mask=jnp.zeros((batch_size, text_len), jnp.float32),
+        task_id=jnp.zeros((batch_size,), jnp.int32))
+
+
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, seed: int):
+    def init():
+        rng = jax.random.key(seed)
+        init_rng, state_rng = jax.random.split(rng)
+        params = model.init(init_rng, example_batch)["params"]
+        # optax states mirror the params tree, so they inherit its logical-axis boxes.
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+    return init
+
+
+def state_shardings(model, tx, example_batch, mesh, seed: int = 0):
+    """NamedShardings of the TrainState, from abstract shapes and the rules table."""
+    with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        abstract = jax.eval_shape(_init_fn(model, tx, example_batch, seed))
+    return sharding.tree_shardings(mesh, abstract)
+
+
+def create_train_state(model, tx, example_batch, mesh, seed: int):
+    """Initialises the TrainState under jit with out_shardings: each device builds its shard."""
+    shardings = state_shardings(model, tx, example_batch, mesh, seed)
+    init = _init_fn(model, tx, example_batch, seed)
+
+    def unboxed_init():
+        return nn.meta.unbox(init())
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        state = jax.jit(unboxed_init, out_shardings=shardings)()
+    return state, shardings

@@ -1,0 +1,51 @@
+"""Jitted train and eval steps with explicit in/out shardings."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from m6jax import sharding
+from m6jax.train.losses import text_loss
+
+
+def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedule=None):
+    """Returns `step(state, batch) -> (state, metrics)`, jitted and donating the state.
+
+    `model` is the training-mode module (dropout on if configured). Metrics are scalars
+    plus per-task vectors, all replicated.
+    """
+    def train_step(state, batch):
+        rng = jax.random.wrap_key_data(state.rng)
+        rng, dropout_rng = jax.random.split(rng)
+        dropout_rng = jax.random.fold_in(dropout_rng, state.step)
+
+        def loss_fn(params):
+            with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+                logits = model.apply({"params": params}, batch, rngs={"dropout": dropout_rng})
+            return text_loss(logits, batch, num_tasks)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), **aux)
+        if lr_schedule is not None:
+            metrics["learning_rate"] = lr_schedule(state.step)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  rng=jax.random.key_data(rng))
+        return new_state, metrics
+
+    batch_sh = sharding.batch_sharding(mesh)
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(model, mesh, param_shardings, num_tasks: int):
+    """Returns `eval_step(params, batch) -> aux` of summed losses and token counts."""
+    def eval_step(params, batch):
+        with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            logits = model.apply({"params": params}, batch)
+        return text_loss(logits, batch, num_tasks)[1]
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, sharding.batch_sharding(mesh)))
