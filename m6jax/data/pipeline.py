@@ -1,0 +1,203 @@
+"""Host-local batches for M6 pretraining; data order is a pure function of the step.
+
+`Pipeline.batch(step)` draws every random choice (task, example, caption template,
+crop, denoising noise) from a Generator seeded with (seed, step, process_index), so
+resuming at step k gives bitwise the same batches with no iterator state to save
+beyond the step. Examples are drawn with replacement from the train split.
+
+Batch (B = batch_size // process_count, P = num_patches, T = text_len):
+  patches         float32 [B, P, patch_size**2 * channels]  row-major patch grid; 0 if no image
+  image_mask      bool    [B, P]   True where the example has an image
+  text_tokens     int32   [B, T]   s[:-1] for s = prefix + target + [eos], 0-padded
+  text_mask       bool    [B, T]   True on non-pad inputs
+  text_is_prefix  bool    [B, T]   True on prefix inputs (bidirectional attention)
+  targets         int32   [B, T]   s[1:], 0-padded
+  loss_mask       float32 [B, T]   1 where targets[i] is part of target + eos
+  task_id         int32   [B]      index into TASK_NAMES
+"""
+import os
+
+import numpy as np
+
+from m6jax.data import captions, corpora, images, sources, tasks
+from m6jax.data import tokenizer as tokenizer_lib
+from m6jax.data.config import TASK_NAMES, data_settings, task_probabilities
+
+_MAX_DRAWS = 100  # redraws for an example whose text tokenizes to nothing
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("M6JAX_CACHE", os.path.expanduser("~/.cache/m6jax"))
+
+
+class Pipeline:
+    """Data for one host: sources, tokenizer, train batches, eval batches."""
+
+    def __init__(self, config, *, seed: int, batch_size: int, workdir: str,
+                 process_index: int = 0, process_count: int = 1, cache_dir: str | None = None):
+        s = self.settings = data_settings(config)
+        if batch_size % process_count:
+            raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+        self.seed, self.process_index, self.process_count = seed, process_index, process_count
+        self.batch_size = batch_size // process_count
+        self.task_names = TASK_NAMES
+        self.task_probs = np.array(task_probabilities(s["task_weights"]))
+        self.text_len, self.patch_size = s["text_len"], s["patch_size"]
+        self.num_patches = (s["image_size"] // s["patch_size"]) ** 2
+        self.patch_dim = s["patch_size"] ** 2 * s["image_channels"]
+        self.num_skipped = 0  # examples redrawn because their text was empty
+
+        cache_dir = cache_dir or default_cache_dir()
+        text_files, image_files = s["text_files"], s["image_text_files"]
+        if not text_files or not image_files:
+            shipped_text, shipped_images = corpora.shipped_corpora(cache_dir)
+        text_files = (sources.expand_globs(text_files, "data.text_files", (".txt", ".jsonl", ".json", ".parquet"))
+                      if text_files else shipped_text)
+        image_files = (sources.expand_globs(image_files, "data.image_text_files", (".jsonl", ".json", ".parquet"))
+                       if image_files else shipped_images)
+        self.text = sources.TextSource(text_files, cache_dir)
+        self.images = sources.ImageTextSource(image_files, cache_dir, s["image_size"], s["image_channels"])
+
+        path = s["tokenizer_path"] or os.path.join(workdir, "tokenizer.model")
+        self.tokenizer = tokenizer_lib.load_or_train(
+            path, s["vocab_size"], self._tokenizer_texts,
+            lambda: self.images.all_captions(tokenizer_lib.CAPTION_LINES * 10))
+        self._eval_examples = None
+
+    def _tokenizer_texts(self):
+        train = self.text.train
+        n = min(len(train), tokenizer_lib.MAX_TRAIN_TEXTS)
+        return self.text.texts(np.sort(np.random.default_rng(0).choice(train, n, replace=False)))
+
+    # ---- training batches ------------------------------------------------------------
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """The host-local batch for `step`; same (seed, step, process_index) => same arrays."""
+        rng = np.random.default_rng([self.seed, step, self.process_index])
+        task_ids = rng.choice(len(TASK_NAMES), size=self.batch_size, p=self.task_probs)
+        examples = [self._train_example(int(t), rng) for t in task_ids]
+        return self._collate(examples, task_ids)
+
+    def iterator(self, step: int = 0) -> "DataIterator":
+        return DataIterator(self, step)
+
+    def _train_example(self, task, rng):
+        budget = tasks.target_budget(task, self.text_len)
+        for _ in range(_MAX_DRAWS):
+            patches, lang = None, None
+            if task in tasks.IMAGE_TASKS:
+                row = self.images.train[rng.integers(len(self.images.train))]
+                image, caps, langs, _ = self.images.record(row)
+                k = rng.integers(len(caps))
+                target, lang = self.tokenizer.encode(caps[k])[:budget], langs[k]
+                patches = images.patchify(image, self.patch_size)
+            else:
+                row = self.text.train[rng.integers(len(self.text.train))]
+                ids = self.tokenizer.encode(self.text.texts([row])[0])
+                # A random window rather than the start: long paragraphs would
+                # otherwise only ever show their first ~text_len tokens.
+                start = rng.integers(len(ids) - budget + 1) if len(ids) > budget else 0
+                target = ids[start:start + budget]
+            if target:
+                prefix, target = tasks.make_example(task, target, self.tokenizer, lang, self.settings, rng)
+                return prefix, target, patches
+            self.num_skipped += 1
+        raise ValueError(f"{_MAX_DRAWS} draws for task {TASK_NAMES[task]!r} all gave empty text; "
+                         "check data.text_files / data.image_text_files")
+
+    def _collate(self, examples, task_ids, loss_weights=None):
+        rows = [tasks.pack(p, t, self.tokenizer.eos_id, self.text_len) for p, t, _ in examples]
+        batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        batch["patches"] = np.zeros((len(examples), self.num_patches, self.patch_dim), np.float32)
+        batch["image_mask"] = np.zeros((len(examples), self.num_patches), bool)
+        for i, (_, _, patches) in enumerate(examples):
+            if patches is not None:
+                batch["patches"][i], batch["image_mask"][i] = patches, True
+        batch["task_id"] = np.asarray(task_ids, np.int32)
+        if loss_weights is not None:
+            batch["loss_mask"] *= np.asarray(loss_weights, np.float32)[:, None]
+        return batch
+
+    # ---- evaluation ------------------------------------------------------------------
+
+    def eval_batches(self) -> list[dict[str, np.ndarray]]:
+        """Fixed held-out batches: digit captions (zh and en) and corpus text (lm).
+
+        data.eval_examples examples in all, half captions; each host takes every
+        process_count-th one. Every host gets the same number of full batches (so
+        collective ops line up); padding slots repeat real examples with loss_mask 0.
+        """
+        if self._eval_examples is None:
+            self._eval_examples = self._build_eval_examples()
+        shard = self._eval_examples[self.process_index::self.process_count]
+        per_host = -(-len(self._eval_examples) // self.process_count)
+        num_batches = -(-per_host // self.batch_size)
+        padded = [shard[i % len(shard)] for i in range(num_batches * self.batch_size)]
+        weights = [1.0 if i < len(shard) else 0.0 for i in range(len(padded))]
+        out = []
+        for b in range(0, len(padded), self.batch_size):
+            chunk = padded[b:b + self.batch_size]
+            out.append(self._collate([e[1:] for e in chunk], [e[0] for e in chunk], weights[b:b + self.batch_size]))
+        return out
+
+    def _build_eval_examples(self):
+        total = self.settings["eval_examples"]
+        examples, cap_budget = [], tasks.target_budget(tasks.CAPTION, self.text_len)
+        for i, row in enumerate(self.images.heldout):
+            if len(examples) >= total // 2:
+                break
+            image, caps, langs, _ = self.images.record(row)
+            patches = images.patchify(image, self.patch_size)
+            for lang in dict.fromkeys(langs):  # each language once, in file order
+                options = [c for c, l in zip(caps, langs) if l == lang]
+                target = self.tokenizer.encode(options[i % len(options)])[:cap_budget]
+                if target and len(examples) < total // 2:
+                    examples.append((tasks.CAPTION, self.caption_prompt(lang), target, patches))
+        lm_budget = tasks.target_budget(tasks.LM, self.text_len)
+        for text in self.text.texts(self.text.heldout[:total - len(examples)]):
+            target = self.tokenizer.encode(text)[:lm_budget]
+            if target:
+                examples.append((tasks.LM, [self.tokenizer.lm_id], target, None))
+        return examples
+
+    def caption_eval_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All held-out images: patches [N, P, D] f32, image_mask [N, P] bool, labels [N] i32.
+
+        labels are -1 for records without a `label` field.
+        """
+        records = [self.images.record(row) for row in self.images.heldout]
+        patches = np.stack([images.patchify(r[0], self.patch_size) for r in records])
+        labels = np.array([r[3] for r in records], np.int32)
+        return patches, np.ones(patches.shape[:2], bool), labels
+
+    def caption_prompt(self, lang: str) -> list[int]:
+        """Prefix tokens that ask for a caption in `lang` ('zh' or 'en')."""
+        return [self.tokenizer.caption_id, self.tokenizer.lang_id(lang)]
+
+    @staticmethod
+    def caption_class(text: str, lang: str) -> int | None:
+        """Digit class named by a generated caption, None unless exactly one is named."""
+        return captions.caption_class(text, lang)
+
+
+class DataIterator:
+    """Steps through Pipeline.batch; its whole state is the next step."""
+
+    def __init__(self, pipeline: Pipeline, step: int = 0):
+        self.pipeline, self.step = pipeline, step
+
+    def next(self) -> dict[str, np.ndarray]:
+        batch = self.pipeline.batch(self.step)
+        self.step += 1
+        return batch
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def state(self) -> dict:
+        return {"step": self.step}
+
+    def restore(self, state: dict) -> None:
+        self.step = int(state["step"])

@@ -1,0 +1,140 @@
+"""Text and image-text sources loaded from local files through Hugging Face `datasets`.
+
+Text records: `text` (optional `label`, `source`); .txt files give one text a line.
+Image-text records: `image` (nested list or image path) and `caption` (a string or a
+list of alternative captions), optional `lang` (string or list aligned with `caption`;
+guessed from the script when absent) and `label` (int, -1 if unknown).
+
+Splits never depend on the run seed: a text is held out iff crc32(text) % 50 == 0
+(~2%, and duplicates land on the same side); image-text records are held out by a
+fixed seed-0 permutation (20%).
+"""
+import glob
+import os
+import zlib
+
+import numpy as np
+
+from m6jax.data import captions, images
+
+TEXT_HOLDOUT_MODULUS = 50
+IMAGE_HOLDOUT_FRACTION = 0.2
+_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _datasets():
+    # Everything is local; never let `datasets` reach for the Hub (no network here,
+    # and a timeout would stall start-up for minutes).
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import datasets
+    datasets.config.HF_HUB_OFFLINE = True
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def expand_globs(spec: str, field: str, allowed: tuple[str, ...]) -> list[str]:
+    """Comma-separated globs -> sorted file list; errors name the config field."""
+    files = []
+    for pattern in filter(None, (p.strip() for p in spec.split(","))):
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise ValueError(f"{field}: pattern {pattern!r} matches no file")
+        files += matches
+    for f in files:
+        if os.path.splitext(f)[1] not in allowed:
+            raise ValueError(f"{field}: {f!r} is not one of {', '.join(allowed)}")
+    return files
+
+
+def _load(builder, files, cache_dir):
+    return _datasets().load_dataset(builder, data_files=files, split="train",
+                                    cache_dir=os.path.join(cache_dir, "hf_datasets"))
+
+
+class TextSource:
+    """Texts from .txt/.jsonl/.parquet files; `train` and `heldout` are row indices."""
+
+    def __init__(self, files: list[str], cache_dir: str):
+        by_builder = {}
+        for f in files:
+            by_builder.setdefault(_BUILDERS[os.path.splitext(f)[1]], []).append(f)
+        parts = []
+        for builder, group in by_builder.items():
+            ds = _load(builder, group, cache_dir)
+            if "text" not in ds.column_names:
+                raise ValueError(f"data.text_files: {group} have no 'text' field (columns: {ds.column_names})")
+            parts.append(ds.select_columns(["text"]))
+        self.dataset = parts[0] if len(parts) == 1 else _datasets().concatenate_datasets(parts)
+        train, heldout, self.num_empty = [], [], 0
+        for start, batch in _iter_column(self.dataset, "text"):
+            for i, text in enumerate(batch, start):
+                if not text or not text.strip():
+                    self.num_empty += 1  # never sampled
+                elif zlib.crc32(text.encode("utf-8")) % TEXT_HOLDOUT_MODULUS == 0:
+                    heldout.append(i)
+                else:
+                    train.append(i)
+        self.train, self.heldout = np.array(train, np.int64), np.array(heldout, np.int64)
+        if not len(self.train) or not len(self.heldout):
+            raise ValueError(f"data.text_files: need texts in both splits, got {len(self.train)} "
+                             f"train / {len(self.heldout)} held out; add more text")
+
+    def texts(self, rows) -> list[str]:
+        return self.dataset[[int(r) for r in rows]]["text"] if len(rows) else []
+
+
+def _iter_column(ds, column, chunk=10_000):
+    for start in range(0, len(ds), chunk):
+        yield start, ds[start:start + chunk][column]
+
+
+class ImageTextSource:
+    """Image-caption records; each file is loaded on its own so schemas may differ."""
+
+    def __init__(self, files: list[str], cache_dir: str, image_size: int, channels: int):
+        self.image_size, self.channels = image_size, channels
+        self.parts, self.base_dirs, sizes = [], [], []
+        for f in files:
+            ds = _load(_BUILDERS[os.path.splitext(f)[1]], [f], cache_dir)
+            missing = {"image", "caption"} - set(ds.column_names)
+            if missing:
+                raise ValueError(f"data.image_text_files: {f} lacks field(s) {sorted(missing)}")
+            self.parts.append(ds)
+            self.base_dirs.append(os.path.dirname(os.path.abspath(f)))
+            sizes.append(len(ds))
+        self.offsets = np.cumsum([0] + sizes)
+        n = int(self.offsets[-1])
+        perm = np.random.default_rng(0).permutation(n)
+        num_heldout = int(round(IMAGE_HOLDOUT_FRACTION * n))
+        self.heldout, self.train = perm[:num_heldout], np.sort(perm[num_heldout:])
+        if not len(self.train) or not len(self.heldout):
+            raise ValueError(f"data.image_text_files: {n} records cannot fill both splits; add more")
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def all_captions(self, limit: int) -> list[str]:
+        """Up to `limit` captions in file order (for tokenizer training)."""
+        out = []
+        for ds in self.parts:
+            for _, batch in _iter_column(ds, "caption"):
+                for caps in batch:
+                    out += [caps] if isinstance(caps, str) else list(caps)
+                if len(out) >= limit:
+                    return out[:limit]
+        return out
+
+    def record(self, row: int):
+        """Row -> (image [S, S, C] float32, captions list[str], langs list[str], label int)."""
+        part = int(np.searchsorted(self.offsets, row, side="right")) - 1
+        rec = self.parts[part][int(row - self.offsets[part])]
+        image = images.load_image(rec["image"], self.base_dirs[part], self.image_size, self.channels)
+        caps = [rec["caption"]] if isinstance(rec["caption"], str) else list(rec["caption"])
+        langs = rec.get("lang")
+        if langs is None:
+            langs = [captions.detect_lang(c) for c in caps]
+        elif isinstance(langs, str):
+            langs = [langs] * len(caps)
+        label = rec.get("label")
+        return image, caps, list(langs), -1 if label is None else int(label)

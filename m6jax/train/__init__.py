@@ -1,0 +1,1 @@
+"""Training: state, optimizer, losses, steps, evaluation, metrics and the loop."""
