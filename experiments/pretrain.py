@@ -24,9 +24,19 @@ flags.mark_flags_as_required(["workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from m6jax.train.loop import train  # import JAX only after flags are parsed
-    logging.info("config:\n%s", _CONFIG.value)
-    train(_CONFIG.value, _WORKDIR.value)
+    import jax  # imported after flag parsing, so XLA flags from the caller apply
+
+    from m6jax.config_checks import validate_config
+    from m6jax.data import validate_data_config
+    from m6jax.train.loop import train
+    config = _CONFIG.value
+    try:  # refuse a bad config with one clear line, before anything is built
+        validate_config(config, jax.device_count())
+        validate_data_config(config)
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+    logging.info("config:\n%s", config)
+    train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":
