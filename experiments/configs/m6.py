@@ -12,10 +12,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.variant = arg or "tiny"
     c.seed = 0
-    c.total_steps = 600
+    c.total_steps = 1000
     c.batch_size = 32
     c.log_every = 25
-    c.eval_every = 200
+    c.eval_every = 500
     c.peak_tflops_per_device = 0.0  # 0 = measure (CPU) or look up (GPU/TPU)
     c.num_caption_samples = 4  # captions printed at the end
 
@@ -30,7 +30,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.vocab_size = vocab
     c.data.tokenizer_path = ""
     c.data.task_weights = ml_collections.ConfigDict(
-        dict(caption=0.5, caption_denoise=0.1, denoise=0.2, lm=0.2))
+        dict(caption=0.6, caption_denoise=0.1, denoise=0.15, lm=0.15))
     c.data.text_files = ""
     c.data.image_text_files = ""
     c.data.eval_examples = 256
@@ -76,7 +76,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.text_len = 256
         c.batch_size = 256
         c.total_steps = 100_000
-        c.eval_every = 2000
+        c.eval_every = 5000
         c.log_every = 100
         c.optimizer.learning_rate = 3e-4
         c.optimizer.warmup_steps = 2000
