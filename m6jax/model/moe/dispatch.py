@@ -33,15 +33,20 @@ class Slots(NamedTuple):
     kept: jax.Array      # bool [G, S, K]: the choice fits within capacity
 
 
-def assign_slots(routing: Routing, num_experts: int, capacity: int) -> Slots:
-    """Position of each choice in its expert's queue, choice-major then token order."""
+def assign_slots(routing: Routing, num_experts: int, capacity: int, valid=None) -> Slots:
+    """Position of each choice in its expert's queue, choice-major then token order.
+
+    valid: optional bool [G, S]; padding tokens (False) take no slot and are not kept.
+    """
     idx = routing.expert_index                                           # [G, S, K]
     g, s, k = idx.shape
+    valid = jnp.ones((g, s), bool) if valid is None else valid
     order = jnp.swapaxes(idx, 1, 2).reshape(g, k * s)                    # [G, K*S]
     onehot = jax.nn.one_hot(order, num_experts, dtype=jnp.int32)         # [G, K*S, E]
+    onehot = onehot * jnp.tile(valid, (1, k)).astype(jnp.int32)[..., None]
     pos = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)    # [G, K*S]
     pos = jnp.swapaxes(pos.reshape(g, k, s), 1, 2)                       # [G, S, K]
-    return Slots(pos.astype(jnp.int32), pos < capacity)
+    return Slots(pos.astype(jnp.int32), (pos < capacity) & valid[..., None])
 
 
 def dispatch_einsum(x, routing: Routing, slots: Slots, num_experts: int, capacity: int):

@@ -43,13 +43,18 @@ class MoeMlp(nn.Module):
     training: bool = False      # picks capacity_factor vs eval_capacity_factor, jitter
 
     @nn.compact
-    def __call__(self, x, token_ids=None, modality=None):
-        """x: [B, S, D]; token_ids i32 [B, S] (hash router); modality i32 [B, S] (domain)."""
+    def __call__(self, x, token_ids=None, modality=None, valid=None):
+        """x: [B, S, D]; token_ids i32 [B, S] (hash router); modality i32 [B, S] (domain);
+        valid bool [B, S]: padding (False) takes no expert slot and gets output 0."""
         cfg = self.moe
         e, k, (g, s, d) = int(cfg.num_experts), int(cfg.k), x.shape
         x = x.astype(self.dtype)
         routing = self._route(x, token_ids, modality, e, k)
         k = routing.expert_index.shape[-1]
+        valid = jnp.ones((g, s), bool) if valid is None else valid.astype(bool)
+        # Padding must not take capacity from real tokens: zero weight, no slot.
+        routing = routing._replace(
+            combine_weight=routing.combine_weight * valid[..., None].astype(jnp.float32))
 
         wi = self.param("wi", nn.with_logical_partitioning(_EXPERT_INIT, ("expert", "embed", "mlp")),
                         (e, d, self.mlp_dim))
@@ -63,10 +68,10 @@ class MoeMlp(nn.Module):
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         if cfg.dispatch == "dropless" or not factor:
             y = dsp.dropless(x, routing, wi, wo, hidden)
-            kept = jnp.ones(routing.expert_index.shape, bool)
+            kept = jnp.broadcast_to(valid[..., None], routing.expert_index.shape)
         else:
             cap = dsp.expert_capacity(s, k, e, float(factor))
-            slots = dsp.assign_slots(routing, e, cap)
+            slots = dsp.assign_slots(routing, e, cap, valid)
             if cfg.dispatch == "einsum":
                 xe, combine = dsp.dispatch_einsum(x, routing, slots, e, cap)
             else:
@@ -80,7 +85,7 @@ class MoeMlp(nn.Module):
                 y = dsp.combine_gather(ye, flat, routing.combine_weight)
             kept = slots.kept
         y = constrain(y.astype(self.dtype), ("batch", "length", "act_embed"))
-        return y, self._metrics(routing, kept, e)
+        return y, self._metrics(routing, kept, valid, e)
 
     def _route(self, x, token_ids, modality, e, k) -> routers.Routing:
         cfg = self.moe
@@ -108,10 +113,16 @@ class MoeMlp(nn.Module):
         raise ValueError(f"model.moe.router={cfg.router!r} is not one of {routers.ROUTERS}")
 
     @staticmethod
-    def _metrics(routing: routers.Routing, kept, e) -> dict[str, jax.Array]:
-        counts = jax.nn.one_hot(routing.expert_index, e, dtype=jnp.float32).sum(axis=(0, 1, 2))
+    def _metrics(routing: routers.Routing, kept, valid, e) -> dict[str, jax.Array]:
+        """Over real (valid) tokens only: padding would otherwise look like load."""
+        v = valid.astype(jnp.float32)                                     # [G, S]
+        onehot = jax.nn.one_hot(routing.expert_index, e, dtype=jnp.float32)
+        counts = jnp.einsum("gske,gs->e", onehot, v)
+        k = routing.expert_index.shape[-1]
         p = routing.probs
         entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
+        n = jnp.maximum(jnp.sum(v), 1.0)
         return dict(balance_loss=routing.balance_loss, z_loss=routing.z_loss,
-                    dropped_fraction=1.0 - jnp.mean(kept.astype(jnp.float32)),
-                    router_entropy=jnp.mean(entropy), load=counts / jnp.sum(counts))
+                    dropped_fraction=1.0 - jnp.sum(kept.astype(jnp.float32)) / (n * k),
+                    router_entropy=jnp.sum(entropy * v) / n,
+                    load=counts / jnp.maximum(jnp.sum(counts), 1.0))
