@@ -42,3 +42,10 @@ def test_domain_router_keeps_each_modality_in_its_half():
     r = routers.domain_router(logits, jnp.array([[0, 1]], jnp.int32))
     np.testing.assert_array_equal(r.expert_index[0, :, 0], [0, 2])
     np.testing.assert_allclose(r.probs[0, 1, :2], 0.0)
+
+
+def test_padding_is_left_out_of_the_balance_loss():
+    # Token 2 (padding) would tip the balance; without it f = [0, 1], P = [.25, .75].
+    logits = jnp.array([[[0.0, L3], [0.0, L3], [L3, 0.0]]], jnp.float32)
+    r = routers.topk_router(logits, 1, valid=jnp.array([[True, True, False]]))
+    np.testing.assert_allclose(r.balance_loss, 2 * 0.75, rtol=1e-6)

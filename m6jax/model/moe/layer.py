@@ -49,9 +49,9 @@ class MoeMlp(nn.Module):
         cfg = self.moe
         e, k, (g, s, d) = int(cfg.num_experts), int(cfg.k), x.shape
         x = x.astype(self.dtype)
-        routing = self._route(x, token_ids, modality, e, k)
-        k = routing.expert_index.shape[-1]
         valid = jnp.ones((g, s), bool) if valid is None else valid.astype(bool)
+        routing = self._route(x, token_ids, modality, valid, e, k)
+        k = routing.expert_index.shape[-1]
         # Padding must not take capacity from real tokens: zero weight, no slot.
         routing = routing._replace(
             combine_weight=routing.combine_weight * valid[..., None].astype(jnp.float32))
@@ -87,7 +87,7 @@ class MoeMlp(nn.Module):
         y = constrain(y.astype(self.dtype), ("batch", "length", "act_embed"))
         return y, self._metrics(routing, kept, valid, e)
 
-    def _route(self, x, token_ids, modality, e, k) -> routers.Routing:
+    def _route(self, x, token_ids, modality, valid, e, k) -> routers.Routing:
         cfg = self.moe
         if cfg.router == "hash":
             if token_ids is None:
@@ -103,13 +103,13 @@ class MoeMlp(nn.Module):
             nn.initializers.normal(0.02), ("embed", None)), (x.shape[-1], e), jnp.float32)
         logits = jnp.einsum("gsd,de->gse", xr, w)                        # f32 [G, S, E]
         if cfg.router == "topk":
-            return routers.topk_router(logits, k)
+            return routers.topk_router(logits, k, valid)
         if cfg.router == "prototype":
-            return routers.prototype_router(logits, k)
+            return routers.prototype_router(logits, k, valid)
         if cfg.router == "domain":
             if modality is None:
                 raise ValueError("model.moe.router='domain' needs modality passed to the layer")
-            return routers.domain_router(logits, modality)
+            return routers.domain_router(logits, modality, valid)
         raise ValueError(f"model.moe.router={cfg.router!r} is not one of {routers.ROUTERS}")
 
     @staticmethod

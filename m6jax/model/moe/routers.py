@@ -27,21 +27,30 @@ class Routing(NamedTuple):
     z_loss: jax.Array          # f32 []: ST-MoE router z-loss
 
 
-def _balance(probs, expert_index, num_experts):
+def _token_mean(t, valid):
+    """Mean over the [G, S] token axes of t [G, S, ...], over valid tokens only."""
+    if valid is None:
+        return t.mean(axis=(0, 1))
+    v = valid.astype(jnp.float32).reshape(valid.shape + (1,) * (t.ndim - 2))
+    return jnp.sum(t * v, axis=(0, 1)) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def _balance(probs, expert_index, num_experts, valid=None):
     """Switch loss E * sum_e f_e * P_e: f_e = share of tokens sending a choice to expert
-    e, P_e = mean router probability of e. Uniform routing gives K (top-K) / 1."""
+    e, P_e = mean router probability of e. Uniform routing gives K (top-K) / 1.
+    Padding (valid False) is left out: it would otherwise be balanced instead."""
     chosen = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32).max(axis=-2)
-    f = chosen.mean(axis=(0, 1))                                         # [E]
-    p = probs.mean(axis=(0, 1))                                          # [E]
+    f = _token_mean(chosen, valid)                                       # [E]
+    p = _token_mean(probs, valid)                                        # [E]
     return num_experts * jnp.sum(f * p)
 
 
-def _z_loss(logits):
+def _z_loss(logits, valid=None):
     """mean over tokens (and router groups) of logsumexp(logits)^2 (Zoph et al. 2022)."""
-    return jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
+    return jnp.mean(_token_mean(jax.nn.logsumexp(logits, axis=-1) ** 2, valid))
 
 
-def topk_router(logits, k: int) -> Routing:
+def topk_router(logits, k: int, valid=None) -> Routing:
     """Token-choice top-k over all E experts: k=1 is Switch, k=2 GShard-style top-2.
 
     logits: f32 [G, S, E]. For k > 1 the chosen probabilities are renormalised to sum
@@ -53,10 +62,10 @@ def topk_router(logits, k: int) -> Routing:
     if k > 1:
         weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
     return Routing(index.astype(jnp.int32), weight, probs,
-                   _balance(probs, index, logits.shape[-1]), _z_loss(logits))
+                   _balance(probs, index, logits.shape[-1], valid), _z_loss(logits, valid))
 
 
-def prototype_router(logits, k: int) -> Routing:
+def prototype_router(logits, k: int, valid=None) -> Routing:
     """Expert prototyping, "k top-1" (M6-T): the E experts form k prototypes of E/k;
     each token goes top-1 inside every prototype and the k outputs are summed.
 
@@ -70,9 +79,9 @@ def prototype_router(logits, k: int) -> Routing:
     local = jnp.argmax(probs, axis=-1)                                   # [G, S, K]
     weight = jnp.take_along_axis(probs, local[..., None], axis=-1)[..., 0]
     index = (local + per * jnp.arange(k)[None, None, :]).astype(jnp.int32)
-    balance = jnp.mean(jax.vmap(lambda p, i: _balance(p, i[..., None], per), in_axes=(2, 2))(
-        probs, local))
-    return Routing(index, weight, probs.reshape(g, s, e) / k, balance, _z_loss(lg))
+    balance = jnp.mean(jax.vmap(lambda p, i: _balance(p, i[..., None], per, valid),
+                                in_axes=(2, 2))(probs, local))
+    return Routing(index, weight, probs.reshape(g, s, e) / k, balance, _z_loss(lg, valid))
 
 
 def hash_expert(token_ids, num_experts: int):
@@ -92,7 +101,7 @@ def hash_router(token_ids, num_experts: int) -> Routing:
                    jnp.zeros((g, s, num_experts), jnp.float32), zero, zero)
 
 
-def domain_router(logits, modality) -> Routing:
+def domain_router(logits, modality, valid=None) -> Routing:
     """DEMix-style: the E experts form one group per modality (image: first E/2, text:
     the rest); a token routes top-1 inside its modality's group only.
 
@@ -106,5 +115,5 @@ def domain_router(logits, modality) -> Routing:
     weight, index = jax.lax.top_k(probs, 1)
     lg = logits.reshape(*logits.shape[:2], NUM_DOMAINS, per)
     own = jnp.take_along_axis(lg, modality[..., None, None], axis=2)[:, :, 0]  # [G, S, E/2]
-    return Routing(index.astype(jnp.int32), weight, probs, _balance(probs, index, e),
-                   _z_loss(own))
+    return Routing(index.astype(jnp.int32), weight, probs, _balance(probs, index, e, valid),
+                   _z_loss(own, valid))
