@@ -43,6 +43,8 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
         raise ValueError(f"batch_size={config.batch_size} is not divisible by mesh.data*mesh.fsdp*"
                          f"mesh.expert={shards}")
 
+    validate_moe(config, sizes)
+
     for f in ("total_steps", "log_every", "eval_every"):
         if int(config[f]) <= 0:
             raise ValueError(f"{f}={config[f]} must be positive")
@@ -55,3 +57,42 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
     if not 0.0 <= o.end_lr_fraction <= 1.0:
         raise ValueError(f"optimizer.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
     return shape
+
+
+def validate_moe(config, mesh_sizes: dict[str, int]) -> None:
+    """The `model.moe` section (absent or num_experts=0: a dense model, nothing to check)."""
+    from m6jax.model.moe import DISPATCHES, ROUTERS
+    m = config.model
+    moe = m.get("moe")
+    if moe is None or moe.num_experts == 0:
+        return
+    e, k = int(moe.num_experts), int(moe.k)
+    if e < 0:
+        raise ValueError(f"model.moe.num_experts={e} must be >= 0 (0 = dense)")
+    if moe.router not in ROUTERS:
+        raise ValueError(f"model.moe.router={moe.router!r} is not one of {', '.join(ROUTERS)}")
+    if moe.dispatch not in DISPATCHES:
+        raise ValueError(f"model.moe.dispatch={moe.dispatch!r} is not one of "
+                         f"{', '.join(DISPATCHES)}")
+    if k < 1 or k > e:
+        raise ValueError(f"model.moe.k={k} must be in [1, model.moe.num_experts={e}]")
+    if moe.router == "prototype" and e % k:
+        raise ValueError(f"model.moe.num_experts={e} is not divisible by model.moe.k={k} "
+                         "(prototype routing splits the experts into k equal prototypes)")
+    if moe.router in ("hash", "domain") and k != 1:
+        raise ValueError(f"model.moe.k={k} must be 1 for model.moe.router={moe.router!r}")
+    if moe.router == "domain" and e % 2:
+        raise ValueError(f"model.moe.num_experts={e} must be even for router='domain' "
+                         "(one half for image tokens, one for text)")
+    every = int(moe.every)
+    if every < 1 or m.num_layers % every:
+        raise ValueError(f"model.moe.every={every} must be >= 1 and divide "
+                         f"model.num_layers={m.num_layers}")
+    for f in ("capacity_factor", "eval_capacity_factor", "aux_loss_weight", "z_loss_weight"):
+        if moe[f] is not None and moe[f] < 0:
+            raise ValueError(f"model.moe.{f}={moe[f]} must be >= 0")
+    if not 0.0 <= moe.jitter < 1.0:
+        raise ValueError(f"model.moe.jitter={moe.jitter} must be in [0, 1)")
+    if e % mesh_sizes["expert"]:
+        raise ValueError(f"mesh.expert={mesh_sizes['expert']} does not divide "
+                         f"model.moe.num_experts={e}")

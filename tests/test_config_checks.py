@@ -27,3 +27,41 @@ def test_bad_config_names_the_field(edit, message):
     edit(c)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("*", r"\*")):
         validate_config(c, 8)
+
+
+def _moe_config():
+    from configs.m6_moe import moe_section
+    c = tiny_config()
+    c.mesh.update(data=8)
+    c.model.moe = moe_section(num_experts=8, every=2)
+    return c
+
+
+def test_valid_moe_config_passes():
+    assert validate_config(_moe_config(), 8) == (8, 1, 1, 1)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(router="prototype", num_experts=6, k=4),
+     "model.moe.num_experts=6 is not divisible by model.moe.k=4"),
+    (lambda m: m.update(every=3), "model.moe.every=3 must be >= 1 and divide model.num_layers=2"),
+    (lambda m: m.update(router="expert_choice"), "model.moe.router='expert_choice'"),
+    (lambda m: m.update(dispatch="magic"), "model.moe.dispatch='magic'"),
+    (lambda m: m.update(router="hash", k=2), "model.moe.k=2 must be 1"),
+    (lambda m: m.update(k=9), r"model.moe.k=9 must be in \[1, model.moe.num_experts=8\]"),
+    (lambda m: m.update(aux_loss_weight=-1.0), "model.moe.aux_loss_weight=-1.0"),
+    (lambda m: m.update(num_experts=7, router="domain"), "model.moe.num_experts=7 must be even"),
+])
+def test_bad_moe_config_names_the_field(edit, message):
+    c = _moe_config()
+    edit(c.model.moe)
+    with pytest.raises(ValueError, match=message):
+        validate_config(c, 8)
+
+
+def test_expert_axis_must_divide_num_experts():
+    c = _moe_config()
+    c.model.moe.num_experts = 6
+    c.mesh.update(data=2, expert=4)
+    with pytest.raises(ValueError, match="mesh.expert=4 does not divide model.moe.num_experts=6"):
+        validate_config(c, 8)

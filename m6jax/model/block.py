@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from m6jax.model.attention import SelfAttention
 from m6jax.model.layers import constrain, layer_norm
 from m6jax.model.mlp import Mlp
+from m6jax.model.moe import MoeMlp, moe_config
 
 # Named remat policies: what a scanned layer keeps for the backward pass.
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -21,21 +22,52 @@ REMAT_POLICIES: dict[str, Callable | None] = {
 
 
 class Block(nn.Module):
-    """[B, S, D] -> [B, S, D]: x + Attn(LN(x)), then + Mlp(LN(x)). Scan-compatible."""
+    """[B, S, D] -> [B, S, D]: x + Attn(LN(x)), then + Mlp(LN(x)). Scan-compatible.
+
+    With `use_moe` the Mlp is the MoE layer (`moe`); `route` = (token_ids i32 [B, S],
+    modality i32 [B, S], valid bool [B, S]) feeds the hash / domain routers and keeps
+    padding out of expert capacity. Returns (x, MoE metrics or None).
+    """
     cfg: Any  # the config's `model` section
     dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
+    use_moe: bool = False
+    training: bool = False
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, route=None):
         cfg = self.cfg
         h = layer_norm(self.dtype, "pre_attn_norm")(x)
         x = x + SelfAttention(cfg.num_heads, cfg.emb_dim // cfg.num_heads, self.dtype,
                               cfg.dropout_rate, self.deterministic, name="attn")(h, mask)
         h = layer_norm(self.dtype, "pre_mlp_norm")(x)
-        x = x + Mlp(cfg.mlp_dim, cfg.mlp_activation, self.dtype, cfg.dropout_rate,
-                    self.deterministic, name="mlp")(h)
-        return constrain(x, ("batch", "length", "act_embed")), None
+        metrics = None
+        if self.use_moe:
+            y, metrics = MoeMlp(cfg.moe, cfg.mlp_dim, cfg.mlp_activation, self.dtype,
+                                cfg.dropout_rate, self.deterministic, self.training,
+                                name="moe")(h, *route)
+            x = x + y
+        else:
+            x = x + Mlp(cfg.mlp_dim, cfg.mlp_activation, self.dtype, cfg.dropout_rate,
+                        self.deterministic, name="mlp")(h)
+        return constrain(x, ("batch", "length", "act_embed")), metrics
+
+
+class BlockGroup(nn.Module):
+    """`moe.every` blocks, the last one MoE: the scanned unit of an MoE stack, so the
+    scan stays over identical units. Returns (x, the MoE block's metrics)."""
+    cfg: Any
+    dtype: jnp.dtype = jnp.float32
+    deterministic: bool = True
+    training: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, route):
+        every = int(self.cfg.moe.every)
+        for i in range(every):
+            x, metrics = Block(self.cfg, self.dtype, self.deterministic, i == every - 1,
+                               self.training, name=f"block_{i}")(x, mask, route)
+        return x, metrics
 
 
 class Stack(nn.Module):
@@ -48,21 +80,33 @@ class Stack(nn.Module):
     cfg: Any
     dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
+    training: bool = False
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, route=None):
+        """Returns (x, MoE metrics stacked over the scanned units, or None if dense)."""
         cfg = self.cfg
-        block = Block
+        moe = moe_config(cfg)
+        length, block, args = cfg.num_layers, Block, ()
+        ctor = (cfg, self.dtype, self.deterministic)
+        if moe is not None:
+            # The scanned unit holds `every` layers (the last MoE), so units are identical.
+            every = int(moe.every)
+            length, args = cfg.num_layers // every, (route,)
+            if every > 1:
+                block, ctor = BlockGroup, ctor + (self.training,)
+            else:
+                ctor = ctor + (True, self.training)   # Block(use_moe=True, training)
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none":
-            block = nn.remat(Block, policy=policy, prevent_cse=False)
+            block = nn.remat(block, policy=policy, prevent_cse=False)
         if cfg.share_layers:
             scan_kw = dict(variable_broadcast="params", split_rngs={"params": False})
         else:
             scan_kw = dict(variable_axes={"params": 0}, split_rngs={"params": True},
                            metadata_params={nn.PARTITION_NAME: "layers"})
-        scanned = nn.scan(block, length=cfg.num_layers, in_axes=(nn.broadcast,),
+        scanned = nn.scan(block, length=length, in_axes=(nn.broadcast,) * (1 + len(args)),
                           split_rngs={**scan_kw.pop("split_rngs"), "dropout": True},
                           **scan_kw)
-        x, _ = scanned(cfg, self.dtype, self.deterministic, name="layers")(x, mask)
-        return x
+        x, metrics = scanned(*ctor, name="layers")(x, mask, *args)
+        return x, metrics

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from m6jax.model.block import Stack
 from m6jax.model.layers import constrain, dense_init, layer_norm
 from m6jax.model.masks import prefix_lm_mask
+from m6jax.model.moe import moe_config
 
 _EMB_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -26,6 +27,7 @@ class M6(nn.Module):
     image_grid: int
     text_len: int
     deterministic: bool = True
+    training: bool = False  # the train step sets it: MoE capacity factor and router jitter
 
     @nn.compact
     def __call__(self, batch):
@@ -63,7 +65,21 @@ class M6(nn.Module):
         x = constrain(x, ("batch", "length", "act_embed"))
 
         mask = prefix_lm_mask(batch["image_mask"], batch["text_mask"], batch["text_is_prefix"])
-        x = Stack(cfg, dtype, self.deterministic, name="stack")(x, mask)
+        stack = Stack(cfg, dtype, self.deterministic, self.training, name="stack")
+        if moe_config(cfg) is None:
+            x, _ = stack(x, mask)
+        else:
+            # Hash routing keys on token ids; image patches hash by position (negative
+            # ids never collide with the vocabulary). Domain routing keys on modality.
+            b, t = batch["text_tokens"].shape
+            patch_ids = jnp.broadcast_to(-1 - jnp.arange(num_patches, dtype=jnp.int32),
+                                         (b, num_patches))
+            token_ids = jnp.concatenate([patch_ids, batch["text_tokens"].astype(jnp.int32)], 1)
+            modality = jnp.concatenate([jnp.zeros((b, num_patches), jnp.int32),
+                                        jnp.ones((b, t), jnp.int32)], axis=1)
+            valid = jnp.concatenate([batch["image_mask"], batch["text_mask"]], axis=1)
+            x, metrics = stack(x, mask, (token_ids, modality, valid))
+            self.sow("intermediates", "moe", metrics)  # per MoE layer, [L / every, ...]
         x = layer_norm(dtype, "final_norm")(x[:, num_patches:])                # [B, T, D]
 
         if cfg.tie_embeddings:

@@ -13,7 +13,7 @@ from m6jax import flops, sharding
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
 from m6jax.model import M6
-from m6jax.train import evaluation, optim
+from m6jax.train import evaluation, moe_metrics, optim
 from m6jax.train.metrics import MetricsWriter, Progress
 from m6jax.train.state import create_train_state, dummy_batch
 from m6jax.train.step import make_eval_step, make_train_step
@@ -92,6 +92,8 @@ def train(config, workdir: str) -> dict:
                 else:
                     step_s = now - progress.t0
                 scalars = _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak)
+                scalars.update(moe_metrics.scalars(m))
+                moe_metrics.write_histograms(writer, done, m)
                 writer.write(done, scalars)
                 if main:
                     print(progress.line(done, scalars, tasks), flush=True)
@@ -117,7 +119,7 @@ def train(config, workdir: str) -> dict:
         tokens_per_s=step_tokens / step_s, step_ms=1000 * step_s,
         mfu=step_flops / step_s / peak, peak_flops=peak, peak_flops_source=peak_src,
         num_params=num_params, num_devices=len(devices), mesh=dict(mesh.shape),
-        wall_s=time.time() - t_start)
+        wall_s=time.time() - t_start, **moe_metrics.summary(m))
     writer.write(config.total_steps, {k: summary[k] for k in
                                       ("eval_loss", "caption_accuracy")}, jsonl=False)
     writer.close()

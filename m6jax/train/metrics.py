@@ -64,6 +64,8 @@ class Progress:
         elapsed = time.time() - self.t0
         eta = elapsed / max(done, 1) * (self.total - step)
         tasks = " ".join(f"{t} {m[f'loss/{t}']:.3f}" for t in task_names if f"loss/{t}" in m)
-        return (f"step {step:>6}/{self.total} | loss {m['loss']:.4f} | {tasks} | "
+        moe = (f"moe drop {100 * m['moe/dropped_fraction']:.1f}% load max/mean "
+               f"{m['moe/load_max_over_mean']:.2f} | " if "moe/dropped_fraction" in m else "")
+        return (f"step {step:>6}/{self.total} | loss {m['loss']:.4f} | {tasks} | {moe}"
                 f"{m.get('tokens_per_s', 0):,.0f} tok/s | mfu {100 * m.get('mfu', 0):.1f}% | "
                 f"{1000 * m.get('step_s', 0):.0f} ms/step | eta {_fmt_duration(eta)}")

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from m6jax import sharding
+from m6jax.train import moe_metrics
 from m6jax.train.losses import text_loss
 
 
@@ -14,8 +15,10 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
     """Returns `step(state, batch) -> (state, metrics)`, jitted and donating the state.
 
     `model` is the training-mode module (dropout on if configured). Metrics are scalars
-    plus per-task vectors, all replicated.
+    plus per-task vectors, all replicated. The loss optimised adds the MoE aux losses;
+    the `loss` metric stays the text cross-entropy.
     """
+    model = model.clone(training=True)  # MoE: training capacity factor, router jitter
     def train_step(state, batch):
         rng = jax.random.wrap_key_data(state.rng)
         rng, dropout_rng = jax.random.split(rng)
@@ -23,13 +26,17 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
 
         def loss_fn(params):
             with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-                logits = model.apply({"params": params}, batch, rngs={"dropout": dropout_rng})
-            return text_loss(logits, batch, num_tasks)
+                logits, inter = model.apply({"params": params}, batch, mutable=["intermediates"],
+                                            rngs={"dropout": dropout_rng})
+            loss, aux = text_loss(logits, batch, num_tasks)
+            moe_loss, moe_aux = moe_metrics.aux_loss_and_metrics(
+                model.cfg, inter.get("intermediates", {}))
+            return loss + moe_loss, (loss, aux, moe_aux)
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (_, (loss, aux, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), **aux)
+        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), **aux, **moe_aux)
         if lr_schedule is not None:
             metrics["learning_rate"] = lr_schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,

@@ -1,0 +1,101 @@
+r"""Forward+backward time of the MoE layer vs a dense MLP with the same activated FLOPs.
+
+  python benchmarks/moe_layer.py --json=/tmp/moe_layer.json
+  python benchmarks/moe_layer.py --groups=16 --tokens=512 --emb_dim=512   # GPU
+
+For each router and E in --experts, the MoE layer (capacity factor --capacity_factor,
+every dispatch scheme) and a dense MLP whose hidden width is k * mlp_dim (what one token
+activates) are timed in the same process: median of --iters jitted calls of
+grad(sum(y^2)) w.r.t. the input and all weights. Writes a list of {router, k,
+num_experts, dispatch, moe_ms, dense_ms, ratio}.
+"""
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_integer("groups", 8, "routing groups (examples)")
+flags.DEFINE_integer("tokens", 256, "tokens per group")
+flags.DEFINE_integer("emb_dim", 256, "model width D")
+flags.DEFINE_integer("mlp_dim", 1024, "expert hidden width M")
+flags.DEFINE_list("experts", ["8", "32"], "expert counts E")
+flags.DEFINE_list("routers", ["topk:1", "topk:2", "prototype:2", "hash:1", "domain:1"],
+                  "router:k pairs")
+flags.DEFINE_list("dispatches", ["gather", "einsum", "dropless"], "dispatch schemes")
+flags.DEFINE_float("capacity_factor", 1.25, "training capacity factor")
+flags.DEFINE_integer("iters", 10, "timed calls per measurement (after 2 warm-up calls)")
+flags.DEFINE_string("json", "", "write the results here")
+FLAGS = flags.FLAGS
+
+
+def _time(f, *args) -> float:
+    import jax
+    for _ in range(2):
+        jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(FLAGS.iters):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return 1000 * ts[len(ts) // 2]
+
+
+def main(_):
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import numpy as np
+
+    from m6jax.model.mlp import Mlp
+    from m6jax.model.moe import MoeMlp
+
+    g, s, d, m = FLAGS.groups, FLAGS.tokens, FLAGS.emb_dim, FLAGS.mlp_dim
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(g, s, d)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, 8000, size=(g, s)), jnp.int32)
+    modality = jnp.asarray(np.arange(s)[None, :].repeat(g, 0) >= s // 4, jnp.int32)
+
+    def timed(module, *extra):
+        params = jax.tree.map(lambda b: getattr(b, "value", b),
+                              module.init(jax.random.key(0), x, *extra)["params"],
+                              is_leaf=lambda b: hasattr(b, "value"))
+
+        def loss(p, xx):
+            out = module.apply({"params": p}, xx, *extra)
+            y = out[0] if isinstance(out, tuple) else out
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+        return _time(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)
+
+    dense_ms = {}
+    rows = []
+    print(f"{jax.devices()[0].platform}: {g}x{s} tokens, D={d}, M={m}, "
+          f"capacity factor {FLAGS.capacity_factor}")
+    for spec in FLAGS.routers:
+        router, k = spec.split(":")[0], int(spec.split(":")[1])
+        if k not in dense_ms:
+            dense_ms[k] = timed(Mlp(k * m, "gelu"))
+        for e in map(int, FLAGS.experts):
+            for dispatch in FLAGS.dispatches:
+                cfg = ml_collections.ConfigDict(dict(
+                    num_experts=e, router=router, k=k, every=1,
+                    capacity_factor=FLAGS.capacity_factor,
+                    eval_capacity_factor=FLAGS.capacity_factor, aux_loss_weight=0.01,
+                    z_loss_weight=1e-3, jitter=0.0, dispatch=dispatch))
+                moe_ms = timed(MoeMlp(cfg, m, "gelu"), ids, modality)
+                row = dict(router=router, k=k, num_experts=e, dispatch=dispatch,
+                           moe_ms=round(moe_ms, 3), dense_ms=round(dense_ms[k], 3),
+                           ratio=round(moe_ms / dense_ms[k], 3))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if FLAGS.json:
+        with open(FLAGS.json, "w", encoding="utf-8") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)

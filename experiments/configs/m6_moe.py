@@ -1,0 +1,63 @@
+"""M6 with Mixture-of-Experts feed-forward layers (M6-MoE / M6-T).
+
+Built on experiments/configs/m6.py (same data, optimizer, variants), plus `model.moe`.
+Variants (`--config=experiments/configs/m6_moe.py:VARIANT`):
+  tiny, small, base     m6.py's variant with 8 experts, Switch top-1, MoE every 2nd layer.
+  ablation_ROUTING[_noaux]   the routing ablation (experiments/routing_ablation.py) on
+                        the tiny model: ROUTING in top1, top2, 2top1, 4top1, hash; `_noaux`
+                        sets the load-balancing loss weight to 0.
+
+model.moe fields:
+  num_experts           E (0 = dense: the model is exactly m6.py's)
+  router                topk | prototype (M6-T "k top-1") | hash | domain (image/text)
+  k                     choices per token (topk) or prototypes (prototype); 1 otherwise
+  every                 an MoE FFN every N layers (the last of each N); num_layers % N == 0
+  capacity_factor       slots per expert = ceil(tokens * k * factor / E) per example;
+                        0 = dropless (sort + jax.lax.ragged_dot)
+  eval_capacity_factor  the same for evaluation
+  aux_loss_weight       Switch load-balancing loss weight (0 allowed)
+  z_loss_weight         router z-loss weight (0 allowed)
+  jitter                multiplicative router-input noise in [1-j, 1+j] while training
+  dispatch              einsum (one-hot matmuls; default: fastest on this CPU, see
+                        benchmarks/moe_layer.py) | gather (index gathers) | dropless
+"""
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import m6  # noqa: E402
+
+# name -> (router, k): equal expert count, M6-T's comparison.
+ABLATION_ROUTINGS = {"top1": ("topk", 1), "top2": ("topk", 2), "2top1": ("prototype", 2),
+                     "4top1": ("prototype", 4), "hash": ("hash", 1)}
+
+
+def moe_section(**overrides) -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict(dict(
+        num_experts=8, router="topk", k=1, every=2, capacity_factor=1.25,
+        eval_capacity_factor=2.0, aux_loss_weight=0.01, z_loss_weight=1e-3, jitter=0.0,
+        dispatch="einsum"))
+    s.update(overrides)
+    return s
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    arg = arg or "tiny"
+    if arg.startswith("ablation_"):
+        name = arg[len("ablation_"):]
+        noaux = name.endswith("_noaux")
+        name = name[: -len("_noaux")] if noaux else name
+        if name not in ABLATION_ROUTINGS:
+            raise ValueError(f"unknown ablation routing {name!r} in m6_moe.py:{arg}; use one "
+                             f"of {', '.join(ABLATION_ROUTINGS)} (optionally + '_noaux')")
+        router, k = ABLATION_ROUTINGS[name]
+        c = m6.get_config("tiny")
+        c.model.moe = moe_section(router=router, k=k,
+                                  aux_loss_weight=0.0 if noaux else 0.01)
+        c.variant = arg
+        return c
+    c = m6.get_config(arg)
+    c.model.moe = moe_section()
+    return c

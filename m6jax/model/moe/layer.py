@@ -1,0 +1,128 @@
+"""The MoE feed-forward layer: router -> dispatch -> experts (batched matmul) -> combine."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m6jax.model.layers import constrain
+from m6jax.model.mlp import ACTIVATIONS
+from m6jax.model.moe import dispatch as dsp
+from m6jax.model.moe import parallel, routers
+
+DISPATCHES = ("gather", "einsum", "dropless")
+
+# Experts are a batch of independent [D, M] matmuls: fan-in is D (or M), not E * D.
+_EXPERT_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=-2, out_axis=-1, batch_axis=(0,))
+
+
+def moe_config(model_cfg):
+    """The `model.moe` section if MoE is enabled (num_experts > 0), else None."""
+    moe = model_cfg.get("moe") if hasattr(model_cfg, "get") else None
+    return moe if moe is not None and int(moe.num_experts) > 0 else None
+
+
+class MoeMlp(nn.Module):
+    """[B, S, D] -> ([B, S, D], metrics): E expert MLPs, each token to K of them.
+
+    Each example is one routing group (G = B), so capacity and drops do not depend on
+    how the batch is sharded. Over-capacity choices contribute zero (the block's
+    residual carries the token). Metrics (scalars unless noted): `balance_loss`,
+    `z_loss`, `dropped_fraction`, `router_entropy`, `load` f32 [E] (share of choices
+    per expert, before capacity).
+    """
+    moe: Any                    # the `model.moe` config section
+    mlp_dim: int
+    activation: str = "gelu"
+    dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0
+    deterministic: bool = True
+    training: bool = False      # picks capacity_factor vs eval_capacity_factor, jitter
+
+    @nn.compact
+    def __call__(self, x, token_ids=None, modality=None, valid=None):
+        """x: [B, S, D]; token_ids i32 [B, S] (hash router); modality i32 [B, S] (domain);
+        valid bool [B, S]: padding (False) takes no expert slot and gets output 0."""
+        cfg = self.moe
+        e, k, (g, s, d) = int(cfg.num_experts), int(cfg.k), x.shape
+        x = x.astype(self.dtype)
+        valid = jnp.ones((g, s), bool) if valid is None else valid.astype(bool)
+        routing = self._route(x, token_ids, modality, valid, e, k)
+        k = routing.expert_index.shape[-1]
+        # Padding must not take capacity from real tokens: zero weight, no slot.
+        routing = routing._replace(
+            combine_weight=routing.combine_weight * valid[..., None].astype(jnp.float32))
+
+        wi = self.param("wi", nn.with_logical_partitioning(_EXPERT_INIT, ("expert", "embed", "mlp")),
+                        (e, d, self.mlp_dim))
+        wo = self.param("wo", nn.with_logical_partitioning(_EXPERT_INIT, ("expert", "mlp", "embed")),
+                        (e, self.mlp_dim, d))
+        drop = nn.Dropout(self.dropout_rate)
+
+        def hidden(h):
+            return drop(ACTIVATIONS[self.activation](h), deterministic=self.deterministic)
+
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        if cfg.dispatch == "dropless" or not factor:
+            y = dsp.dropless(x, routing, wi, wo, hidden)
+            kept = jnp.broadcast_to(valid[..., None], routing.expert_index.shape)
+        else:
+            cap = dsp.expert_capacity(s, k, e, float(factor))
+            slots = dsp.assign_slots(routing, e, cap, valid)
+            if cfg.dispatch == "einsum":
+                xe, combine = dsp.dispatch_einsum(x, routing, slots, e, cap)
+            else:
+                xe, flat = dsp.dispatch_gather(x, routing, slots, e, cap)
+            xe = parallel.to_experts(xe)                                 # [G, E, C, D]
+            h = hidden(jnp.einsum("gecd,edm->gecm", xe, wi.astype(self.dtype)))
+            ye = parallel.from_experts(jnp.einsum("gecm,emd->gecd", h, wo.astype(self.dtype)))
+            if cfg.dispatch == "einsum":
+                y = dsp.combine_einsum(ye, combine)
+            else:
+                y = dsp.combine_gather(ye, flat, routing.combine_weight)
+            kept = slots.kept
+        y = constrain(y.astype(self.dtype), ("batch", "length", "act_embed"))
+        return y, self._metrics(routing, kept, valid, e)
+
+    def _route(self, x, token_ids, modality, valid, e, k) -> routers.Routing:
+        cfg = self.moe
+        if cfg.router == "hash":
+            if token_ids is None:
+                raise ValueError("model.moe.router='hash' needs token_ids passed to the layer")
+            return routers.hash_router(token_ids, e)
+        xr = x.astype(jnp.float32)
+        if self.training and cfg.jitter > 0:
+            # Multiplicative input jitter (Switch): explores routing early in training.
+            noise = jax.random.uniform(self.make_rng("dropout"), xr.shape, jnp.float32,
+                                       1.0 - cfg.jitter, 1.0 + cfg.jitter)
+            xr = xr * noise
+        w = self.param("router", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("embed", None)), (x.shape[-1], e), jnp.float32)
+        logits = jnp.einsum("gsd,de->gse", xr, w)                        # f32 [G, S, E]
+        if cfg.router == "topk":
+            return routers.topk_router(logits, k, valid)
+        if cfg.router == "prototype":
+            return routers.prototype_router(logits, k, valid)
+        if cfg.router == "domain":
+            if modality is None:
+                raise ValueError("model.moe.router='domain' needs modality passed to the layer")
+            return routers.domain_router(logits, modality, valid)
+        raise ValueError(f"model.moe.router={cfg.router!r} is not one of {routers.ROUTERS}")
+
+    @staticmethod
+    def _metrics(routing: routers.Routing, kept, valid, e) -> dict[str, jax.Array]:
+        """Over real (valid) tokens only: padding would otherwise look like load."""
+        v = valid.astype(jnp.float32)                                     # [G, S]
+        onehot = jax.nn.one_hot(routing.expert_index, e, dtype=jnp.float32)
+        counts = jnp.einsum("gske,gs->e", onehot, v)
+        k = routing.expert_index.shape[-1]
+        p = routing.probs
+        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), -1)
+        n = jnp.maximum(jnp.sum(v), 1.0)
+        return dict(balance_loss=routing.balance_loss, z_loss=routing.z_loss,
+                    dropped_fraction=1.0 - jnp.sum(kept.astype(jnp.float32)) / (n * k),
+                    router_entropy=jnp.sum(entropy * v) / n,
+                    load=counts / jnp.maximum(jnp.sum(counts), 1.0))
