@@ -1,0 +1,98 @@
+"""The loop's side of fault tolerance: where the state comes from and when it is saved.
+
+`RunCheckpoints.initial_state` restores the newest checkpoint of the workdir (onto the
+current mesh), or initialises fresh, optionally taking params from `init_from`.
+`RunCheckpoints.after_step` saves by policy, stops on preemption after saving, and applies
+`nonfinite_policy`. The loop calls these two plus `close`; nothing else about
+checkpoints lives in the loop.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from m6jax import checkpoint
+from m6jax.train.state import abstract_train_state, create_train_state
+
+# Test hook, not a feature: comma-separated steps whose batch gets a NaN loss mask, so
+# the loss and every gradient are NaN there (exercises `nonfinite_policy` end to end).
+NAN_STEPS_ENV = "M6JAX_TEST_NAN_STEPS"
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint of the step at which SIGTERM / preemption arrived."""
+
+
+class NonFiniteLoss(Exception):
+    """Raised under nonfinite_policy='stop'; the bad state was never saved."""
+
+
+def poison_for_test(step: int, batch: dict) -> dict:
+    """The batch, with a NaN loss mask if `step` is listed in $M6JAX_TEST_NAN_STEPS."""
+    steps = os.environ.get(NAN_STEPS_ENV, "")
+    if steps and step in {int(s) for s in steps.split(",")}:
+        logging.warning("test hook %s: poisoning the batch of step %d with NaN",
+                        NAN_STEPS_ENV, step)
+        batch = dict(batch, loss_mask=batch["loss_mask"] * np.float32("nan"))
+    return batch
+
+
+class RunCheckpoints:
+    """Checkpointing, preemption and the non-finite policy for one run of the loop."""
+
+    def __init__(self, workdir: str, config):
+        self.config = config
+        self.ckpt = checkpoint.Checkpointer(workdir, config)
+        self.watch = checkpoint.PreemptionWatch()
+        self.meta: dict = {}  # of the restored checkpoint; {} on a fresh start
+
+    def initial_state(self, model, tx, example_batch, mesh):
+        """(state, state_shardings, start_step): restored, or fresh (+ init_from params)."""
+        seed = self.config.seed
+        abstract, shardings = abstract_train_state(model, tx, example_batch, mesh, seed)
+        restored = self.ckpt.restore_latest(abstract)
+        if restored is not None:
+            state, self.meta = restored
+            start = int(self.meta["data"]["step"])
+            if start != int(jax.device_get(state.step)):
+                raise ValueError(f"checkpoint in {self.ckpt.directory}: data position {start} "
+                                 f"differs from state.step {int(state.step)}")
+            return state, shardings, start
+        state, shardings = create_train_state(model, tx, example_batch, mesh, seed)
+        if self.config.init_from:
+            params = checkpoint.load_params(self.config.init_from, abstract.params)
+            state = state.replace(params=params)
+        return state, shardings, 0
+
+    def after_step(self, done: int, state, metrics, meta_fn) -> None:
+        """Called after step `done` (1-based); `meta_fn()` gives the JSON meta to save."""
+        if self.config.nonfinite_policy == "stop" and not bool(jax.device_get(metrics["finite"])):
+            # One scalar sync per step, paid only under 'stop': the message names the step.
+            self.ckpt.wait()  # let earlier, good saves finish; this state is not saved
+            raise NonFiniteLoss(
+                f"non-finite loss or gradients at step {done} (loss "
+                f"{float(jax.device_get(metrics['loss']))}); stopping as nonfinite_policy="
+                f"'stop' says. Last good checkpoint: step {self.ckpt.latest_step()} in "
+                f"{self.ckpt.directory}. Use nonfinite_policy='skip' to pass over bad steps.")
+        last = done == self.config.total_steps
+        preempted = self.watch.should_stop(done)
+        force = (last or preempted) and self.ckpt.latest_step() != done
+        self.ckpt.save(done, state, meta_fn(), force=force)
+        if preempted:
+            self.ckpt.wait()
+            raise Preempted(f"preempted: saved the checkpoint of step {done} in "
+                            f"{self.ckpt.directory}; rerun the same command to resume")
+
+    def close(self):
+        self.ckpt.wait()
+        self.ckpt.close()
+        self.watch.close()
+
+
+def meta(step: int, initial_eval: dict, counters: dict, config) -> dict:
+    """What a checkpoint holds besides the state (JSON)."""
+    return dict(data={"step": int(step)}, stage=checkpoint.STAGE_REAL, initial_eval=initial_eval,
+                counters=counters, config=checkpoint.config_json(config))
