@@ -85,11 +85,9 @@ def train(config, workdir: str) -> dict:
     m = None
     with jax.set_mesh(mesh):
         for step in range(start, config.total_steps):
-            batch = sharding.global_batch(mesh, resume.poison_for_test(step, pipe.batch(step)))
+            batch = sharding.global_batch(mesh, resume.test_hooks(step + 1, pipe.batch(step)))
             state, metrics = train_step(state, batch)
             done = step + 1
-            run_ckpt.after_step(done, state, metrics, lambda: resume.meta(
-                done, initial_eval, pipe.counters(), config))
             if t_mark is None:  # the first step includes compilation: time from its end
                 jax.block_until_ready(metrics)
                 t_mark, steps_at_mark = time.time(), done
@@ -113,6 +111,9 @@ def train(config, workdir: str) -> dict:
                 writer.write(done, ev, jsonl=False)
                 logging.info("step %d eval loss %.4f", done, ev["eval_loss"])
                 t_mark = time.time()  # do not charge eval time to training steps
+            # Last in the step, so a checkpoint of step `done` follows its metrics line.
+            run_ckpt.after_step(done, state, metrics, lambda: resume.meta(
+                done, initial_eval, pipe.counters(), config))
 
     run_ckpt.close()
 

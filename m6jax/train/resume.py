@@ -9,6 +9,7 @@ checkpoints lives in the loop.
 from __future__ import annotations
 
 import os
+import time
 
 import jax
 import numpy as np
@@ -17,9 +18,12 @@ from absl import logging
 from m6jax import checkpoint
 from m6jax.train.state import abstract_train_state, create_train_state
 
-# Test hook, not a feature: comma-separated steps whose batch gets a NaN loss mask, so
-# the loss and every gradient are NaN there (exercises `nonfinite_policy` end to end).
+# Test hooks, not features (tests/test_checkpoint.py drives the real entry point):
+# comma-separated 1-based steps whose batch gets a NaN loss mask, so the loss and every
+# gradient are NaN there (exercises `nonfinite_policy` end to end) ...
 NAN_STEPS_ENV = "M6JAX_TEST_NAN_STEPS"
+# ... and seconds to sleep before each step, so a test can kill a tiny run mid-way.
+STEP_DELAY_ENV = "M6JAX_TEST_STEP_DELAY_S"
 
 
 class Preempted(Exception):
@@ -30,8 +34,10 @@ class NonFiniteLoss(Exception):
     """Raised under nonfinite_policy='stop'; the bad state was never saved."""
 
 
-def poison_for_test(step: int, batch: dict) -> dict:
-    """The batch, with a NaN loss mask if `step` is listed in $M6JAX_TEST_NAN_STEPS."""
+def test_hooks(step: int, batch: dict) -> dict:
+    """The batch of 1-based `step`, NaN-poisoned if listed in $M6JAX_TEST_NAN_STEPS."""
+    if os.environ.get(STEP_DELAY_ENV):
+        time.sleep(float(os.environ[STEP_DELAY_ENV]))
     steps = os.environ.get(NAN_STEPS_ENV, "")
     if steps and step in {int(s) for s in steps.split(",")}:
         logging.warning("test hook %s: poisoning the batch of step %d with NaN",
