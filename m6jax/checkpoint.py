@@ -48,7 +48,7 @@ class Checkpointer:
             save.append(policies.FixedIntervalPolicy(config.checkpoint_every))
         if config.checkpoint_minutes:
             save.append(policies.ContinuousCheckpointingPolicy(
-                minimum_interval_secs=int(60 * config.checkpoint_minutes)))
+                minimum_interval_secs=max(1, round(60 * config.checkpoint_minutes))))
         keep = [policies.LatestN(config.keep_checkpoints)]
         if config.keep_period:
             keep.append(policies.EveryNSteps(config.keep_period))

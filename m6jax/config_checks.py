@@ -1,6 +1,8 @@
 """Refuse bad configs before anything is compiled, with the field to fix in the message."""
 from __future__ import annotations
 
+import os
+
 from m6jax import sharding
 from m6jax.model.block import REMAT_POLICIES
 from m6jax.model.mlp import ACTIVATIONS
@@ -74,3 +76,7 @@ def _check_checkpointing(config) -> None:
                          f"{', '.join(NONFINITE_POLICIES)}")
     if not isinstance(config.init_from, str):
         raise ValueError(f"init_from={config.init_from!r} must be a checkpoint path or ''")
+    if config.init_from and "://" not in config.init_from and not os.path.exists(
+            os.path.expanduser(config.init_from)):
+        raise ValueError(f"init_from={config.init_from!r} does not exist; give a run's workdir, "
+                         "its checkpoints/ directory or one checkpoints/<step> directory")

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from conftest import ROOT
 
@@ -52,7 +53,7 @@ def _run(workdir, cache, extra=(), **hooks):
 
 def _run_until(workdir, cache, logged_step, sig, **hooks):
     """Starts a run, sends `sig` once metrics.jsonl has `logged_step`, returns the process."""
-    hooks.setdefault("M6JAX_TEST_STEP_DELAY_S", "0.4")  # so the kill lands mid-run
+    hooks.setdefault("M6JAX_TEST_STEP_DELAY_S", "0.25")  # so the kill lands mid-run
     proc = subprocess.Popen(_cmd(workdir, cache), cwd=ROOT, env=_env(cache, **hooks),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
@@ -118,9 +119,8 @@ def test_sigterm_checkpoints_the_step_it_arrived_at(reference, cache, tmp_path):
     assert _steps(tmp_path)[-1] == last_logged < STEPS
     meta = json.loads((tmp_path / "checkpoints" / str(last_logged) / "meta" / "metadata").read_text())
     assert meta["data"] == {"step": last_logged} and meta["stage"] == "real"
-    proc = _run(tmp_path, cache)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _losses(tmp_path) == _losses(reference)
+    assert int(_saved_state(tmp_path, last_logged)["step"]) == last_logged
+    assert _losses(tmp_path) == _losses(reference)[:last_logged]  # resuming: see the SIGKILL test
 
 
 def test_unreadable_newest_checkpoints_fall_back_to_an_older_one(reference, cache, tmp_path):
@@ -140,12 +140,29 @@ def test_unreadable_newest_checkpoints_fall_back_to_an_older_one(reference, cach
     assert _losses(workdir) == _losses(reference)
 
 
+def test_same_command_with_another_mesh_resumes_onto_it(reference, cache, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(reference, workdir)
+    for step in (9, 10):
+        shutil.rmtree(workdir / "checkpoints" / str(step))
+    proc = subprocess.run(_cmd(workdir, cache, ["--config.mesh.tensor=2"]), cwd=ROOT,
+                          env=dict(_env(cache), XLA_FLAGS="--xla_force_host_platform_device_count=4"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 6" in proc.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 1}
+    got, want = _losses(workdir), _losses(reference)
+    assert [s for s, _ in got] == [s for s, _ in want]
+    np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)
+
+
 def _saved_state(workdir, step):
     """A checkpoint's TrainState as a dict of numpy arrays (no devices involved)."""
-    path = workdir / "checkpoints" / str(step) / "state"
+    path = epath.Path(workdir / "checkpoints" / str(step) / "state")
+    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     with ocp.PyTreeCheckpointer() as ckptr:
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                ckptr.metadata(path).tree)
         return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
@@ -191,4 +208,6 @@ def test_init_from_takes_params_only(reference, cache, tmp_path):
 def test_init_from_without_a_checkpoint_names_the_field(cache, tmp_path):
     proc = _run(tmp_path / "w", cache, [f"--config.init_from={tmp_path}"])
     assert proc.returncode != 0
-    assert "init_from=" in proc.stderr and "holds no checkpoint" in proc.stderr
+    assert f"init_from={str(tmp_path)!r} holds no checkpoint" in proc.stderr
+    proc = _run(tmp_path / "w", cache, [f"--config.init_from={tmp_path / 'nothing'}"])
+    assert f"config error: init_from={str(tmp_path / 'nothing')!r} does not exist" in proc.stderr

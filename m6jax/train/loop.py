@@ -83,7 +83,7 @@ def train(config, workdir: str) -> dict:
     timed_steps, timed_s = 0, 0.0
     t_mark, steps_at_mark = None, start
     m = None
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), writer.closed_on_error():
         for step in range(start, config.total_steps):
             batch = sharding.global_batch(mesh, resume.test_hooks(step + 1, pipe.batch(step)))
             state, metrics = train_step(state, batch)
@@ -112,8 +112,8 @@ def train(config, workdir: str) -> dict:
                 logging.info("step %d eval loss %.4f", done, ev["eval_loss"])
                 t_mark = time.time()  # do not charge eval time to training steps
             # Last in the step, so a checkpoint of step `done` follows its metrics line.
-            run_ckpt.after_step(done, state, metrics, lambda: resume.meta(
-                done, initial_eval, pipe.counters(), config))
+            run_ckpt.after_step(done, state, metrics,
+                                dict(initial_eval=initial_eval, counters=pipe.counters()))
 
     run_ckpt.close()
 

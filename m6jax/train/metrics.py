@@ -1,6 +1,7 @@
 """Metrics out: metrics.jsonl, TensorBoard event files and a progress line with ETA."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -60,6 +61,15 @@ class MetricsWriter:
     def histogram(self, step: int, name: str, values: np.ndarray):
         if self.enabled and self._tb is not None:
             self._tb.add_histogram(name, np.asarray(values), step)
+
+    @contextlib.contextmanager
+    def closed_on_error(self):
+        """Closes (flushes) the writer if the block raises, e.g. on preemption."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def close(self):
         if self.enabled:

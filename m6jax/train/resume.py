@@ -54,6 +54,7 @@ class RunCheckpoints:
         self.ckpt = checkpoint.Checkpointer(workdir, config)
         self.watch = checkpoint.PreemptionWatch()
         self.meta: dict = {}  # of the restored checkpoint; {} on a fresh start
+        self._config_json = checkpoint.config_json(config)  # once: meta is built every step
 
     def initial_state(self, model, tx, example_batch, mesh):
         """(state, state_shardings, start_step): restored, or fresh (+ init_from params)."""
@@ -73,8 +74,12 @@ class RunCheckpoints:
             state = state.replace(params=params)
         return state, shardings, 0
 
-    def after_step(self, done: int, state, metrics, meta_fn) -> None:
-        """Called after step `done` (1-based); `meta_fn()` gives the JSON meta to save."""
+    def after_step(self, done: int, state, metrics, extra_meta: dict) -> None:
+        """Called after step `done` (1-based); `extra_meta` (JSON) is saved with the state.
+
+        The loop passes `initial_eval` and the pipeline's `counters` there; this adds
+        the data position, the training stage and the config.
+        """
         if self.config.nonfinite_policy == "stop" and not bool(jax.device_get(metrics["finite"])):
             # One scalar sync per step, paid only under 'stop': the message names the step.
             self.ckpt.wait()  # let earlier, good saves finish; this state is not saved
@@ -86,7 +91,9 @@ class RunCheckpoints:
         last = done == self.config.total_steps
         preempted = self.watch.should_stop(done)
         force = (last or preempted) and self.ckpt.latest_step() != done
-        self.ckpt.save(done, state, meta_fn(), force=force)
+        meta = dict(extra_meta, data={"step": done}, stage=checkpoint.STAGE_REAL,
+                    config=self._config_json)
+        self.ckpt.save(done, state, meta, force=force)
         if preempted:
             self.ckpt.wait()
             raise Preempted(f"preempted: saved the checkpoint of step {done} in "
@@ -97,8 +104,3 @@ class RunCheckpoints:
         self.ckpt.close()
         self.watch.close()
 
-
-def meta(step: int, initial_eval: dict, counters: dict, config) -> dict:
-    """What a checkpoint holds besides the state (JSON)."""
-    return dict(data={"step": int(step)}, stage=checkpoint.STAGE_REAL, initial_eval=initial_eval,
-                counters=counters, config=checkpoint.config_json(config))
