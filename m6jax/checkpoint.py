@@ -20,9 +20,11 @@ import shutil
 import signal
 import time
 
+import flax
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 STAGE_REAL = "real"  # the Pseudo-to-Real issue adds "pseudo"; one stage until then
@@ -82,6 +84,15 @@ class Checkpointer:
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
+                saved = ocp.PyTreeCheckpointHandler().metadata(
+                    epath.Path(self.directory) / str(step) / "state").tree
+            except Exception as e:  # noqa: BLE001 (no readable metadata: not usable)
+                self._set_aside(step, e)
+                continue
+            # A readable checkpoint that does not fit this config is the user's mistake
+            # (a changed model in the same workdir), not damage: refuse, move nothing.
+            _check_fits(step, self.directory, saved, abstract_state)
+            try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state),
                     meta=ocp.args.JsonRestore()))
@@ -111,6 +122,23 @@ class Checkpointer:
 
     def close(self):
         self.manager.close()
+
+
+def _check_fits(step: int, directory: str, saved, abstract_state) -> None:
+    def shapes(tree):  # "opt_state/1/0/mu/..." whether a level is a tuple, list or dict
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+                tuple(getattr(x, "shape", ())) for path, x in leaves}
+    want = shapes(flax.serialization.to_state_dict(abstract_state))
+    have = shapes(saved)
+    diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(
+            f"checkpoint step {step} in {directory} does not fit this config: {k} is "
+            f"{have.get(k, 'absent')} there and {want.get(k, 'absent')} here ({len(diff)} "
+            "arrays differ). Use another --workdir, or --config.init_from to start from its "
+            "params with the same model shape")
 
 
 def load_params(path: str, abstract_params):

@@ -69,6 +69,18 @@ def test_restore_onto_another_mesh_gives_the_same_state_and_eval_loss(
     assert _eval_loss(model, mesh, state.params, shardings.params) == pytest.approx(loss, rel=1e-6)
 
 
+def test_a_checkpoint_of_another_model_shape_is_refused_and_left_in_place(saved, devices):
+    workdir, _, _ = saved
+    config = tiny_config(data=8)
+    config.model.mlp_dim = 128
+    mesh, model, tx, example = _parts(config, devices)
+    abstract, _ = abstract_train_state(model, tx, example, mesh)
+    with pytest.raises(ValueError, match=r"checkpoint step 1 in .* does not fit this config: "
+                                         r"opt_state/.* is \(2, 32, 64\) there and \(2, 32, 128\) here"):
+        Checkpointer(str(workdir), config).restore_latest(abstract)
+    assert (workdir / "checkpoints" / "1").is_dir()
+
+
 def test_load_params_restores_params_only_onto_a_new_mesh(saved, devices):
     workdir, _, host_state = saved
     config = tiny_config(data=8)
