@@ -85,7 +85,7 @@ def train(config, workdir: str) -> dict:
     m = None
     with jax.set_mesh(mesh), writer.closed_on_error():
         for step in range(start, config.total_steps):
-            batch = sharding.global_batch(mesh, resume.test_hooks(step + 1, pipe.batch(step)))
+            batch = sharding.global_batch(mesh, resume.apply_test_hooks(step + 1, pipe.batch(step)))
             state, metrics = train_step(state, batch)
             done = step + 1
             if t_mark is None:  # the first step includes compilation: time from its end

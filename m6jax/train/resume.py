@@ -34,7 +34,7 @@ class NonFiniteLoss(Exception):
     """Raised under nonfinite_policy='stop'; the bad state was never saved."""
 
 
-def test_hooks(step: int, batch: dict) -> dict:
+def apply_test_hooks(step: int, batch: dict) -> dict:
     """The batch of 1-based `step`, NaN-poisoned if listed in $M6JAX_TEST_NAN_STEPS."""
     if os.environ.get(STEP_DELAY_ENV):
         time.sleep(float(os.environ[STEP_DELAY_ENV]))
