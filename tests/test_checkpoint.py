@@ -205,9 +205,8 @@ def test_init_from_takes_params_only(reference, cache, tmp_path):
     assert int(_saved_state(tmp_path, 3)["step"]) == 3
 
 
-def test_init_from_without_a_checkpoint_names_the_field(cache, tmp_path):
-    proc = _run(tmp_path / "w", cache, [f"--config.init_from={tmp_path}"])
-    assert proc.returncode != 0
-    assert f"init_from={str(tmp_path)!r} holds no checkpoint" in proc.stderr
+def test_init_from_a_missing_path_is_a_config_error(cache, tmp_path):
     proc = _run(tmp_path / "w", cache, [f"--config.init_from={tmp_path / 'nothing'}"])
+    assert proc.returncode != 0
     assert f"config error: init_from={str(tmp_path / 'nothing')!r} does not exist" in proc.stderr
+    assert not (tmp_path / "w" / "metrics.jsonl").exists()

@@ -94,6 +94,11 @@ def test_load_params_restores_params_only_onto_a_new_mesh(saved, devices):
         np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_load_params_from_a_directory_without_checkpoints_names_the_field(tmp_path):
+    with pytest.raises(ValueError, match=rf"init_from='{tmp_path}' holds no checkpoint"):
+        load_params(str(tmp_path), {})
+
+
 def test_checkpoint_fields_are_validated():
     for field, value, message in [
         ("checkpoint_every", -1, "checkpoint_every=-1 must be >= 0"),
