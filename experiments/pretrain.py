@@ -36,7 +36,13 @@ def main(argv):
     except ValueError as e:
         sys.exit(f"config error: {e}")
     logging.info("config:\n%s", config)
-    train(config, _WORKDIR.value)
+    from m6jax.train.resume import NonFiniteLoss, Preempted
+    try:
+        train(config, _WORKDIR.value)
+    except Preempted as e:  # the checkpoint is written: a clean exit, resumable
+        print(str(e), flush=True)
+    except NonFiniteLoss as e:
+        sys.exit(f"stopped: {e}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """Refuse bad configs before anything is compiled, with the field to fix in the message."""
 from __future__ import annotations
 
+import os
+
 from m6jax import sharding
 from m6jax.model.block import REMAT_POLICIES
 from m6jax.model.mlp import ACTIVATIONS
 
 _DTYPES = ("float32", "bfloat16", "float16")
+NONFINITE_POLICIES = ("skip", "stop")
 
 
 def validate_config(config, num_devices: int) -> tuple[int, ...]:
@@ -56,6 +59,7 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
                          f"[0, total_steps={config.total_steps})")
     if not 0.0 <= o.end_lr_fraction <= 1.0:
         raise ValueError(f"optimizer.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
+    _check_checkpointing(config)
     return shape
 
 
@@ -96,3 +100,24 @@ def validate_moe(config, mesh_sizes: dict[str, int]) -> None:
     if e % mesh_sizes["expert"]:
         raise ValueError(f"mesh.expert={mesh_sizes['expert']} does not divide "
                          f"model.moe.num_experts={e}")
+
+
+def _check_checkpointing(config) -> None:
+    for f in ("checkpoint_every", "keep_period"):
+        if int(config[f]) < 0:
+            raise ValueError(f"{f}={config[f]} must be >= 0 (0 turns it off)")
+    if int(config.keep_checkpoints) < 1:
+        raise ValueError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1 (the "
+                         "newest checkpoint is what a restart resumes from)")
+    if config.checkpoint_minutes < 0:
+        raise ValueError(f"checkpoint_minutes={config.checkpoint_minutes} must be >= 0 "
+                         "(0 turns it off)")
+    if config.nonfinite_policy not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite_policy={config.nonfinite_policy!r} is not one of "
+                         f"{', '.join(NONFINITE_POLICIES)}")
+    if not isinstance(config.init_from, str):
+        raise ValueError(f"init_from={config.init_from!r} must be a checkpoint path or ''")
+    if config.init_from and "://" not in config.init_from and not os.path.exists(
+            os.path.expanduser(config.init_from)):
+        raise ValueError(f"init_from={config.init_from!r} does not exist; give a run's workdir, "
+                         "its checkpoints/ directory or one checkpoints/<step> directory")

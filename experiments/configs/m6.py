@@ -19,6 +19,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.peak_tflops_per_device = 0.0  # 0 = measure (CPU) or look up (GPU/TPU)
     c.num_caption_samples = 4  # captions printed at the end
 
+    # Checkpoints (WORKDIR/checkpoints): rerunning the same command resumes. A final
+    # checkpoint is always written, and one when SIGTERM arrives.
+    c.checkpoint_every = 200  # steps; 0 = only at the end and on preemption
+    c.checkpoint_minutes = 0.0  # also save when this many minutes passed; 0 = off
+    c.keep_checkpoints = 3  # keep the newest N ...
+    c.keep_period = 0  # ... plus every K-th step (0 = none)
+    c.init_from = ""  # a checkpoint to take params from (fine-tuning); '' = fresh init
+    c.nonfinite_policy = "skip"  # non-finite loss/grads: skip (count, no update) | stop
+
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
 
     vocab = ml_collections.FieldReference(2000)
@@ -68,6 +77,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.batch_size = 64
         c.total_steps = 5000
         c.eval_every = 500
+        c.checkpoint_every = 500
         c.optimizer.learning_rate = 6e-4
     elif c.variant == "base":
         c.model.update(emb_dim=768, num_heads=12, mlp_dim=3072, num_layers=12, dtype="bfloat16",
@@ -76,7 +86,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.text_len = 256
         c.batch_size = 256
         c.total_steps = 100_000
-        c.eval_every = 5000
+        c.eval_every = 2000
+        c.checkpoint_every = 2000
+        c.keep_period = 20_000
         c.log_every = 100
         c.optimizer.learning_rate = 3e-4
         c.optimizer.warmup_steps = 2000

@@ -20,6 +20,9 @@ DEFAULTS = {
     "eval_examples": 256,
     "noise_density": 0.15,
     "mean_span": 3.0,
+    # A text or caption longer than this many characters is counted as a bad record
+    # and never sampled (a runaway line, e.g. a whole file without newlines).
+    "max_text_chars": 20_000,
 }
 
 # The shortest text_len that leaves room for [task, lang] + a 1-token source and a
@@ -70,7 +73,8 @@ def task_probabilities(task_weights: dict) -> list[float]:
 
 
 def _check(s: dict) -> None:
-    for field in ("text_len", "image_size", "image_channels", "patch_size", "vocab_size", "eval_examples"):
+    for field in ("text_len", "image_size", "image_channels", "patch_size", "vocab_size", "eval_examples",
+                  "max_text_chars"):
         if not isinstance(s[field], int) or isinstance(s[field], bool) or s[field] <= 0:
             raise ValueError(f"data.{field}={s[field]!r} must be a positive integer")
     if s["text_len"] < MIN_TEXT_LEN:

@@ -18,6 +18,7 @@ Batch (B = batch_size // process_count, P = num_patches, T = text_len):
 import os
 
 import numpy as np
+from absl import logging
 
 from m6jax.data import captions, corpora, images, sources, tasks
 from m6jax.data import tokenizer as tokenizer_lib
@@ -46,6 +47,9 @@ class Pipeline:
         self.num_patches = (s["image_size"] // s["patch_size"]) ** 2
         self.patch_dim = s["patch_size"] ** 2 * s["image_channels"]
         self.num_skipped = 0  # examples redrawn because their text was empty
+        # Image-text rows found unusable when drawn (a set: a row drawn twice counts once).
+        self.bad_image_rows: set[int] = set()
+        self._last_bad = ""
 
         cache_dir = cache_dir or default_cache_dir()
         text_files, image_files = s["text_files"], s["image_text_files"]
@@ -55,8 +59,9 @@ class Pipeline:
                       if text_files else shipped_text)
         image_files = (sources.expand_globs(image_files, "data.image_text_files", (".jsonl", ".json", ".parquet"))
                        if image_files else shipped_images)
-        self.text = sources.TextSource(text_files, cache_dir)
-        self.images = sources.ImageTextSource(image_files, cache_dir, s["image_size"], s["image_channels"])
+        self.text = sources.TextSource(text_files, cache_dir, s["max_text_chars"])
+        self.images = sources.ImageTextSource(image_files, cache_dir, s["image_size"], s["image_channels"],
+                                              s["max_text_chars"])
 
         path = s["tokenizer_path"] or os.path.join(workdir, "tokenizer.model")
         self.tokenizer = tokenizer_lib.load_or_train(
@@ -81,13 +86,38 @@ class Pipeline:
     def iterator(self, step: int = 0) -> "DataIterator":
         return DataIterator(self, step)
 
+    def counters(self) -> dict:
+        """Bad-data counts so far: `bad_records` = texts refused at load + bad image rows."""
+        return dict(bad_records=self.text.num_bad + len(self.bad_image_rows),
+                    bad_image_rows=sorted(int(r) for r in self.bad_image_rows),
+                    skipped_empty_examples=self.num_skipped)
+
+    def restore_counters(self, counters: dict) -> None:
+        """Counts saved in a checkpoint (`counters()`), so metrics continue across restarts."""
+        self.bad_image_rows |= set(counters.get("bad_image_rows", []))
+        self.num_skipped = max(self.num_skipped, int(counters.get("skipped_empty_examples", 0)))
+
+    def _image_record(self, row):
+        """`images.record(row)`, or None (counted, logged once) if the record is bad."""
+        try:
+            return self.images.record(row)
+        except sources.BadRecord as e:
+            if row not in self.bad_image_rows:
+                logging.warning("skipping bad image-text record: %s", e)
+            self.bad_image_rows.add(int(row))
+            self._last_bad = str(e)
+            return None
+
     def _train_example(self, task, rng):
         budget = tasks.target_budget(task, self.text_len)
         for _ in range(_MAX_DRAWS):
             patches, lang = None, None
             if task in tasks.IMAGE_TASKS:
                 row = self.images.train[rng.integers(len(self.images.train))]
-                image, caps, langs, _ = self.images.record(row)
+                record = self._image_record(row)
+                if record is None:
+                    continue  # a redraw from the same rng: order stays a function of the step
+                image, caps, langs, _ = record
                 k = rng.integers(len(caps))
                 target, lang = self.tokenizer.encode(caps[k])[:budget], langs[k]
                 patches = images.patchify(image, self.patch_size)
@@ -102,6 +132,10 @@ class Pipeline:
                 prefix, target = tasks.make_example(task, target, self.tokenizer, lang, self.settings, rng)
                 return prefix, target, patches
             self.num_skipped += 1
+        if task in tasks.IMAGE_TASKS and self.bad_image_rows:
+            raise ValueError(f"{_MAX_DRAWS} draws for task {TASK_NAMES[task]!r} found no usable "
+                             f"record in data.image_text_files={', '.join(self.images.files)} "
+                             f"({len(self.bad_image_rows)} bad so far; last: {self._last_bad})")
         raise ValueError(f"{_MAX_DRAWS} draws for task {TASK_NAMES[task]!r} all gave empty text; "
                          "check data.text_files / data.image_text_files")
 
@@ -146,7 +180,10 @@ class Pipeline:
         for i, row in enumerate(self.images.heldout):
             if len(examples) >= total // 2:
                 break
-            image, caps, langs, _ = self.images.record(row)
+            record = self._image_record(row)
+            if record is None:
+                continue
+            image, caps, langs, _ = record
             patches = images.patchify(image, self.patch_size)
             for lang in dict.fromkeys(langs):  # each language once, in file order
                 options = [c for c, l in zip(caps, langs) if l == lang]
@@ -165,7 +202,11 @@ class Pipeline:
 
         labels are -1 for records without a `label` field.
         """
-        records = [self.images.record(row) for row in self.images.heldout]
+        records = [r for r in map(self._image_record, self.images.heldout) if r is not None]
+        if not records:
+            raise ValueError(f"data.image_text_files={', '.join(self.images.files)}: no usable "
+                             f"held-out record ({len(self.images.heldout)} all bad; last: "
+                             f"{self._last_bad})")
         patches = np.stack([images.patchify(r[0], self.patch_size) for r in records])
         labels = np.array([r[3] for r in records], np.int32)
         return patches, np.ones(patches.shape[:2], bool), labels

@@ -5,6 +5,11 @@ Image-text records: `image` (nested list or image path) and `caption` (a string 
 list of alternative captions), optional `lang` (string or list aligned with `caption`;
 guessed from the script when absent) and `label` (int, -1 if unknown).
 
+Bad records are counted and skipped, never fatal one by one: an empty or over-long
+text is dropped at load (`TextSource.num_bad`); an image-text record whose image cannot
+be read or whose fields are malformed raises `BadRecord` from `record`, which the
+pipeline counts and redraws. Only a source with nothing valid left is an error.
+
 Splits never depend on the run seed: a text is held out iff crc32(text) % 50 == 0
 (~2%, and duplicates land on the same side); image-text records are held out by a
 fixed seed-0 permutation (20%).
@@ -52,10 +57,14 @@ def _load(builder, files, cache_dir):
                                     cache_dir=os.path.join(cache_dir, "hf_datasets"))
 
 
+class BadRecord(ValueError):
+    """An image-text record that cannot be used; the message names file, row and why."""
+
+
 class TextSource:
     """Texts from .txt/.jsonl/.parquet files; `train` and `heldout` are row indices."""
 
-    def __init__(self, files: list[str], cache_dir: str):
+    def __init__(self, files: list[str], cache_dir: str, max_chars: int = 20_000):
         by_builder = {}
         for f in files:
             by_builder.setdefault(_BUILDERS[os.path.splitext(f)[1]], []).append(f)
@@ -66,19 +75,24 @@ class TextSource:
                 raise ValueError(f"data.text_files: {group} have no 'text' field (columns: {ds.column_names})")
             parts.append(ds.select_columns(["text"]))
         self.dataset = parts[0] if len(parts) == 1 else _datasets().concatenate_datasets(parts)
-        train, heldout, self.num_empty = [], [], 0
+        train, heldout, self.num_empty, self.num_too_long = [], [], 0, 0
         for start, batch in _iter_column(self.dataset, "text"):
             for i, text in enumerate(batch, start):
                 if not text or not text.strip():
                     self.num_empty += 1  # never sampled
+                elif len(text) > max_chars:
+                    self.num_too_long += 1  # never sampled
                 elif zlib.crc32(text.encode("utf-8")) % TEXT_HOLDOUT_MODULUS == 0:
                     heldout.append(i)
                 else:
                     train.append(i)
         self.train, self.heldout = np.array(train, np.int64), np.array(heldout, np.int64)
+        self.num_bad = self.num_empty + self.num_too_long
         if not len(self.train) or not len(self.heldout):
             raise ValueError(f"data.text_files: need texts in both splits, got {len(self.train)} "
-                             f"train / {len(self.heldout)} held out; add more text")
+                             f"train / {len(self.heldout)} held out ({self.num_empty} empty, "
+                             f"{self.num_too_long} over data.max_text_chars={max_chars}) "
+                             f"from {', '.join(files)}; add more valid text")
 
     def texts(self, rows) -> list[str]:
         return self.dataset[[int(r) for r in rows]]["text"] if len(rows) else []
@@ -92,9 +106,10 @@ def _iter_column(ds, column, chunk=10_000):
 class ImageTextSource:
     """Image-caption records; each file is loaded on its own so schemas may differ."""
 
-    def __init__(self, files: list[str], cache_dir: str, image_size: int, channels: int):
-        self.image_size, self.channels = image_size, channels
-        self.parts, self.base_dirs, sizes = [], [], []
+    def __init__(self, files: list[str], cache_dir: str, image_size: int, channels: int,
+                 max_chars: int = 20_000):
+        self.image_size, self.channels, self.max_chars = image_size, channels, max_chars
+        self.files, self.parts, self.base_dirs, sizes = list(files), [], [], []
         for f in files:
             ds = _load(_BUILDERS[os.path.splitext(f)[1]], [f], cache_dir)
             missing = {"image", "caption"} - set(ds.column_names)
@@ -126,15 +141,33 @@ class ImageTextSource:
         return out
 
     def record(self, row: int):
-        """Row -> (image [S, S, C] float32, captions list[str], langs list[str], label int)."""
+        """Row -> (image [S, S, C] float32, captions list[str], langs list[str], label int).
+
+        Raises BadRecord (naming file and row) for an unreadable image or malformed fields.
+        """
         part = int(np.searchsorted(self.offsets, row, side="right")) - 1
-        rec = self.parts[part][int(row - self.offsets[part])]
-        image = images.load_image(rec["image"], self.base_dirs[part], self.image_size, self.channels)
-        caps = [rec["caption"]] if isinstance(rec["caption"], str) else list(rec["caption"])
+        index = int(row - self.offsets[part])
+        try:
+            return self._parse(self.parts[part][index], self.base_dirs[part])
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise BadRecord(f"{self.files[part]} record {index}: {type(e).__name__}: {e}") from e
+
+    def _parse(self, rec, base_dir):
+        if rec["image"] is None:
+            raise ValueError("no image")
+        raw = rec["caption"]
+        caps = [raw] if isinstance(raw, str) else list(raw or [])
+        if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+            raise ValueError(f"caption {raw!r} is not a non-empty string or list of them")
+        if max(len(c) for c in caps) > self.max_chars:
+            raise ValueError(f"a caption is over data.max_text_chars={self.max_chars}")
         langs = rec.get("lang")
         if langs is None:
             langs = [captions.detect_lang(c) for c in caps]
         elif isinstance(langs, str):
             langs = [langs] * len(caps)
+        if len(langs) != len(caps) or not set(langs) <= set(captions.LANGS):
+            raise ValueError(f"lang {rec.get('lang')!r} does not match the captions")
+        image = images.load_image(rec["image"], base_dir, self.image_size, self.channels)
         label = rec.get("label")
         return image, caps, list(langs), -1 if label is None else int(label)

@@ -13,9 +13,9 @@ from m6jax import flops, sharding
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
 from m6jax.model import M6
-from m6jax.train import evaluation, moe_metrics, optim
+from m6jax.train import evaluation, moe_metrics, optim, resume
 from m6jax.train.metrics import MetricsWriter, Progress
-from m6jax.train.state import create_train_state, dummy_batch
+from m6jax.train.state import dummy_batch
 from m6jax.train.step import make_eval_step, make_train_step
 
 
@@ -25,7 +25,12 @@ def build_model(config, deterministic: bool = True) -> M6:
 
 
 def train(config, workdir: str) -> dict:
-    """Runs `config.total_steps` steps, writes metrics and `workdir/summary.json`."""
+    """Runs `config.total_steps` steps, writes metrics and `workdir/summary.json`.
+
+    Resumes from the newest checkpoint in `workdir/checkpoints` if there is one. Raises
+    `resume.Preempted` after checkpointing on SIGTERM, `resume.NonFiniteLoss` under
+    nonfinite_policy='stop'.
+    """
     t_start = time.time()
     devices = jax.devices()
     # ---- Refuse bad configs before anything is built or compiled.
@@ -42,13 +47,15 @@ def train(config, workdir: str) -> dict:
                     workdir=workdir)
     tasks = list(pipe.task_names)
 
-    # ---- Model, optimizer, sharded state, compiled steps.
+    # ---- Model, optimizer, sharded state (restored if workdir has a checkpoint), steps.
     model = build_model(config)
     train_model = build_model(config, deterministic=config.model.dropout_rate == 0.0)
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     tx = optim.make_optimizer(config.optimizer, config.total_steps)
     example = dummy_batch(config.batch_size, pipe.num_patches, pipe.patch_dim, pipe.text_len)
-    state, state_sh = create_train_state(train_model, tx, example, mesh, config.seed)
+    run_ckpt = resume.RunCheckpoints(workdir, config)
+    state, state_sh, start = run_ckpt.initial_state(train_model, tx, example, mesh)
+    pipe.restore_counters(run_ckpt.meta.get("counters", {}))
     num_params = flops.count_params(state.params)
     logging.info("model: %s parameters, %.1f MB per device (params + optimizer)",
                  f"{num_params:,}", sharding.per_device_bytes(state) / 2**20)
@@ -64,18 +71,21 @@ def train(config, workdir: str) -> dict:
     logging.info("peak %.1f TFLOP/s (%s); %.2f GFLOP per step", peak / 1e12, peak_src,
                  step_flops / 1e9)
 
-    writer = MetricsWriter(workdir, enabled=main)
-    initial_eval = evaluator.losses(state.params)
-    writer.write(0, initial_eval, jsonl=False)
-    logging.info("initial eval loss %.4f", initial_eval["eval_loss"])
+    writer = MetricsWriter(workdir, enabled=main, resume_step=start)
+    initial_eval = run_ckpt.meta.get("initial_eval") or evaluator.losses(state.params)
+    if not start:
+        writer.write(0, initial_eval, jsonl=False)
+    logging.info("initial eval loss %.4f%s", initial_eval["eval_loss"],
+                 f"; resuming at step {start}" if start else "")
 
     # ---- Train.
-    progress = Progress(config.total_steps)
+    progress = Progress(config.total_steps, start)
     timed_steps, timed_s = 0, 0.0
-    t_mark, steps_at_mark = None, 0
-    with jax.set_mesh(mesh):
-        for step in range(config.total_steps):
-            batch = sharding.global_batch(mesh, pipe.batch(step))
+    t_mark, steps_at_mark = None, start
+    m = None
+    with jax.set_mesh(mesh), writer.closed_on_error():
+        for step in range(start, config.total_steps):
+            batch = sharding.global_batch(mesh, resume.apply_test_hooks(step + 1, pipe.batch(step)))
             state, metrics = train_step(state, batch)
             done = step + 1
             if t_mark is None:  # the first step includes compilation: time from its end
@@ -94,6 +104,7 @@ def train(config, workdir: str) -> dict:
                 scalars = _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak)
                 scalars.update(moe_metrics.scalars(m))
                 moe_metrics.write_histograms(writer, done, m)
+                scalars["bad_records"] = pipe.counters()["bad_records"]
                 writer.write(done, scalars)
                 if main:
                     print(progress.line(done, scalars, tasks), flush=True)
@@ -102,13 +113,20 @@ def train(config, workdir: str) -> dict:
                 writer.write(done, ev, jsonl=False)
                 logging.info("step %d eval loss %.4f", done, ev["eval_loss"])
                 t_mark = time.time()  # do not charge eval time to training steps
+            # Last in the step, so a checkpoint of step `done` follows its metrics line.
+            run_ckpt.after_step(done, state, metrics,
+                                dict(initial_eval=initial_eval, counters=pipe.counters()))
+
+    run_ckpt.close()
 
     # ---- Final evaluation and summary.
     final_eval = evaluator.losses(state.params)
     captions = evaluator.caption_accuracy(state.params)
-    step_s = timed_s / max(timed_steps, 1)
+    # nan when no step ran here (rerun of a finished run): nothing was timed.
+    step_s = timed_s / timed_steps if timed_steps else float("nan")
     summary = dict(
-        total_steps=config.total_steps, final_train_loss=float(m["loss"]),
+        total_steps=config.total_steps,
+        final_train_loss=float(m["loss"]) if m is not None else writer.last("loss"),
         eval_loss=final_eval["eval_loss"], initial_eval_loss=initial_eval["eval_loss"],
         **{k: v for k, v in final_eval.items() if k != "eval_loss"},
         **{k.replace("eval_loss", "initial_eval_loss"): v for k, v in initial_eval.items()
@@ -139,6 +157,7 @@ def train(config, workdir: str) -> dict:
 
 def _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak) -> dict[str, float]:
     scalars = dict(loss=m["loss"], grad_norm=m["grad_norm"], learning_rate=m["learning_rate"],
+                   nonfinite_steps=m["nonfinite_steps"],
                    step_s=step_s, tokens_per_s=step_tokens / step_s,
                    mfu=step_flops / step_s / peak)
     for i, t in enumerate(tasks):

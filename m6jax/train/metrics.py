@@ -1,6 +1,7 @@
 """Metrics out: metrics.jsonl, TensorBoard event files and a progress line with ETA."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,15 +17,24 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (main process only)."""
+    """Writes scalars to `workdir/metrics.jsonl` and TensorBoard (main process only).
 
-    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+    `resume_step` > 0 (a run resumed from the checkpoint of that step) keeps the lines of
+    steps <= resume_step and drops later ones, which the resumed run writes again: the
+    file keeps one line per logged step across restarts.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
+            kept = _lines_up_to(self.path, resume_step) if resume_step else []
             self._jsonl = open(self.path, "w", encoding="utf-8")
+            self._jsonl.writelines(kept)
+            self._jsonl.flush()
             if tensorboard:
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -40,15 +50,47 @@ class MetricsWriter:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, step)
 
+    def last(self, key: str) -> float:
+        """The newest value of `key` in metrics.jsonl (nan if none): for summaries."""
+        if not os.path.exists(self.path):
+            return float("nan")
+        with open(self.path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return next((float(r[key]) for r in reversed(rows) if key in r), float("nan"))
+
     def histogram(self, step: int, name: str, values: np.ndarray):
         if self.enabled and self._tb is not None:
             self._tb.add_histogram(name, np.asarray(values), step)
+
+    @contextlib.contextmanager
+    def closed_on_error(self):
+        """Closes (flushes) the writer if the block raises, e.g. on preemption."""
+        try:
+            yield
+        except BaseException:
+            self.close()
+            raise
 
     def close(self):
         if self.enabled:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _lines_up_to(path: str, step: int) -> list[str]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError):  # a line cut short by a kill: rewritten on resume
+            continue
+    return kept
 
 
 class Progress:

@@ -18,6 +18,7 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
+    nonfinite_steps: jax.Array  # steps whose update was skipped for a non-finite loss/grad
 
 
 def dummy_batch(batch_size: int, num_patches: int, patch_dim: int, text_len: int):
@@ -40,7 +41,8 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, 
         params = model.init(init_rng, example_batch)["params"]
         # optax states mirror the params tree, so they inherit its logical-axis boxes.
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+                          opt_state=tx.init(params), rng=jax.random.key_data(state_rng),
+                          nonfinite_steps=jnp.zeros((), jnp.int32))
     return init
 
 
@@ -62,3 +64,16 @@ def create_train_state(model, tx, example_batch, mesh, seed: int):
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         state = jax.jit(unboxed_init, out_shardings=shardings)()
     return state, shardings
+
+
+def abstract_train_state(model, tx, example_batch, mesh, seed: int = 0):
+    """ShapeDtypeStructs of the TrainState carrying this mesh's shardings: a restore target.
+
+    Restoring into it places every array straight into the new layout, so a checkpoint
+    saved on one mesh loads onto any other without materialising a fresh init first.
+    """
+    shardings = state_shardings(model, tx, example_batch, mesh, seed)
+    with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        shapes = jax.eval_shape(lambda: nn.meta.unbox(_init_fn(model, tx, example_batch, seed)()))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, shardings), shardings

@@ -36,11 +36,17 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
         (_, (loss, aux, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss, grad_norm=optax.tree.norm(grads), **aux, **moe_aux)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # a NaN/inf gradient => norm
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        nonfinite_steps = state.nonfinite_steps + (~finite).astype(jnp.int32)
+        metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite,
+                       nonfinite_steps=nonfinite_steps, **aux, **moe_aux)
         if lr_schedule is not None:
             metrics["learning_rate"] = lr_schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  rng=jax.random.key_data(rng))
+                                  rng=jax.random.key_data(rng), nonfinite_steps=nonfinite_steps)
         return new_state, metrics
 
     batch_sh = sharding.batch_sharding(mesh)

@@ -1,0 +1,106 @@
+"""The loop's side of fault tolerance: where the state comes from and when it is saved.
+
+`RunCheckpoints.initial_state` restores the newest checkpoint of the workdir (onto the
+current mesh), or initialises fresh, optionally taking params from `init_from`.
+`RunCheckpoints.after_step` saves by policy, stops on preemption after saving, and applies
+`nonfinite_policy`. The loop calls these two plus `close`; nothing else about
+checkpoints lives in the loop.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from m6jax import checkpoint
+from m6jax.train.state import abstract_train_state, create_train_state
+
+# Test hooks, not features (tests/test_checkpoint.py drives the real entry point):
+# comma-separated 1-based steps whose batch gets a NaN loss mask, so the loss and every
+# gradient are NaN there (exercises `nonfinite_policy` end to end) ...
+NAN_STEPS_ENV = "M6JAX_TEST_NAN_STEPS"
+# ... and seconds to sleep before each step, so a test can kill a tiny run mid-way.
+STEP_DELAY_ENV = "M6JAX_TEST_STEP_DELAY_S"
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint of the step at which SIGTERM / preemption arrived."""
+
+
+class NonFiniteLoss(Exception):
+    """Raised under nonfinite_policy='stop'; the bad state was never saved."""
+
+
+def apply_test_hooks(step: int, batch: dict) -> dict:
+    """The batch of 1-based `step`, NaN-poisoned if listed in $M6JAX_TEST_NAN_STEPS."""
+    if os.environ.get(STEP_DELAY_ENV):
+        time.sleep(float(os.environ[STEP_DELAY_ENV]))
+    steps = os.environ.get(NAN_STEPS_ENV, "")
+    if steps and step in {int(s) for s in steps.split(",")}:
+        logging.warning("test hook %s: poisoning the batch of step %d with NaN",
+                        NAN_STEPS_ENV, step)
+        batch = dict(batch, loss_mask=batch["loss_mask"] * np.float32("nan"))
+    return batch
+
+
+class RunCheckpoints:
+    """Checkpointing, preemption and the non-finite policy for one run of the loop."""
+
+    def __init__(self, workdir: str, config):
+        self.config = config
+        self.ckpt = checkpoint.Checkpointer(workdir, config)
+        self.watch = checkpoint.PreemptionWatch()
+        self.meta: dict = {}  # of the restored checkpoint; {} on a fresh start
+        self._config_json = checkpoint.config_json(config)  # once: meta is built every step
+
+    def initial_state(self, model, tx, example_batch, mesh):
+        """(state, state_shardings, start_step): restored, or fresh (+ init_from params)."""
+        seed = self.config.seed
+        abstract, shardings = abstract_train_state(model, tx, example_batch, mesh, seed)
+        restored = self.ckpt.restore_latest(abstract)
+        if restored is not None:
+            state, self.meta = restored
+            start = int(self.meta["data"]["step"])
+            if start != int(jax.device_get(state.step)):
+                raise ValueError(f"checkpoint in {self.ckpt.directory}: data position {start} "
+                                 f"differs from state.step {int(state.step)}")
+            return state, shardings, start
+        state, shardings = create_train_state(model, tx, example_batch, mesh, seed)
+        if self.config.init_from:
+            params = checkpoint.load_params(self.config.init_from, abstract.params)
+            state = state.replace(params=params)
+        return state, shardings, 0
+
+    def after_step(self, done: int, state, metrics, extra_meta: dict) -> None:
+        """Called after step `done` (1-based); `extra_meta` (JSON) is saved with the state.
+
+        The loop passes `initial_eval` and the pipeline's `counters` there; this adds
+        the data position, the training stage and the config.
+        """
+        if self.config.nonfinite_policy == "stop" and not bool(jax.device_get(metrics["finite"])):
+            # One scalar sync per step, paid only under 'stop': the message names the step.
+            self.ckpt.wait()  # let earlier, good saves finish; this state is not saved
+            raise NonFiniteLoss(
+                f"non-finite loss or gradients at step {done} (loss "
+                f"{float(jax.device_get(metrics['loss']))}); stopping as nonfinite_policy="
+                f"'stop' says. Last good checkpoint: step {self.ckpt.latest_step()} in "
+                f"{self.ckpt.directory}. Use nonfinite_policy='skip' to pass over bad steps.")
+        last = done == self.config.total_steps
+        preempted = self.watch.should_stop(done)
+        force = (last or preempted) and self.ckpt.latest_step() != done
+        meta = dict(extra_meta, data={"step": done}, stage=checkpoint.STAGE_REAL,
+                    config=self._config_json)
+        self.ckpt.save(done, state, meta, force=force)
+        if preempted:
+            self.ckpt.wait()
+            raise Preempted(f"preempted: saved the checkpoint of step {done} in "
+                            f"{self.ckpt.directory}; rerun the same command to resume")
+
+    def close(self):
+        self.ckpt.wait()
+        self.ckpt.close()
+        self.watch.close()
+
