@@ -32,17 +32,23 @@ flags.DEFINE_string("json", "", "write the results here")
 FLAGS = flags.FLAGS
 
 
-def _time(f, *args) -> float:
+def _time_pair(a, b) -> tuple[float, float]:
+    """Median ms of two (jitted fn, args) pairs, timed alternately call by call.
+
+    Alternating makes both medians see the same background load, so their ratio holds
+    on a shared machine even when absolute timings drift.
+    """
     import jax
-    for _ in range(2):
-        jax.block_until_ready(f(*args))
-    ts = []
+    for f, args in (a, b):
+        for _ in range(2):
+            jax.block_until_ready(f(*args))
+    ts = ([], [])
     for _ in range(FLAGS.iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return 1000 * ts[len(ts) // 2]
+        for i, (f, args) in enumerate((a, b)):
+            t = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            ts[i].append(time.perf_counter() - t)
+    return tuple(1000 * sorted(t)[len(t) // 2] for t in ts)
 
 
 def main(_):
@@ -60,7 +66,7 @@ def main(_):
     ids = jnp.asarray(rng.integers(0, 8000, size=(g, s)), jnp.int32)
     modality = jnp.asarray(np.arange(s)[None, :].repeat(g, 0) >= s // 4, jnp.int32)
 
-    def timed(module, *extra):
+    def compiled(module, *extra):
         params = jax.tree.map(lambda b: getattr(b, "value", b),
                               module.init(jax.random.key(0), x, *extra)["params"],
                               is_leaf=lambda b: hasattr(b, "value"))
@@ -69,16 +75,16 @@ def main(_):
             out = module.apply({"params": p}, xx, *extra)
             y = out[0] if isinstance(out, tuple) else out
             return jnp.sum(y.astype(jnp.float32) ** 2)
-        return _time(jax.jit(jax.grad(loss, argnums=(0, 1))), params, x)
+        return jax.jit(jax.grad(loss, argnums=(0, 1))), (params, x)
 
-    dense_ms = {}
+    dense = {}
     rows = []
     print(f"{jax.devices()[0].platform}: {g}x{s} tokens, D={d}, M={m}, "
           f"capacity factor {FLAGS.capacity_factor}")
     for spec in FLAGS.routers:
         router, k = spec.split(":")[0], int(spec.split(":")[1])
-        if k not in dense_ms:
-            dense_ms[k] = timed(Mlp(k * m, "gelu"))
+        if k not in dense:  # a dense MLP k times wider: the same activated FLOPs
+            dense[k] = compiled(Mlp(k * m, "gelu"))
         for e in map(int, FLAGS.experts):
             for dispatch in FLAGS.dispatches:
                 cfg = ml_collections.ConfigDict(dict(
@@ -86,10 +92,11 @@ def main(_):
                     capacity_factor=FLAGS.capacity_factor,
                     eval_capacity_factor=FLAGS.capacity_factor, aux_loss_weight=0.01,
                     z_loss_weight=1e-3, jitter=0.0, dispatch=dispatch))
-                moe_ms = timed(MoeMlp(cfg, m, "gelu"), ids, modality)
+                moe_ms, dense_ms = _time_pair(compiled(MoeMlp(cfg, m, "gelu"), ids, modality),
+                                              dense[k])
                 row = dict(router=router, k=k, num_experts=e, dispatch=dispatch,
-                           moe_ms=round(moe_ms, 3), dense_ms=round(dense_ms[k], 3),
-                           ratio=round(moe_ms / dense_ms[k], 3))
+                           moe_ms=round(moe_ms, 3), dense_ms=round(dense_ms, 3),
+                           ratio=round(moe_ms / dense_ms, 3))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if FLAGS.json:
