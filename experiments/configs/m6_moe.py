@@ -18,8 +18,9 @@ model.moe fields:
   aux_loss_weight       Switch load-balancing loss weight (0 allowed)
   z_loss_weight         router z-loss weight (0 allowed)
   jitter                multiplicative router-input noise in [1-j, 1+j] while training
-  dispatch              einsum (one-hot matmuls; default: fastest on this CPU, see
-                        benchmarks/moe_layer.py) | gather (index gathers) | dropless
+  dispatch              gather (index gathers; default: fastest on this CPU for every
+                        router and E in {8, 32}, see BENCHMARKS.md) | einsum (one-hot
+                        matmuls) | dropless
 """
 import os
 import sys
@@ -38,7 +39,7 @@ def moe_section(**overrides) -> ml_collections.ConfigDict:
     s = ml_collections.ConfigDict(dict(
         num_experts=8, router="topk", k=1, every=2, capacity_factor=1.25,
         eval_capacity_factor=2.0, aux_loss_weight=0.01, z_loss_weight=1e-3, jitter=0.0,
-        dispatch="einsum"))
+        dispatch="gather"))
     s.update(overrides)
     return s
 
