@@ -137,7 +137,7 @@ def train(config, workdir: str) -> dict:
         tokens_per_s=step_tokens / step_s, step_ms=1000 * step_s,
         mfu=step_flops / step_s / peak, peak_flops=peak, peak_flops_source=peak_src,
         num_params=num_params, num_devices=len(devices), mesh=dict(mesh.shape),
-        wall_s=time.time() - t_start, **moe_metrics.summary(m))
+        wall_s=time.time() - t_start, **moe_metrics.summary(m, writer.last))
     writer.write(config.total_steps, {k: summary[k] for k in
                                       ("eval_loss", "caption_accuracy")}, jsonl=False)
     writer.close()

@@ -49,9 +49,16 @@ def write_histograms(writer, step: int, metrics):
             writer.histogram(step, f"{PREFIX}load_over_mean/layer{i}", row * row.shape[0])
 
 
-def summary(metrics) -> dict[str, float]:
-    """The summary.json fields: final values, worst MoE layer."""
+def summary(metrics, last_logged=None) -> dict[str, float]:
+    """The summary.json fields: final values, worst MoE layer.
+
+    `metrics` is the last step's metrics, or None when no step ran in this process (a
+    rerun of a finished run); then `last_logged(key)` reads them from metrics.jsonl.
+    """
+    keys = dict(expert_load_max_over_mean="load_max_over_mean", dropped_fraction="dropped_fraction")
+    if metrics is None:
+        values = {k: last_logged(PREFIX + v) for k, v in keys.items()} if last_logged else {}
+        return {k: v for k, v in values.items() if v == v}  # nan: a dense run logged none
     if PREFIX + "load" not in metrics:
         return {}
-    return dict(expert_load_max_over_mean=float(metrics[PREFIX + "load_max_over_mean"]),
-                dropped_fraction=float(metrics[PREFIX + "dropped_fraction"]))
+    return {k: float(metrics[PREFIX + v]) for k, v in keys.items()}
