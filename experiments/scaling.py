@@ -34,6 +34,8 @@ flags.DEFINE_string("workdir", None, "output directory")
 flags.DEFINE_integer("steps", 300, "training steps per run (the token budget)")
 flags.DEFINE_list("sizes", list(SIZES), f"sizes to run, from {', '.join(SIZES)}")
 flags.DEFINE_list("families", list(FAMILIES), "dense and/or moe")
+flags.DEFINE_bool("replot", False, "Only redraw scaling.png/.md from DIR/scaling.csv (e.g. "
+                  "after an interrupted sweep: the csv is rewritten after every run).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
 
@@ -70,6 +72,9 @@ def main(argv):
         if bad:
             sys.exit(f"flag error: --{name} has {bad}; use values from {', '.join(allowed)}")
     os.makedirs(FLAGS.workdir, exist_ok=True)
+    if FLAGS.replot:
+        _plot(_read())
+        return
     rows = []
     for family in FLAGS.families:
         for size in FLAGS.sizes:
@@ -96,6 +101,16 @@ def _write(rows):
         w = csv.DictWriter(f, COLUMNS)
         w.writeheader()
         w.writerows(rows)
+
+
+def _read():
+    with open(os.path.join(FLAGS.workdir, "scaling.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in COLUMNS[2:]:
+            r[k] = float(r[k]) if k in ("train_flops", "eval_loss", "final_train_loss",
+                                        "step_ms", "wall_s") else int(r[k])
+    return rows
 
 
 def _plot(rows):
@@ -129,7 +144,7 @@ def _plot(rows):
         ax.set_xlabel(xl)
         ax.set_ylabel("final held-out loss")
         ax.legend(fontsize=8)
-    fig.suptitle(f"M6 dense vs MoE, {FLAGS.steps} steps, same tokens")
+    fig.suptitle(f"M6 dense vs MoE: {rows[0]['tokens']:,} training tokens per run")
     fig.tight_layout()
     fig.savefig(os.path.join(FLAGS.workdir, "scaling.png"), dpi=120)
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
