@@ -14,9 +14,18 @@ KNOWN_PEAK_TFLOPS = {
 }
 
 
-def matmul_params_per_layer(model_cfg) -> int:
+def matmul_params_per_layer(model_cfg) -> float:
+    """Matmul parameters one token meets per layer, averaged over the stack.
+
+    An MoE layer counts what a token activates: its k chosen experts' MLPs plus the
+    router, not all E experts (model FLOPs, the MFU numerator, are activated FLOPs).
+    """
     d, f = model_cfg.emb_dim, model_cfg.mlp_dim
-    return 4 * d * d + 2 * d * f
+    moe = model_cfg.get("moe")
+    if not moe or not moe.num_experts:
+        return 4 * d * d + 2 * d * f
+    moe_mlp = moe.k * 2 * d * f + d * moe.num_experts
+    return 4 * d * d + ((moe.every - 1) * 2 * d * f + moe_mlp) / moe.every
 
 
 def train_flops_per_sequence(model_cfg, num_patches: int, patch_dim: int, text_len: int) -> float:

@@ -78,18 +78,10 @@ def param_counts(config, abstract) -> dict[str, int]:
 
 
 def train_flops_per_token(config) -> float:
-    """Model FLOPs (forward + backward) per sequence position, MoE layers at k experts."""
+    """Model FLOPs (forward + backward) per sequence position; MoE layers count the k
+    experts a token activates plus the router (flops.matmul_params_per_layer)."""
     p, pd, t = sequence_shape(config)
-    m = config.model
-    per_seq = flops.train_flops_per_sequence(m, p, pd, t)
-    moe = moe_config(m)
-    if moe is not None:
-        k = int(moe.k) if moe.router in ("topk", "prototype") else 1
-        n_moe = m.num_layers // int(moe.every)
-        # Each MoE layer runs k expert MLPs instead of one, plus the router matmul.
-        per_seq += 6.0 * (p + t) * n_moe * ((k - 1) * 2 * m.emb_dim * m.mlp_dim
-                                            + m.emb_dim * int(moe.num_experts))
-    return per_seq / (p + t)
+    return flops.train_flops_per_sequence(config.model, p, pd, t) / (p + t)
 
 
 def _sharded_bytes(abstract_tree, mesh) -> int:
@@ -146,7 +138,7 @@ def activation_bytes(config, mesh_shape) -> int:
     # float32 gradient: both exist whole (over fsdp) while that layer runs.
     gathered = 0.0
     if sizes["fsdp"] > 1:
-        gathered = flops.matmul_params_per_layer(m) / tp * (c + 4)
+        gathered = (4 * d * d + 2 * d * m.mlp_dim) / tp * (c + 4)
     return int(b * (m.num_layers * saved + 2 * everything + logits) + gathered)
 
 
