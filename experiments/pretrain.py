@@ -3,6 +3,10 @@ r"""M6 pretraining entry point.
   python experiments/pretrain.py --config=experiments/configs/m6.py:tiny --workdir=/tmp/m6
   python experiments/pretrain.py --config=experiments/configs/m6.py:tiny \
       --config.total_steps=100 --config.mesh.data=2 --workdir=/tmp/m6_short
+
+Several processes (hosts) form one mesh with `--distributed` (JAX detects SLURM, TPU
+pods, Kubernetes) or with all of --coordinator_address/--num_processes/--process_id
+(what launch/local.py passes); see launch/ and the README's "Multi-host launch".
 """
 import os
 import sys
@@ -19,11 +23,31 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, tokenizer, summary.")
 flags.mark_flags_as_required(["workdir"])
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with cluster auto-detection "
+    "(SLURM, TPU pod, Kubernetes) before anything else.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator (multi-process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+
+
+def _maybe_initialize_distributed():
+    """jax.distributed must start before any other JAX call in the process."""
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if not _DISTRIBUTED.value and all(v is None for v in explicit):
+        return
+    from m6jax import distributed
+    try:
+        distributed.initialize(*explicit)
+    except ValueError as e:
+        sys.exit(f"flag error: {e}")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _maybe_initialize_distributed()
     import jax  # imported after flag parsing, so XLA flags from the caller apply
 
     from m6jax.config_checks import validate_config

@@ -1,9 +1,11 @@
 """Host-local batches for M6 pretraining; data order is a pure function of the step.
 
-`Pipeline.batch(step)` draws every random choice (task, example, caption template,
-crop, denoising noise) from a Generator seeded with (seed, step, process_index), so
-resuming at step k gives bitwise the same batches with no iterator state to save
-beyond the step. Examples are drawn with replacement from the train split.
+`Pipeline.batch(step)` draws every random choice of example row r of the global batch
+(task, example, caption template, crop, denoising noise) from a Generator seeded with
+(seed, step, r), and process i builds rows [i * B, (i + 1) * B): resuming at step k gives
+bitwise the same batches with no iterator state to save beyond the step, and the global
+batch is the same however many processes build it. Examples are drawn with replacement
+from the train split.
 
 Batch (B = batch_size // process_count, P = num_patches, T = text_len):
   patches         float32 [B, P, patch_size**2 * channels]  row-major patch grid; 0 if no image
@@ -77,10 +79,15 @@ class Pipeline:
     # ---- training batches ------------------------------------------------------------
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        """The host-local batch for `step`; same (seed, step, process_index) => same arrays."""
-        rng = np.random.default_rng([self.seed, step, self.process_index])
-        task_ids = rng.choice(len(TASK_NAMES), size=self.batch_size, p=self.task_probs)
-        examples = [self._train_example(int(t), rng) for t in task_ids]
+        """This host's rows of the global batch for `step` (a pure function of seed, step
+        and the row's global index, so independent of the number of processes)."""
+        first = self.process_index * self.batch_size
+        task_ids, examples = [], []
+        for row in range(first, first + self.batch_size):
+            rng = np.random.default_rng([self.seed, step, row])
+            task = int(rng.choice(len(TASK_NAMES), p=self.task_probs))
+            task_ids.append(task)
+            examples.append(self._train_example(task, rng))
         return self._collate(examples, task_ids)
 
     def iterator(self, step: int = 0) -> "DataIterator":
@@ -157,21 +164,22 @@ class Pipeline:
     def eval_batches(self) -> list[dict[str, np.ndarray]]:
         """Fixed held-out batches: digit captions (zh and en) and corpus text (lm).
 
-        data.eval_examples examples in all, half captions; each host takes every
-        process_count-th one. Every host gets the same number of full batches (so
-        collective ops line up); padding slots repeat real examples with loss_mask 0.
+        data.eval_examples examples in all, half captions, in global batches of
+        batch_size * process_count rows that every host builds whole (the evaluator
+        places each device's rows with `sharding.shard_full_batch`), so the eval loss
+        does not depend on the number of processes; padding slots repeat real examples
+        with loss_mask 0.
         """
         if self._eval_examples is None:
             self._eval_examples = self._build_eval_examples()
-        shard = self._eval_examples[self.process_index::self.process_count]
-        per_host = -(-len(self._eval_examples) // self.process_count)
-        num_batches = -(-per_host // self.batch_size)
-        padded = [shard[i % len(shard)] for i in range(num_batches * self.batch_size)]
+        shard, size = self._eval_examples, self.batch_size * self.process_count
+        num_batches = -(-len(shard) // size)
+        padded = [shard[i % len(shard)] for i in range(num_batches * size)]
         weights = [1.0 if i < len(shard) else 0.0 for i in range(len(padded))]
         out = []
-        for b in range(0, len(padded), self.batch_size):
-            chunk = padded[b:b + self.batch_size]
-            out.append(self._collate([e[1:] for e in chunk], [e[0] for e in chunk], weights[b:b + self.batch_size]))
+        for b in range(0, len(padded), size):
+            chunk = padded[b:b + size]
+            out.append(self._collate([e[1:] for e in chunk], [e[0] for e in chunk], weights[b:b + size]))
         return out
 
     def _build_eval_examples(self):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from m6jax import sharding
+from m6jax import distributed, sharding
 from m6jax.generate import make_greedy_decoder, pad_rows
 
 LANGS = ("en", "zh")
@@ -45,7 +45,7 @@ class Evaluator:
         totals = None
         with jax.set_mesh(self.mesh):
             for b in self.batches:
-                aux = jax.device_get(self.eval_step(params, b))
+                aux = distributed.fetch(self.eval_step(params, b))
                 totals = aux if totals is None else jax.tree.map(np.add, totals, aux)
         out = {"eval_loss": float(totals["loss_sum"] / max(totals["tokens"], 1.0))}
         for i, t in enumerate(self.tasks):
@@ -62,7 +62,7 @@ class Evaluator:
             (p, m, prompt), n = pad_rows([p, m, prompt], self.shards)
             b = sharding.shard_full_batch(self.mesh, dict(p=p, m=m, prompt=prompt))
             with jax.set_mesh(self.mesh):
-                tokens = jax.device_get(self.decode(params, b["p"], b["m"], b["prompt"]))
+                tokens = distributed.fetch(self.decode(params, b["p"], b["m"], b["prompt"]))
             tokens = np.asarray(tokens)
             texts += [self.pipe.tokenizer.decode(row.tolist()) for row in tokens[:n]]
         return texts

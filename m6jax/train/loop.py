@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from m6jax import flops, sharding
+from m6jax import distributed, flops, sharding
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
 from m6jax.model import M6
@@ -41,10 +41,13 @@ def train(config, workdir: str) -> dict:
 
     # ---- Mesh and data.
     mesh = sharding.make_mesh(config.mesh, devices)
-    logging.info("mesh %s over %d %s devices", dict(mesh.shape), len(devices), devices[0].platform)
-    pipe = Pipeline(config.data, seed=config.seed, batch_size=config.batch_size,
-                    process_index=jax.process_index(), process_count=jax.process_count(),
-                    workdir=workdir)
+    logging.info("mesh %s over %d %s devices, %d local to process %d of %d", dict(mesh.shape),
+                 len(devices), devices[0].platform, jax.local_device_count(),
+                 jax.process_index(), jax.process_count())
+    with distributed.main_process_first("data"):  # process 0 writes caches and tokenizer
+        pipe = Pipeline(config.data, seed=config.seed, batch_size=config.batch_size,
+                        process_index=jax.process_index(), process_count=jax.process_count(),
+                        workdir=workdir)
     tasks = list(pipe.task_names)
 
     # ---- Model, optimizer, sharded state (restored if workdir has a checkpoint), steps.
@@ -92,7 +95,7 @@ def train(config, workdir: str) -> dict:
                 jax.block_until_ready(metrics)
                 t_mark, steps_at_mark = time.time(), done
             if done % config.log_every == 0 or done == config.total_steps:
-                m = jax.device_get(metrics)
+                m = distributed.fetch(metrics)
                 now = time.time()
                 if done > steps_at_mark:
                     step_s = (now - t_mark) / (done - steps_at_mark)

@@ -1,0 +1,94 @@
+r"""Dry run: what a config needs per device on its intended grid, before paying for it.
+
+  python experiments/dry_run.py --config=experiments/configs/m6_10b.py
+  python experiments/dry_run.py --config=experiments/configs/m6_t_1t.py --json
+  python experiments/dry_run.py --config=experiments/configs/m6_10b.py --aot
+
+From abstract shapes and the rules table (no allocation, no devices): total and
+activated-per-token parameters, train FLOPs per token, per-device bytes of parameters,
+gradients, AdamW state, host-offloaded state and an activation estimate, and whether
+they fit `hardware.device_memory_gb`. `--aot` also compiles the real train step ahead of
+time for the same mesh shape on fake CPU devices, with the depth cut to `--aot_units`
+scanned units, and prints XLA's memory analysis beside the analytic figures for that
+reduced model (compilation allocates nothing; it takes a minute or more on 2 cores).
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (path.py:variant); paper-scale files default to `paper`.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_AOT = flags.DEFINE_bool("aot", False, "Also compile a reduced-depth train step ahead of "
+                         "time on fake CPU devices and report XLA's memory analysis.")
+_AOT_UNITS = flags.DEFINE_integer("aot_units", 2, "Scanned units (layers, or MoE groups of "
+                                  "`every` layers) of the --aot model.")
+flags.mark_flags_as_required(["config"])
+
+
+def _num_devices(config) -> int:
+    hw = config.get("hardware")
+    if hw is None:
+        sys.exit("config error: the config has no `hardware` section (num_devices, "
+                 "device_kind, device_memory_gb); see experiments/configs/paper_scale.py")
+    return int(hw.num_devices)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    n = _num_devices(config)
+    if _AOT.value:  # fake exactly the planned device count; must precede importing jax
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={n}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from m6jax import plan
+    try:
+        result = plan.plan(config)
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+    if _AOT.value:
+        from m6jax import aot
+        result["aot"] = aot.compare(config, _AOT_UNITS.value)
+    if _JSON.value:
+        print(json.dumps(result, indent=2))
+    else:
+        print(_table(result))
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:8.2f} GiB"
+
+
+def _table(r) -> str:
+    pd = r["per_device_bytes"]
+    lines = [
+        f"config         {r['variant']}  (remat {r['remat_policy']})",
+        f"parameters     {r['total_params']:,} total, {r['activated_params']:,} per token",
+        f"train FLOPs    {r['flops_per_token'] / 1e9:,.2f} GFLOP per token",
+        f"grid           {r['num_devices']} x {r['device_kind']} "
+        f"({r['device_memory_gb']} GiB each), mesh {r['mesh']}",
+        "per device:",
+        *(f"  {k:<12} {_gib(pd[k])}" for k in ("params", "gradients", "optimizer",
+                                                "activations", "host")),
+        f"  {'total':<12} {_gib(r['per_device_total_bytes'])}  -> "
+        f"{'fits' if r['fits'] else 'does NOT fit'}",
+    ]
+    if "aot" in r:
+        a = r["aot"]
+        lines += [f"ahead-of-time compile, {a['num_layers']} layers on the same mesh "
+                  f"({a['compile_s']:.0f} s):",
+                  f"  {'':<12} {'analytic':>12} {'XLA':>12}",
+                  f"  {'state':<12} {_gib(a['analytic_state'])} {_gib(a['xla_arguments'])}",
+                  f"  {'temporaries':<12} {_gib(a['analytic_temp'])} {_gib(a['xla_temp'])}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    app.run(main)
