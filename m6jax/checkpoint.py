@@ -27,7 +27,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-STAGE_REAL = "real"  # the Pseudo-to-Real issue adds "pseudo"; one stage until then
+STAGE_DEFAULT = "real"  # checkpoints written before Pseudo-to-Real have no other stage
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -80,21 +80,26 @@ class Checkpointer:
 
         `abstract_state` is the TrainState of ShapeDtypeStructs with the current mesh's
         shardings (`state.abstract_train_state`): arrays are read straight into that
-        layout, whatever mesh the checkpoint was written on.
+        layout, whatever mesh the checkpoint was written on. It may also be a function
+        of the checkpoint's training stage ("pseudo" or "real", from its meta), since a
+        Pseudo-to-Real run's state has another shape on each side of the switch.
         """
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 saved = ocp.PyTreeCheckpointHandler().metadata(
                     epath.Path(self.directory) / str(step) / "state").tree
+                stage = read_meta(os.path.join(self.directory, str(step))).get(
+                    "stage", STAGE_DEFAULT)
             except Exception as e:  # noqa: BLE001 (no readable metadata: not usable)
                 self._set_aside(step, e)
                 continue
+            target = abstract_state(stage) if callable(abstract_state) else abstract_state
             # A readable checkpoint that does not fit this config is the user's mistake
             # (a changed model in the same workdir), not damage: refuse, move nothing.
-            _check_fits(step, self.directory, saved, abstract_state)
+            _check_fits(step, self.directory, saved, target)
             try:
                 out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
+                    state=ocp.args.StandardRestore(target),
                     meta=ocp.args.JsonRestore()))
             except Exception as e:  # noqa: BLE001 (any read error means: not usable)
                 self._set_aside(step, e)
@@ -141,12 +146,9 @@ def _check_fits(step: int, directory: str, saved, abstract_state) -> None:
             "params with the same model shape")
 
 
-def load_params(path: str, abstract_params):
-    """Params only from a checkpoint (`.../checkpoints/<step>` or `.../checkpoints`).
-
-    For `init_from`: optimizer state, step and RNG of the source run are ignored, so the
-    fine-tuning run may use another optimizer or schedule; shapes must match the model.
-    """
+def step_dir(path: str) -> str:
+    """One checkpoint step directory from a run's workdir, its `checkpoints/` directory
+    (the newest step) or a `checkpoints/<step>` directory."""
     path = os.path.abspath(os.path.expanduser(path))
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
@@ -156,6 +158,22 @@ def load_params(path: str, abstract_params):
             raise ValueError(f"init_from={path!r} holds no checkpoint; give a run's workdir, "
                              "its checkpoints/ directory or one checkpoints/<step> directory")
         path = os.path.join(path, str(steps[-1]))
+    return path
+
+
+def read_meta(path: str) -> dict:
+    """The JSON meta (data position, stage, config, ...) of a checkpoint `step_dir(path)`."""
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
+        return ckptr.restore(os.path.join(step_dir(path), "meta"))
+
+
+def load_params(path: str, abstract_params):
+    """Params only from a checkpoint (`.../checkpoints/<step>` or `.../checkpoints`).
+
+    For `init_from`: optimizer state, step and RNG of the source run are ignored, so the
+    fine-tuning run may use another optimizer or schedule; shapes must match the model.
+    """
+    path = step_dir(path)
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
     with ocp.PyTreeCheckpointer() as ckptr:
         out = ckptr.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(

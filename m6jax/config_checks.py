@@ -60,6 +60,7 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
     if not 0.0 <= o.end_lr_fraction <= 1.0:
         raise ValueError(f"optimizer.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
     _check_checkpointing(config)
+    _check_pseudo_to_real(config)
     return shape
 
 
@@ -121,3 +122,26 @@ def _check_checkpointing(config) -> None:
             os.path.expanduser(config.init_from)):
         raise ValueError(f"init_from={config.init_from!r} does not exist; give a run's workdir, "
                          "its checkpoints/ directory or one checkpoints/<step> directory")
+
+
+def _check_pseudo_to_real(config) -> None:
+    from m6jax import pseudo_to_real as p2r
+    sec = p2r.section(config)
+    s = int(sec.switch_step)
+    if s < 0 or s >= config.total_steps:
+        raise ValueError(f"pseudo_to_real.switch_step={s} must be in [0, total_steps="
+                         f"{config.total_steps}) (0 = never delink)")
+    if s and not config.model.share_layers:
+        raise ValueError(f"pseudo_to_real.switch_step={s} needs model.share_layers=True "
+                         "(the Pseudo stage that shares one block's weights); set it, or "
+                         "pseudo_to_real.switch_step=0 for a plain Real run")
+    if sec.optimizer not in p2r.OPTIMIZER_MODES:
+        raise ValueError(f"pseudo_to_real.optimizer={sec.optimizer!r} is not one of "
+                         f"{', '.join(p2r.OPTIMIZER_MODES)}")
+    if sec.lr_schedule not in p2r.LR_MODES:
+        raise ValueError(f"pseudo_to_real.lr_schedule={sec.lr_schedule!r} is not one of "
+                         f"{', '.join(p2r.LR_MODES)}")
+    w = int(sec.restart_warmup_steps)
+    if s and sec.lr_schedule == "restart" and not 0 <= w < config.total_steps - s:
+        raise ValueError(f"pseudo_to_real.restart_warmup_steps={w} must be in [0, total_steps"
+                         f" - switch_step = {config.total_steps - s})")

@@ -57,7 +57,20 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; parameters are always float32
     c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
     c.model.tie_embeddings = True
-    c.model.share_layers = False
+    c.model.share_layers = False  # True: the Pseudo giant (one block's weights at every layer)
+
+    # Pseudo-to-Real (M6-10T): with model.share_layers=True, delink at switch_step.
+    c.pseudo_to_real = ml_collections.ConfigDict()
+    c.pseudo_to_real.switch_step = 0  # 0 = never (a share_layers run stays Pseudo)
+    c.pseudo_to_real.optimizer = "reinit"  # reinit | copy (shared moments to every layer)
+    c.pseudo_to_real.lr_schedule = "continue"  # continue | restart (warmup + cosine again)
+    c.pseudo_to_real.restart_warmup_steps = 0
+
+    # Host offload of chosen layers' states (pinned host memory, brought in by the step):
+    # "none", "all" or comma-separated layer indices such as "0,1" (or a Python list).
+    c.offload = ml_collections.ConfigDict()
+    c.offload.optimizer_layers = "none"
+    c.offload.param_layers = "none"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 2e-3

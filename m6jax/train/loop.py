@@ -10,18 +10,13 @@ import numpy as np
 from absl import logging
 
 from m6jax import distributed, flops, sharding
+from m6jax import pseudo_to_real as p2r
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
-from m6jax.model import M6
-from m6jax.train import evaluation, moe_metrics, optim, resume
+from m6jax.train import moe_metrics, resume, stages
 from m6jax.train.metrics import MetricsWriter, Progress
+from m6jax.train.stages import build_model  # noqa: F401 (the public place to build an M6)
 from m6jax.train.state import dummy_batch
-from m6jax.train.step import make_eval_step, make_train_step
-
-
-def build_model(config, deterministic: bool = True) -> M6:
-    grid = config.data.image_size // config.data.patch_size
-    return M6(config.model, grid, config.data.text_len, deterministic=deterministic)
 
 
 def train(config, workdir: str) -> dict:
@@ -51,20 +46,18 @@ def train(config, workdir: str) -> dict:
     tasks = list(pipe.task_names)
 
     # ---- Model, optimizer, sharded state (restored if workdir has a checkpoint), steps.
-    model = build_model(config)
-    train_model = build_model(config, deterministic=config.model.dropout_rate == 0.0)
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
-    tx = optim.make_optimizer(config.optimizer, config.total_steps)
+    # A Pseudo-to-Real run has two stages; a checkpoint says which one it was saved in.
     example = dummy_batch(config.batch_size, pipe.num_patches, pipe.patch_dim, pipe.text_len)
     run_ckpt = resume.RunCheckpoints(workdir, config)
-    state, state_sh, start = run_ckpt.initial_state(train_model, tx, example, mesh)
+    state, state_sh, start, stage_name = run_ckpt.initial_stage_state(
+        lambda s: stages.model_and_optimizer(config, s), example, mesh)
     pipe.restore_counters(run_ckpt.meta.get("counters", {}))
+    stage = stages.Stage(config, stage_name, mesh, state_sh, pipe, tasks)
+    if p2r.stage_at(config, start) != stage.name:  # resumed from the switch step's checkpoint
+        state, stage = stage.next_stage(state, example, pipe, tasks)
     num_params = flops.count_params(state.params)
-    logging.info("model: %s parameters, %.1f MB per device (params + optimizer)",
-                 f"{num_params:,}", sharding.per_device_bytes(state) / 2**20)
-    train_step = make_train_step(train_model, tx, mesh, state_sh, len(tasks), schedule)
-    eval_step = make_eval_step(model, mesh, state_sh.params, len(tasks))
-    evaluator = evaluation.Evaluator(pipe, model, mesh, state_sh.params, eval_step, tasks)
+    logging.info("model: %s parameters (%s stage), %.1f MB per device (params + optimizer)",
+                 f"{num_params:,}", stage.name, sharding.per_device_bytes(state) / 2**20)
 
     peak, peak_src = flops.peak_flops_total(config.peak_tflops_per_device, devices)
     seq_flops = flops.train_flops_per_sequence(config.model, pipe.num_patches, pipe.patch_dim,
@@ -75,7 +68,7 @@ def train(config, workdir: str) -> dict:
                  step_flops / 1e9)
 
     writer = MetricsWriter(workdir, enabled=main, resume_step=start)
-    initial_eval = run_ckpt.meta.get("initial_eval") or evaluator.losses(state.params)
+    initial_eval = run_ckpt.meta.get("initial_eval") or stage.evaluator.losses(state.params)
     if not start:
         writer.write(0, initial_eval, jsonl=False)
     logging.info("initial eval loss %.4f%s", initial_eval["eval_loss"],
@@ -85,11 +78,19 @@ def train(config, workdir: str) -> dict:
     progress = Progress(config.total_steps, start)
     timed_steps, timed_s = 0, 0.0
     t_mark, steps_at_mark = None, start
+    # Wall time spent in training steps (compiles and the delinking included, evals not),
+    # carried across restarts: what the Pseudo-to-Real ablation compares.
+    train_s = float(run_ckpt.meta.get("train_s", 0.0))
+    t_train = time.time()
     m = None
     with jax.set_mesh(mesh), writer.closed_on_error():
         for step in range(start, config.total_steps):
+            if p2r.stage_at(config, step) != stage.name:  # the Pseudo-to-Real switch
+                state, stage = stage.next_stage(state, example, pipe, tasks)
+                num_params = flops.count_params(state.params)
+                t_mark = None  # the re-jitted step compiles: time from its end again
             batch = sharding.global_batch(mesh, resume.apply_test_hooks(step + 1, pipe.batch(step)))
-            state, metrics = train_step(state, batch)
+            state, metrics = stage.train_step(state, batch)
             done = step + 1
             if t_mark is None:  # the first step includes compilation: time from its end
                 jax.block_until_ready(metrics)
@@ -105,6 +106,8 @@ def train(config, workdir: str) -> dict:
                 else:
                     step_s = now - progress.t0
                 scalars = _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak)
+                scalars["train_s"] = train_s + time.time() - t_train
+                scalars["pseudo_stage"] = float(stage.name == p2r.STAGE_PSEUDO)
                 scalars.update(moe_metrics.scalars(m))
                 moe_metrics.write_histograms(writer, done, m)
                 scalars["bad_records"] = pipe.counters()["bad_records"]
@@ -112,19 +115,23 @@ def train(config, workdir: str) -> dict:
                 if main:
                     print(progress.line(done, scalars, tasks), flush=True)
             if done % config.eval_every == 0 and done != config.total_steps:
-                ev = evaluator.losses(state.params)
+                t_eval = time.time()
+                ev = stage.evaluator.losses(state.params)
                 writer.write(done, ev, jsonl=False)
                 logging.info("step %d eval loss %.4f", done, ev["eval_loss"])
                 t_mark = time.time()  # do not charge eval time to training steps
+                t_train += t_mark - t_eval
             # Last in the step, so a checkpoint of step `done` follows its metrics line.
             run_ckpt.after_step(done, state, metrics,
-                                dict(initial_eval=initial_eval, counters=pipe.counters()))
+                                dict(initial_eval=initial_eval, counters=pipe.counters(),
+                                     train_s=train_s + time.time() - t_train), stage.name)
 
     run_ckpt.close()
 
     # ---- Final evaluation and summary.
-    final_eval = evaluator.losses(state.params)
-    captions = evaluator.caption_accuracy(state.params)
+    train_s += time.time() - t_train
+    final_eval = stage.evaluator.losses(state.params)
+    captions = stage.evaluator.caption_accuracy(state.params)
     # nan when no step ran here (rerun of a finished run): nothing was timed.
     step_s = timed_s / timed_steps if timed_steps else float("nan")
     summary = dict(
@@ -140,6 +147,7 @@ def train(config, workdir: str) -> dict:
         tokens_per_s=step_tokens / step_s, step_ms=1000 * step_s,
         mfu=step_flops / step_s / peak, peak_flops=peak, peak_flops_source=peak_src,
         num_params=num_params, num_devices=len(devices), mesh=dict(mesh.shape),
+        stage=stage.name, pseudo_to_real_switch_step=p2r.switch_step(config), train_s=train_s,
         wall_s=time.time() - t_start, **moe_metrics.summary(m, writer.last))
     writer.write(config.total_steps, {k: summary[k] for k in
                                       ("eval_loss", "caption_accuracy")}, jsonl=False)

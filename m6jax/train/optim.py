@@ -11,10 +11,18 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
         end_value=opt_cfg.learning_rate * opt_cfg.end_lr_fraction)
 
 
+_NO_DECAY = ("scale", "bias")
+
+
 def _decay_mask(params):
-    # Weight decay on matrices only: norms, biases and the 1-D tables are left alone.
+    # Weight decay on weight matrices and embedding tables, not on norm scales or biases.
+    # By name, not by rank: a scanned stack gives a norm scale a `layers` dimension, and
+    # the Pseudo and Real models of Pseudo-to-Real must decay the same leaves.
     import jax
-    return jax.tree.map(lambda p: p.ndim >= 2 and p.shape[-1] > 2, params)
+    def decays(path, _):  # the innermost dict key is the parameter's name (boxes add more)
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return not names or names[-1] not in _NO_DECAY
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:

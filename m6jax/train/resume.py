@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from m6jax import checkpoint
+from m6jax import pseudo_to_real as p2r
 from m6jax.train.state import abstract_train_state, create_train_state
 
 # Test hooks, not features (tests/test_checkpoint.py drives the real entry point):
@@ -57,24 +58,57 @@ class RunCheckpoints:
         self._config_json = checkpoint.config_json(config)  # once: meta is built every step
 
     def initial_state(self, model, tx, example_batch, mesh):
-        """(state, state_shardings, start_step): restored, or fresh (+ init_from params)."""
+        """(state, state_shardings, start_step) of a one-stage run: restored, or fresh
+        (+ init_from params)."""
+        state, shardings, start, _ = self.initial_stage_state(
+            lambda stage: (model, tx), example_batch, mesh)
+        return state, shardings, start
+
+    def initial_stage_state(self, model_and_optimizer, example_batch, mesh):
+        """(state, state_shardings, start_step, stage): restored, or fresh (+ init_from).
+
+        `model_and_optimizer(stage)` gives the (model, optax transform) of a training
+        stage ("pseudo" or "real"); a restored state has the stage saved with it, which
+        may be behind the config's stage at that step (the caller delinks then).
+        """
         seed = self.config.seed
-        abstract, shardings = abstract_train_state(model, tx, example_batch, mesh, seed)
-        restored = self.ckpt.restore_latest(abstract)
+
+        def abstract(stage):
+            return abstract_train_state(*model_and_optimizer(stage), example_batch, mesh, seed)
+
+        restored = self.ckpt.restore_latest(lambda stage: abstract(stage)[0])
         if restored is not None:
             state, self.meta = restored
+            stage = self.meta.get("stage", checkpoint.STAGE_DEFAULT)
             start = int(self.meta["data"]["step"])
             if start != int(jax.device_get(state.step)):
                 raise ValueError(f"checkpoint in {self.ckpt.directory}: data position {start} "
                                  f"differs from state.step {int(state.step)}")
-            return state, shardings, start
-        state, shardings = create_train_state(model, tx, example_batch, mesh, seed)
+            return state, abstract(stage)[1], start, stage
+        stage = p2r.stage_at(self.config, 0)
+        state, shardings = create_train_state(*model_and_optimizer(stage), example_batch,
+                                              mesh, seed)
         if self.config.init_from:
-            params = checkpoint.load_params(self.config.init_from, abstract.params)
-            state = state.replace(params=params)
-        return state, shardings, 0
+            state = state.replace(params=self._init_params(stage, abstract, shardings))
+        return state, shardings, 0, stage
 
-    def after_step(self, done: int, state, metrics, extra_meta: dict) -> None:
+    def _init_params(self, stage, abstract, shardings):
+        """Params of `init_from`; a Pseudo checkpoint is delinked into a Real model."""
+        src = checkpoint.read_meta(self.config.init_from).get("stage", checkpoint.STAGE_DEFAULT)
+        if src == stage:
+            return checkpoint.load_params(self.config.init_from, abstract(stage)[0].params)
+        if src == p2r.STAGE_PSEUDO and stage == p2r.STAGE_REAL:
+            shared = checkpoint.load_params(self.config.init_from,
+                                            abstract(p2r.STAGE_PSEUDO)[0].params)
+            logging.info("init_from: delinking the Pseudo (shared-layer) params of %s",
+                         self.config.init_from)
+            return p2r.delink_params(shared, abstract(stage)[0].params, shardings.params)
+        raise ValueError(f"init_from={self.config.init_from!r} is a Real (per-layer) "
+                         "checkpoint and this run starts Pseudo (model.share_layers=True): "
+                         "layers cannot be re-shared; set model.share_layers=False")
+
+    def after_step(self, done: int, state, metrics, extra_meta: dict,
+                   stage: str = checkpoint.STAGE_DEFAULT) -> None:
         """Called after step `done` (1-based); `extra_meta` (JSON) is saved with the state.
 
         The loop passes `initial_eval` and the pipeline's `counters` there; this adds
@@ -91,7 +125,7 @@ class RunCheckpoints:
         last = done == self.config.total_steps
         preempted = self.watch.should_stop(done)
         force = (last or preempted) and self.ckpt.latest_step() != done
-        meta = dict(extra_meta, data={"step": done}, stage=checkpoint.STAGE_REAL,
+        meta = dict(extra_meta, data={"step": done}, stage=stage,
                     config=self._config_json)
         self.ckpt.save(done, state, meta, force=force)
         if preempted:

@@ -1,0 +1,62 @@
+"""What the loop builds for one training stage: model, optimizer, shardings, jitted steps.
+
+A plain run has one stage ("real"). A Pseudo-to-Real run (`m6jax.pseudo_to_real`) has
+two, and the loop swaps one `Stage` for the next at the switch step: the state is
+delinked and re-sharded, and the steps are re-jitted for the Real model.
+"""
+from __future__ import annotations
+
+import jax
+from absl import logging
+
+from m6jax import pseudo_to_real as p2r
+from m6jax import sharding
+from m6jax.model import M6
+from m6jax.train import evaluation
+from m6jax.train.state import abstract_train_state
+from m6jax.train.step import make_eval_step, make_train_step
+
+
+def build_model(config, deterministic: bool = True) -> M6:
+    grid = config.data.image_size // config.data.patch_size
+    return M6(config.model, grid, config.data.text_len, deterministic=deterministic)
+
+
+def model_and_optimizer(config, stage: str):
+    """(training-mode model, optax transform) of `stage`: what the TrainState is made of."""
+    c = p2r.stage_config(config, stage)
+    return build_model(c, deterministic=c.model.dropout_rate == 0.0), p2r.stage_optimizer(config, stage)[0]
+
+
+class Stage:
+    """The jitted train/eval steps and the evaluator of one stage, for `state_shardings`."""
+
+    def __init__(self, config, stage: str, mesh, state_shardings, pipe, tasks):
+        self.name, self.config, self.mesh = stage, config, mesh
+        self.stage_config = p2r.stage_config(config, stage)
+        self.model = build_model(self.stage_config)
+        self.train_model, self.tx = model_and_optimizer(config, stage)
+        self.schedule = p2r.stage_optimizer(config, stage)[1]
+        self.state_shardings = state_shardings
+        self.train_step = make_train_step(self.train_model, self.tx, mesh, state_shardings,
+                                          len(tasks), self.schedule)
+        eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks))
+        self.evaluator = evaluation.Evaluator(pipe, self.model, mesh, state_shardings.params,
+                                              eval_step, tasks)
+
+    def next_stage(self, state, example_batch, pipe, tasks):
+        """(Real state, Real Stage) continuing this Pseudo stage's `state`."""
+        real_model, real_tx = model_and_optimizer(self.config, p2r.STAGE_REAL)
+        abstract, shardings = abstract_train_state(real_model, real_tx, example_batch,
+                                                   self.mesh, self.config.seed)
+        with jax.set_mesh(self.mesh):
+            real_state = p2r.delink_state(state, self.config, real_tx, abstract, shardings)
+        logging.info("pseudo-to-real: delinked at step %d (optimizer %s, lr schedule %s); "
+                     "%s -> %s parameters", int(jax.device_get(state.step)),
+                     p2r.section(self.config).optimizer, p2r.section(self.config).lr_schedule,
+                     f"{_count(state.params):,}", f"{_count(real_state.params):,}")
+        return real_state, Stage(self.config, p2r.STAGE_REAL, self.mesh, shardings, pipe, tasks)
+
+
+def _count(params) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))

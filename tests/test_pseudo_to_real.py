@@ -1,0 +1,148 @@
+"""Pseudo-to-Real: shared-layer (Pseudo) model, delinking into the Real model, the optimizer
+state across the switch, and config checks. Resume across the switch: test_p2r_resume.py."""
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs.m6_moe import moe_section
+from helpers import GRID, NUM_TASKS, PATCH_DIM, TEXT_LEN, synthetic_batch, tiny_config
+from m6jax import pseudo_to_real as p2r
+from m6jax import sharding
+from m6jax.config_checks import validate_config
+from m6jax.train import stages
+from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
+from m6jax.train.step import make_train_step
+
+EXAMPLE = dummy_batch(8, GRID * GRID, PATCH_DIM, TEXT_LEN)
+
+
+def _config(moe=False, optimizer="reinit", lr_schedule="continue", **mesh):
+    c = tiny_config(**mesh)
+    c.model.num_layers = 4
+    if moe:  # capacity large enough that no token is dropped: routing is then per-token
+        c.model.moe = moe_section(num_experts=4, k=1, every=2, capacity_factor=4.0)
+    c.model.share_layers = True
+    c.pseudo_to_real.update(switch_step=5, optimizer=optimizer, lr_schedule=lr_schedule)
+    return c
+
+
+def _pseudo_and_real(c, devices):
+    """The Pseudo train state after one step, and its delinked Real state."""
+    n = int(np.prod([c.mesh[a] for a in sharding.MESH_AXES]))
+    mesh = sharding.make_mesh(c.mesh, devices[:n])
+    model, tx = stages.model_and_optimizer(c, p2r.STAGE_PSEUDO)
+    state, sh = create_train_state(model, tx, EXAMPLE, mesh, seed=0)
+    batch = sharding.global_batch(mesh, synthetic_batch(8))
+    with jax.set_mesh(mesh):
+        state, _ = make_train_step(model, tx, mesh, sh, NUM_TASKS)(state, batch)
+    real_model, real_tx = stages.model_and_optimizer(c, p2r.STAGE_REAL)
+    abstract, real_sh = abstract_train_state(real_model, real_tx, EXAMPLE, mesh)
+    with jax.set_mesh(mesh):
+        real = p2r.delink_state(state, c, real_tx, abstract, real_sh)
+    return mesh, (model, state), (real_model, real_tx, real, real_sh), batch
+
+
+def _logits(model, params, batch, mesh):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        return np.asarray(jax.jit(lambda p, b: model.apply({"params": p}, b))(params, batch))
+
+
+def test_pseudo_params_have_no_layer_axis(devices):
+    c = _config()
+    model, tx = stages.model_and_optimizer(c, p2r.STAGE_PSEUDO)
+    real_model, real_tx = stages.model_and_optimizer(c, p2r.STAGE_REAL)
+    mesh = sharding.make_mesh(c.mesh, devices[:1])
+    pseudo = abstract_train_state(model, tx, EXAMPLE, mesh)[0].params["stack"]["layers"]
+    real = abstract_train_state(real_model, real_tx, EXAMPLE, mesh)[0].params["stack"]["layers"]
+    assert pseudo["attn"]["query"].shape == (32, 4, 8)
+    assert real["attn"]["query"].shape == (4, 32, 4, 8)
+    jax.tree.map(lambda p, r: (r.shape == (4, *p.shape)) or pytest.fail(f"{p} vs {r}"),
+                 pseudo, real)
+
+
+@pytest.mark.parametrize("moe,mesh_shape", [(False, (1, 1, 1, 1)), (False, (2, 2, 2, 1)),
+                                            (True, (2, 1, 1, 4))])
+def test_real_model_equals_pseudo_at_the_switch(devices, moe, mesh_shape):
+    c = _config(moe=moe, **dict(zip(sharding.MESH_AXES, mesh_shape)))
+    validate_config(c, int(np.prod(mesh_shape)))
+    mesh, (model, state), (real_model, _, real, real_sh), batch = _pseudo_and_real(c, devices)
+    np.testing.assert_array_equal(_logits(real_model, real.params, batch, mesh),
+                                  _logits(model, state.params, batch, mesh))
+    # Re-sharded onto the Real layout (the experts' axis over `expert` for MoE).
+    jax.tree.map(lambda x, sh: x.sharding.is_equivalent_to(sh, x.ndim) or pytest.fail(
+        f"{x.sharding} is not {sh}"), real.params, real_sh.params)
+    if moe:
+        wi = real.params["stack"]["layers"]["block_1"]["moe"]["wi"]
+        assert wi.shape[:2] == (2, 4) and wi.addressable_shards[0].data.shape[1] == 1
+
+
+def test_layers_diverge_after_the_switch(devices):
+    c = _config()
+    mesh, _, (real_model, real_tx, real, real_sh), batch = _pseudo_and_real(c, devices[:1])
+    kernel = np.asarray(real.params["stack"]["layers"]["mlp"]["wi"]["kernel"])
+    assert all(np.array_equal(kernel[0], kernel[i]) for i in range(4))
+    with jax.set_mesh(mesh):
+        real, _ = make_train_step(real_model, real_tx, mesh, real_sh, NUM_TASKS)(real, batch)
+    kernel = np.asarray(real.params["stack"]["layers"]["mlp"]["wi"]["kernel"])
+    assert not any(np.allclose(kernel[0], kernel[i]) for i in range(1, 4))
+
+
+def _adam(opt_state):
+    return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
+        s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)][0]
+
+
+def _schedule_count(opt_state):
+    return [int(s.count) for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
+        s, optax.ScaleByScheduleState)) if isinstance(s, optax.ScaleByScheduleState)][0]
+
+
+def test_copy_gives_every_layer_the_shared_moments(devices):
+    c = _config(optimizer="copy")
+    _, (_, state), (_, _, real, _), _ = _pseudo_and_real(c, devices[:1])
+    shared = np.asarray(_adam(state.opt_state).mu["stack"]["layers"]["attn"]["out"])
+    per_layer = np.asarray(_adam(real.opt_state).mu["stack"]["layers"]["attn"]["out"])
+    assert np.abs(shared).sum() > 0
+    for i in range(4):
+        np.testing.assert_array_equal(per_layer[i], shared)
+    assert int(_adam(real.opt_state).count) == 1 and _schedule_count(real.opt_state) == 1
+
+
+def test_reinit_starts_fresh_moments_and_continues_the_schedule(devices):
+    c = _config(optimizer="reinit")
+    _, _, (_, _, real, _), _ = _pseudo_and_real(c, devices[:1])
+    adam = _adam(real.opt_state)
+    assert not np.asarray(adam.mu["stack"]["layers"]["attn"]["out"]).any()
+    assert int(adam.count) == 0 and _schedule_count(real.opt_state) == 1
+
+
+def test_restart_resets_the_schedule_over_the_steps_left(devices):
+    c = _config(optimizer="copy", lr_schedule="restart")
+    c.pseudo_to_real.restart_warmup_steps = 2
+    _, _, (_, _, real, _), _ = _pseudo_and_real(c, devices[:1])
+    assert _schedule_count(real.opt_state) == 0
+    _, schedule = p2r.stage_optimizer(c, p2r.STAGE_REAL)
+    assert float(schedule(5)) == 0.0  # warmup again from the switch step
+    assert float(schedule(7)) == pytest.approx(c.optimizer.learning_rate)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("switch_step", 12, "pseudo_to_real.switch_step=12 must be in [0, total_steps=10)"),
+    ("optimizer", "zero", "pseudo_to_real.optimizer='zero' is not one of reinit, copy"),
+    ("lr_schedule", "cosine", "pseudo_to_real.lr_schedule='cosine' is not one of"),
+])
+def test_bad_pseudo_to_real_fields_are_refused(field, value, message):
+    c = _config()
+    c.pseudo_to_real[field] = value
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        validate_config(c, 1)
+
+
+def test_switch_without_share_layers_is_refused():
+    c = _config()
+    c.model.share_layers = False
+    with pytest.raises(ValueError, match="needs model.share_layers=True"):
+        validate_config(c, 1)
