@@ -51,10 +51,10 @@ def _run(workdir, cache, extra=(), **hooks):
                           capture_output=True, text=True, timeout=300)
 
 
-def _run_until(workdir, cache, logged_step, sig, **hooks):
+def _run_until(workdir, cache, logged_step, sig, extra=(), **hooks):
     """Starts a run, sends `sig` once metrics.jsonl has `logged_step`, returns the process."""
     hooks.setdefault("M6JAX_TEST_STEP_DELAY_S", "0.25")  # so the kill lands mid-run
-    proc = subprocess.Popen(_cmd(workdir, cache), cwd=ROOT, env=_env(cache, **hooks),
+    proc = subprocess.Popen(_cmd(workdir, cache, extra), cwd=ROOT, env=_env(cache, **hooks),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:

@@ -28,20 +28,34 @@ def _config(moe=False, optimizer="reinit", lr_schedule="continue", **mesh):
     return c
 
 
-def _pseudo_and_real(c, devices):
-    """The Pseudo train state after one step, and its delinked Real state."""
+def _pseudo(c, devices, train_steps=0):
+    """(mesh, Pseudo model, its train state after `train_steps` steps, a batch)."""
     n = int(np.prod([c.mesh[a] for a in sharding.MESH_AXES]))
     mesh = sharding.make_mesh(c.mesh, devices[:n])
     model, tx = stages.model_and_optimizer(c, p2r.STAGE_PSEUDO)
     state, sh = create_train_state(model, tx, EXAMPLE, mesh, seed=0)
     batch = sharding.global_batch(mesh, synthetic_batch(8))
-    with jax.set_mesh(mesh):
-        state, _ = make_train_step(model, tx, mesh, sh, NUM_TASKS)(state, batch)
+    if train_steps:
+        step = make_train_step(model, tx, mesh, sh, NUM_TASKS)
+        with jax.set_mesh(mesh):
+            for _ in range(train_steps):
+                state, _ = step(state, batch)
+    return mesh, model, state, batch
+
+
+def _delinked(c, mesh, state):
+    """(Real model, Real optax transform, delinked Real state, its shardings)."""
     real_model, real_tx = stages.model_and_optimizer(c, p2r.STAGE_REAL)
     abstract, real_sh = abstract_train_state(real_model, real_tx, EXAMPLE, mesh)
     with jax.set_mesh(mesh):
         real = p2r.delink_state(state, c, real_tx, abstract, real_sh)
-    return mesh, (model, state), (real_model, real_tx, real, real_sh), batch
+    return real_model, real_tx, real, real_sh
+
+
+@pytest.fixture(scope="module")
+def trained_pseudo(devices):
+    """A dense Pseudo state after one step on 1 device (non-zero Adam moments)."""
+    return _pseudo(_config(), devices[:1], train_steps=1)
 
 
 def _logits(model, params, batch, mesh):
@@ -67,7 +81,8 @@ def test_pseudo_params_have_no_layer_axis(devices):
 def test_real_model_equals_pseudo_at_the_switch(devices, moe, mesh_shape):
     c = _config(moe=moe, **dict(zip(sharding.MESH_AXES, mesh_shape)))
     validate_config(c, int(np.prod(mesh_shape)))
-    mesh, (model, state), (real_model, _, real, real_sh), batch = _pseudo_and_real(c, devices)
+    mesh, model, state, batch = _pseudo(c, devices)
+    real_model, _, real, real_sh = _delinked(c, mesh, state)
     np.testing.assert_array_equal(_logits(real_model, real.params, batch, mesh),
                                   _logits(model, state.params, batch, mesh))
     # Re-sharded onto the Real layout (the experts' axis over `expert` for MoE).
@@ -78,9 +93,10 @@ def test_real_model_equals_pseudo_at_the_switch(devices, moe, mesh_shape):
         assert wi.shape[:2] == (2, 4) and wi.addressable_shards[0].data.shape[1] == 1
 
 
-def test_layers_diverge_after_the_switch(devices):
+def test_layers_diverge_after_the_switch(trained_pseudo):
     c = _config()
-    mesh, _, (real_model, real_tx, real, real_sh), batch = _pseudo_and_real(c, devices[:1])
+    mesh, _, state, batch = trained_pseudo
+    real_model, real_tx, real, real_sh = _delinked(c, mesh, state)
     kernel = np.asarray(real.params["stack"]["layers"]["mlp"]["wi"]["kernel"])
     assert all(np.array_equal(kernel[0], kernel[i]) for i in range(4))
     with jax.set_mesh(mesh):
@@ -99,9 +115,10 @@ def _schedule_count(opt_state):
         s, optax.ScaleByScheduleState)) if isinstance(s, optax.ScaleByScheduleState)][0]
 
 
-def test_copy_gives_every_layer_the_shared_moments(devices):
+def test_copy_gives_every_layer_the_shared_moments(trained_pseudo):
     c = _config(optimizer="copy")
-    _, (_, state), (_, _, real, _), _ = _pseudo_and_real(c, devices[:1])
+    mesh, _, state, _ = trained_pseudo
+    real = _delinked(c, mesh, state)[2]
     shared = np.asarray(_adam(state.opt_state).mu["stack"]["layers"]["attn"]["out"])
     per_layer = np.asarray(_adam(real.opt_state).mu["stack"]["layers"]["attn"]["out"])
     assert np.abs(shared).sum() > 0
@@ -110,18 +127,20 @@ def test_copy_gives_every_layer_the_shared_moments(devices):
     assert int(_adam(real.opt_state).count) == 1 and _schedule_count(real.opt_state) == 1
 
 
-def test_reinit_starts_fresh_moments_and_continues_the_schedule(devices):
+def test_reinit_starts_fresh_moments_and_continues_the_schedule(trained_pseudo):
     c = _config(optimizer="reinit")
-    _, _, (_, _, real, _), _ = _pseudo_and_real(c, devices[:1])
+    mesh, _, state, _ = trained_pseudo
+    real = _delinked(c, mesh, state)[2]
     adam = _adam(real.opt_state)
     assert not np.asarray(adam.mu["stack"]["layers"]["attn"]["out"]).any()
     assert int(adam.count) == 0 and _schedule_count(real.opt_state) == 1
 
 
-def test_restart_resets_the_schedule_over_the_steps_left(devices):
+def test_restart_resets_the_schedule_over_the_steps_left(trained_pseudo):
     c = _config(optimizer="copy", lr_schedule="restart")
     c.pseudo_to_real.restart_warmup_steps = 2
-    _, _, (_, _, real, _), _ = _pseudo_and_real(c, devices[:1])
+    mesh, _, state, _ = trained_pseudo
+    real = _delinked(c, mesh, state)[2]
     assert _schedule_count(real.opt_state) == 0
     _, schedule = p2r.stage_optimizer(c, p2r.STAGE_REAL)
     assert float(schedule(5)) == 0.0  # warmup again from the switch step

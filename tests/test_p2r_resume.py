@@ -1,0 +1,60 @@
+"""Pseudo-to-Real through the entry point: kill a run before and after the switch, rerun the
+same command, and the loss curve is the uninterrupted one; a Real run starts from another
+run's Pseudo checkpoint. Subprocesses on 2 fake devices, as in test_checkpoint.py."""
+import json
+import signal
+
+import pytest
+
+from test_checkpoint import _losses, _metrics, _run, _run_until, _steps, cache  # noqa: F401
+
+SWITCH = 5  # checkpoints every 3 steps: 3 is Pseudo, 6 and 9 are Real
+P2R = ["--config.model.share_layers=True", f"--config.pseudo_to_real.switch_step={SWITCH}",
+       "--config.pseudo_to_real.optimizer=copy", "--config.keep_checkpoints=4"]
+
+
+def _meta(workdir, step):
+    return json.loads((workdir / "checkpoints" / str(step) / "meta" / "metadata").read_text())
+
+
+@pytest.fixture(scope="module")
+def p2r_reference(tmp_path_factory, cache):  # noqa: F811
+    workdir = tmp_path_factory.mktemp("p2r_reference")
+    proc = _run(workdir, cache, P2R)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"pseudo-to-real: delinked at step {SWITCH}" in proc.stderr
+    return workdir
+
+
+def test_checkpoints_record_the_stage(p2r_reference):
+    stages = [_meta(p2r_reference, s)["stage"] for s in _steps(p2r_reference)]
+    assert stages == ["pseudo", "real", "real", "real"]  # steps 3, 6, 9, 10
+    rows = _metrics(p2r_reference)
+    assert [r["pseudo_stage"] for r in rows] == [1.0] * SWITCH + [0.0] * (10 - SWITCH)
+    assert json.loads((p2r_reference / "summary.json").read_text())["stage"] == "real"
+
+
+@pytest.mark.parametrize("kill_after,resumed_from,stage", [(4, 3, "pseudo"), (7, 6, "real")])
+def test_killed_run_resumes_across_the_switch_bitwise(p2r_reference, cache, tmp_path,  # noqa: F811
+                                                      kill_after, resumed_from, stage):
+    code, _, _ = _run_until(tmp_path, cache, logged_step=kill_after, sig=signal.SIGKILL,
+                            extra=P2R)
+    assert code == -signal.SIGKILL
+    assert _steps(tmp_path)[-1] == resumed_from, "the kill landed too late or too early"
+    assert _meta(tmp_path, resumed_from)["stage"] == stage
+    proc = _run(tmp_path, cache, P2R)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from step {resumed_from}" in proc.stderr
+    assert _losses(tmp_path) == _losses(p2r_reference)  # float equality of every loss
+
+
+def test_real_run_starts_from_another_runs_pseudo_checkpoint(p2r_reference, cache, tmp_path):  # noqa: F811
+    pseudo_ckpt = p2r_reference / "checkpoints" / "3"
+    assert _meta(p2r_reference, 3)["stage"] == "pseudo"
+    proc = _run(tmp_path, cache, [f"--config.init_from={pseudo_ckpt}", "--config.total_steps=2",
+                                  "--config.optimizer.warmup_steps=0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "init_from: delinking the Pseudo (shared-layer) params" in proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    fresh = json.loads((p2r_reference / "summary.json").read_text())["initial_eval_loss"]
+    assert summary["stage"] == "real" and summary["initial_eval_loss"] < fresh - 0.05
