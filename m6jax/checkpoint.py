@@ -66,6 +66,9 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def should_save(self, step: int) -> bool:
+        return self.manager.should_save(step)
+
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         """Starts an async save of step `step` if the policy (or `force`) says so."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -61,6 +61,8 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
         raise ValueError(f"optimizer.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
     _check_checkpointing(config)
     _check_pseudo_to_real(config)
+    from m6jax import offload
+    offload.validate(config)
     return shape
 
 

@@ -104,10 +104,13 @@ def shard_full_batch(mesh: Mesh, full_batch: dict[str, np.ndarray]) -> dict[str,
             for k, v in full_batch.items()}
 
 
-def per_device_bytes(tree) -> int:
-    """Largest number of bytes any one device holds of a pytree of jax.Arrays."""
+def per_device_bytes(tree, memory_kind: str | None = None) -> int:
+    """Largest number of bytes any one device holds of a pytree of jax.Arrays (only the
+    arrays in `memory_kind`, e.g. "device" or "pinned_host", if given)."""
     per_dev: dict[Any, int] = {}
     for leaf in jax.tree.leaves(tree):
+        if memory_kind is not None and leaf.sharding.memory_kind != memory_kind:
+            continue
         for shard in leaf.addressable_shards:
             per_dev[shard.device] = per_dev.get(shard.device, 0) + shard.data.nbytes
     return max(per_dev.values()) if per_dev else 0

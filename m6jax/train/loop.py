@@ -10,6 +10,7 @@ import numpy as np
 from absl import logging
 
 from m6jax import distributed, flops, sharding
+from m6jax import offload as offload_lib
 from m6jax import pseudo_to_real as p2r
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
@@ -53,11 +54,15 @@ def train(config, workdir: str) -> dict:
         lambda s: stages.model_and_optimizer(config, s), example, mesh)
     pipe.restore_counters(run_ckpt.meta.get("counters", {}))
     stage = stages.Stage(config, stage_name, mesh, state_sh, pipe, tasks)
+    with jax.set_mesh(mesh):
+        state = stage.store(state)  # offloaded layers' states go to host memory
     if p2r.stage_at(config, start) != stage.name:  # resumed from the switch step's checkpoint
         state, stage = stage.next_stage(state, example, pipe, tasks)
     num_params = flops.count_params(state.params)
-    logging.info("model: %s parameters (%s stage), %.1f MB per device (params + optimizer)",
-                 f"{num_params:,}", stage.name, sharding.per_device_bytes(state) / 2**20)
+    logging.info("model: %s parameters (%s stage); params + optimizer per device: %.1f MB in "
+                 "device memory, %.1f MB offloaded to host", f"{num_params:,}", stage.name,
+                 sharding.per_device_bytes(state, "device") / 2**20,
+                 sharding.per_device_bytes(state, offload_lib.HOST) / 2**20)
 
     peak, peak_src = flops.peak_flops_total(config.peak_tflops_per_device, devices)
     seq_flops = flops.train_flops_per_sequence(config.model, pipe.num_patches, pipe.patch_dim,
@@ -68,7 +73,7 @@ def train(config, workdir: str) -> dict:
                  step_flops / 1e9)
 
     writer = MetricsWriter(workdir, enabled=main, resume_step=start)
-    initial_eval = run_ckpt.meta.get("initial_eval") or stage.evaluator.losses(state.params)
+    initial_eval = run_ckpt.meta.get("initial_eval") or stage.evaluator.losses(stage.params(state))
     if not start:
         writer.write(0, initial_eval, jsonl=False)
     logging.info("initial eval loss %.4f%s", initial_eval["eval_loss"],
@@ -116,7 +121,7 @@ def train(config, workdir: str) -> dict:
                     print(progress.line(done, scalars, tasks), flush=True)
             if done % config.eval_every == 0 and done != config.total_steps:
                 t_eval = time.time()
-                ev = stage.evaluator.losses(state.params)
+                ev = stage.evaluator.losses(stage.params(state))
                 writer.write(done, ev, jsonl=False)
                 logging.info("step %d eval loss %.4f", done, ev["eval_loss"])
                 t_mark = time.time()  # do not charge eval time to training steps
@@ -124,14 +129,15 @@ def train(config, workdir: str) -> dict:
             # Last in the step, so a checkpoint of step `done` follows its metrics line.
             run_ckpt.after_step(done, state, metrics,
                                 dict(initial_eval=initial_eval, counters=pipe.counters(),
-                                     train_s=train_s + time.time() - t_train), stage.name)
+                                     train_s=train_s + time.time() - t_train), stage.name,
+                                canonical=stage.canonical if stage.offload.active else None)
 
     run_ckpt.close()
 
     # ---- Final evaluation and summary.
     train_s += time.time() - t_train
-    final_eval = stage.evaluator.losses(state.params)
-    captions = stage.evaluator.caption_accuracy(state.params)
+    final_eval = stage.evaluator.losses(stage.params(state))
+    captions = stage.evaluator.caption_accuracy(stage.params(state))
     # nan when no step ran here (rerun of a finished run): nothing was timed.
     step_s = timed_s / timed_steps if timed_steps else float("nan")
     summary = dict(

@@ -108,7 +108,7 @@ class RunCheckpoints:
                          "layers cannot be re-shared; set model.share_layers=False")
 
     def after_step(self, done: int, state, metrics, extra_meta: dict,
-                   stage: str = checkpoint.STAGE_DEFAULT) -> None:
+                   stage: str = checkpoint.STAGE_DEFAULT, canonical=None) -> None:
         """Called after step `done` (1-based); `extra_meta` (JSON) is saved with the state.
 
         The loop passes `initial_eval` and the pipeline's `counters` there; this adds
@@ -127,7 +127,12 @@ class RunCheckpoints:
         force = (last or preempted) and self.ckpt.latest_step() != done
         meta = dict(extra_meta, data={"step": done}, stage=stage,
                     config=self._config_json)
-        self.ckpt.save(done, state, meta, force=force)
+        if canonical is None:
+            self.ckpt.save(done, state, meta, force=force)
+        elif force or self.ckpt.should_save(done):
+            # `state` is in an offload layout: convert only when a save is due, and force
+            # that save so the policy is asked once.
+            self.ckpt.save(done, canonical(state), meta, force=True)
         if preempted:
             self.ckpt.wait()
             raise Preempted(f"preempted: saved the checkpoint of step {done} in "

@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax
 from absl import logging
 
+from m6jax import offload as offload_lib
 from m6jax import pseudo_to_real as p2r
-from m6jax import sharding
 from m6jax.model import M6
 from m6jax.train import evaluation
 from m6jax.train.state import abstract_train_state
@@ -29,7 +29,12 @@ def model_and_optimizer(config, stage: str):
 
 
 class Stage:
-    """The jitted train/eval steps and the evaluator of one stage, for `state_shardings`."""
+    """The jitted train/eval steps and the evaluator of one stage, for `state_shardings`.
+
+    The loop holds the state in the stage's *stored* layout (`offload`: offloaded
+    layers in host memory); `canonical(state)` is the ordinary TrainState (checkpoints)
+    and `params(state)` its params (evaluation).
+    """
 
     def __init__(self, config, stage: str, mesh, state_shardings, pipe, tasks):
         self.name, self.config, self.mesh = stage, config, mesh
@@ -38,24 +43,37 @@ class Stage:
         self.train_model, self.tx = model_and_optimizer(config, stage)
         self.schedule = p2r.stage_optimizer(config, stage)[1]
         self.state_shardings = state_shardings
+        self.offload = offload_lib.OffloadPlan(config, stage, state_shardings)
         self.train_step = make_train_step(self.train_model, self.tx, mesh, state_shardings,
-                                          len(tasks), self.schedule)
+                                          len(tasks), self.schedule, self.offload)
         eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks))
         self.evaluator = evaluation.Evaluator(pipe, self.model, mesh, state_shardings.params,
                                               eval_step, tasks)
 
+    def store(self, state):
+        return self.offload.to_stored(state)
+
+    def canonical(self, state):
+        return self.offload.to_canonical(state)
+
+    def params(self, state):
+        return self.offload.params(state)
+
     def next_stage(self, state, example_batch, pipe, tasks):
-        """(Real state, Real Stage) continuing this Pseudo stage's `state`."""
+        """(Real state, Real Stage) continuing this Pseudo stage's stored `state`."""
         real_model, real_tx = model_and_optimizer(self.config, p2r.STAGE_REAL)
         abstract, shardings = abstract_train_state(real_model, real_tx, example_batch,
                                                    self.mesh, self.config.seed)
         with jax.set_mesh(self.mesh):
-            real_state = p2r.delink_state(state, self.config, real_tx, abstract, shardings)
+            real_state = p2r.delink_state(self.canonical(state), self.config, real_tx,
+                                          abstract, shardings)
         logging.info("pseudo-to-real: delinked at step %d (optimizer %s, lr schedule %s); "
                      "%s -> %s parameters", int(jax.device_get(state.step)),
                      p2r.section(self.config).optimizer, p2r.section(self.config).lr_schedule,
                      f"{_count(state.params):,}", f"{_count(real_state.params):,}")
-        return real_state, Stage(self.config, p2r.STAGE_REAL, self.mesh, shardings, pipe, tasks)
+        real = Stage(self.config, p2r.STAGE_REAL, self.mesh, shardings, pipe, tasks)
+        with jax.set_mesh(self.mesh):
+            return real.store(real_state), real
 
 
 def _count(params) -> int:

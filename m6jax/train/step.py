@@ -11,12 +11,15 @@ from m6jax.train import moe_metrics
 from m6jax.train.losses import text_loss
 
 
-def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedule=None):
+def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedule=None,
+                    offload=None):
     """Returns `step(state, batch) -> (state, metrics)`, jitted and donating the state.
 
     `model` is the training-mode module (dropout on if configured). Metrics are scalars
     plus per-task vectors, all replicated. The loss optimised adds the MoE aux losses;
-    the `loss` metric stays the text cross-entropy.
+    the `loss` metric stays the text cross-entropy. With an active `offload` plan
+    (`m6jax.offload.OffloadPlan`) the step takes and returns the state in its stored
+    layout (offloaded layers in host memory) and `state_shardings` are ignored.
     """
     model = model.clone(training=True)  # MoE: training capacity factor, router jitter
     def train_step(state, batch):
@@ -50,6 +53,8 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
         return new_state, metrics
 
     batch_sh = sharding.batch_sharding(mesh)
+    if offload is not None and offload.active:
+        train_step, state_shardings = offload.wrap_step(train_step), offload.stored_shardings
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
