@@ -1,6 +1,7 @@
-"""Pseudo-to-Real through the entry point: kill a run before and after the switch, rerun the
-same command, and the loss curve is the uninterrupted one; a Real run starts from another
-run's Pseudo checkpoint. Subprocesses on 2 fake devices, as in test_checkpoint.py."""
+"""Pseudo-to-Real and offload through the entry point: kill a run before and after the
+switch, rerun the same command, and the loss curve is the uninterrupted one; a Real run
+starts from another run's Pseudo checkpoint; offload leaves the curve unchanged.
+Subprocesses on 2 fake devices, as in test_checkpoint.py."""
 import json
 import signal
 
@@ -58,3 +59,13 @@ def test_real_run_starts_from_another_runs_pseudo_checkpoint(p2r_reference, cach
     summary = json.loads((tmp_path / "summary.json").read_text())
     fresh = json.loads((p2r_reference / "summary.json").read_text())["initial_eval_loss"]
     assert summary["stage"] == "real" and summary["initial_eval_loss"] < fresh - 0.05
+
+
+def test_offload_through_the_entry_point_keeps_the_loss_curve(p2r_reference, cache, tmp_path):  # noqa: F811
+    proc = _run(tmp_path, cache, P2R + ["--config.offload.optimizer_layers=0",
+                                        "--config.offload.param_layers=all"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MB offloaded to host" in proc.stderr
+    assert _losses(tmp_path) == _losses(p2r_reference)
+    # Checkpoints hold the ordinary layout: the Real stage's per-layer arrays.
+    assert _steps(tmp_path) == _steps(p2r_reference)
