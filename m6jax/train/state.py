@@ -53,16 +53,24 @@ def state_shardings(model, tx, example_batch, mesh, seed: int = 0):
     return sharding.tree_shardings(mesh, abstract)
 
 
-def create_train_state(model, tx, example_batch, mesh, seed: int):
-    """Initialises the TrainState under jit with out_shardings: each device builds its shard."""
+def create_train_state(model, tx, example_batch, mesh, seed: int, make_offload=None):
+    """Initialises the TrainState under jit with out_shardings: each device builds its shard.
+
+    `make_offload(shardings)` may return an `m6jax.offload.OffloadPlan`: the state is
+    then created straight into its stored layout (offloaded layers in host memory), so
+    the full state never sits in device memory at once.
+    """
     shardings = state_shardings(model, tx, example_batch, mesh, seed)
     init = _init_fn(model, tx, example_batch, seed)
+    plan = make_offload(shardings) if make_offload is not None else None
+    store = plan.store if plan is not None and plan.active else (lambda s: s)
 
     def unboxed_init():
-        return nn.meta.unbox(init())
+        return store(nn.meta.unbox(init()))
 
+    out_shardings = plan.stored_shardings if plan is not None else shardings
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        state = jax.jit(unboxed_init, out_shardings=shardings)()
+        state = jax.jit(unboxed_init, out_shardings=out_shardings)()
     return state, shardings
 
 
