@@ -77,7 +77,7 @@ def _in_stack(path) -> bool:
 class OffloadPlan:
     """Where each leaf of one stage's TrainState is stored, and the moves in and out."""
 
-    def __init__(self, config, stage: str, canonical_shardings):
+    def __init__(self, config, stage: str, canonical_shardings=None):
         moe = moe_config(config.model)
         every = int(moe.every) if moe is not None else 1
         self.units = config.model.num_layers // every  # the scanned axis's length
@@ -90,7 +90,8 @@ class OffloadPlan:
         self.host_units = dict(params=units("param_layers"), opt_state=units("optimizer_layers"))
         self.canonical = canonical_shardings
         self.active = any(self.host_units.values())
-        self.stored_shardings = self._stored_shardings() if self.active else canonical_shardings
+        self.stored_shardings = (self._stored_shardings() if self.active and canonical_shardings
+                                 is not None else canonical_shardings)
 
     # ---- What is stored where.
     def _kind(self, part: str) -> str:
@@ -124,6 +125,14 @@ class OffloadPlan:
                 return Split(sh, sh.with_memory_kind(HOST))
             return sh
         return self._map(leaf, self.canonical)
+
+    def host_fraction(self, part: str):
+        """`fraction(path)` of a leaf of `part` ("params" / "opt_state") kept in host
+        memory: for the dry-run memory plan."""
+        kind = self._kind(part)
+        share = {"device": 0.0, "host": 1.0,
+                 "split": len(self.host_units[part]) / self.units}[kind]
+        return lambda path: share if _in_stack(path) else 0.0
 
     # ---- Moves (inside jit).
     def store(self, state):

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
-from m6jax import flops, sharding
+from m6jax import flops, offload, sharding
+from m6jax import pseudo_to_real as p2r
 from m6jax.model import M6
 from m6jax.model.moe import moe_config
 from m6jax.train import optim
@@ -84,16 +85,18 @@ def train_flops_per_token(config) -> float:
     return flops.train_flops_per_sequence(config.model, p, pd, t) / (p + t)
 
 
-def _sharded_bytes(abstract_tree, mesh) -> int:
-    """Bytes of the largest shard set any one device holds (even sharding: all equal)."""
+def _sharded_bytes(abstract_tree, mesh, fraction=None) -> int:
+    """Bytes of the largest shard set any one device holds (even sharding: all equal);
+    `fraction(path)` (if given) weighs each leaf, e.g. the offloaded share of it."""
     shardings = sharding.tree_shardings(mesh, abstract_tree)
     unboxed = nn.meta.unbox(abstract_tree)
-    total = 0
-    for leaf, sh in zip(jax.tree.leaves(unboxed), jax.tree.leaves(
+    total = 0.0
+    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(unboxed)[0], jax.tree.leaves(
             shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
         shape = tuple(-(-dim // n) for dim, n in zip(leaf.shape, _split_counts(sh, leaf.ndim)))
-        total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-    return total
+        weight = fraction(path) if fraction is not None else 1.0
+        total += weight * math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+    return int(total)
 
 
 def _split_counts(sh: NamedSharding, ndim: int) -> list[int]:
@@ -153,19 +156,29 @@ def plan(config, mesh_shape=None) -> dict[str, Any]:
                              "(see experiments/configs/paper_scale.py) or pass mesh_shape")
         mesh_shape = validate_config(config, num_devices)
     mesh_shape = tuple(int(x) for x in mesh_shape)
+    # A Pseudo-to-Real run must fit in both stages; the Real one is the larger.
+    stage = p2r.stage_at(config, config.total_steps - 1)
+    config = p2r.stage_config(config, stage)
     abstract = abstract_state(config)
     mesh = abstract_mesh(mesh_shape)
     counts = param_counts(config, abstract)
     params_b = _sharded_bytes(abstract.params, mesh)
-    per_device = dict(params=params_b,
+    # Offloaded layers' params / optimizer state live in host memory between steps.
+    # Gradients stay on the device (the step brings a layer's states in to update it).
+    off = offload.OffloadPlan(config, p2r.STAGE_PSEUDO if config.model.share_layers
+                              else p2r.STAGE_REAL)
+    params_host = _sharded_bytes(abstract.params, mesh, off.host_fraction("params"))
+    opt_b = _sharded_bytes(abstract.opt_state, mesh)
+    opt_host = _sharded_bytes(abstract.opt_state, mesh, off.host_fraction("opt_state"))
+    per_device = dict(params=params_b - params_host,
                       gradients=params_b,  # float32, sharded like the params they update
-                      optimizer=_sharded_bytes(abstract.opt_state, mesh),
+                      optimizer=opt_b - opt_host,
                       activations=activation_bytes(config, mesh_shape),
-                      host=0)  # nothing is offloaded until the offload fields exist
+                      host=params_host + opt_host)
     device_total = sum(v for k, v in per_device.items() if k != "host")
     memory_gb = float(hw.device_memory_gb) if hw is not None else None
     return dict(
-        variant=config.get("variant"), total_params=counts["total"],
+        variant=config.get("variant"), stage=stage, total_params=counts["total"],
         activated_params=counts["activated"], expert_params=counts["expert"],
         flops_per_token=train_flops_per_token(config),
         num_devices=math.prod(mesh_shape), mesh=dict(zip(sharding.MESH_AXES, mesh_shape)),

@@ -1,11 +1,16 @@
 """M6-10T: 10 trillion parameters on 512 GPUs in about 10 days, trained with
 Pseudo-to-Real (sharing-delinking) and granular CPU offload.
 
-NOTE: the Pseudo-to-Real and host-offload config fields do not exist yet (that issue
-has not landed); this file fixes only the Real Giant's shapes and mesh. The dry run
-therefore reports all state on the device (host bytes 0) and that it does not fit.
+The `paper` variant trains the Pseudo giant (model.share_layers) for the first 10% of
+the steps, then delinks into the Real giant, with every layer's params and AdamW state
+offloaded to host memory. The dry run plans the Real stage (`paper_real`): even with
+params and optimizer state on the host, the float32 gradients of 20B parameters per
+GPU (85 GB) do not fit a 32 GB device, because our offload keeps gradients on the
+device; the paper's system also streamed them to host memory. `paper_pseudo` is the
+Pseudo stage's plan.
 
-Variants: `paper` (default) and `tiny` (same structure, 8 experts; runs here).
+Variants: `paper` (default; = `paper_real`'s shapes with the Pseudo-to-Real schedule),
+`paper_real`, `paper_pseudo`, and `tiny` (same structure, 8 experts; runs here).
 Shapes are ours (the paper's exact widths are not at hand): 4096 wide, 48 layers,
 every layer MoE with 512 Switch top-1 experts of mlp_dim 49664: 10.0T parameters.
 Mesh: the expert axis spans all 512 GPUs (one expert each). GPU type not stated; we
@@ -22,13 +27,19 @@ MOE = dict(router="topk", k=1, every=1, capacity_factor=1.25, dispatch="gather")
 
 def get_config(arg: str = "paper"):
     arg = arg or "paper"
-    if arg == "paper":
-        return ps.paper_base(
+    if arg in ("paper", "paper_real", "paper_pseudo"):
+        c = ps.paper_base(
             arg, mesh=dict(data=1, fsdp=1, tensor=1, expert=512),
             model=dict(emb_dim=4096, num_heads=32, mlp_dim=49664, num_layers=48,
                        dtype="bfloat16", remat_policy="full"),
             batch_size=512, hw=ps.hardware(512, "GPU-32GB", 32),
             moe=dict(MOE, num_experts=512))
+        c.offload.update(optimizer_layers="all", param_layers="all")
+        if arg != "paper_real":
+            c.model.share_layers = True
+        if arg == "paper":
+            c.pseudo_to_real.update(switch_step=c.total_steps // 10, optimizer="copy")
+        return c
     if arg == "tiny":
         return ps.tiny_base(arg, moe=dict(MOE, num_experts=8), remat_policy="full")
     raise ps.unknown_variant(arg, "m6_10t.py")
