@@ -13,9 +13,10 @@ from conftest import ROOT
 from helpers import GRID, PATCH_DIM, TEXT_LEN, tiny_config
 
 from m6jax import sharding
+from m6jax.model import M6
 from m6jax.data.pipeline import default_cache_dir
 from m6jax.data.sources import TextSource
-from m6jax.finetune import baseline, loop, retrieval, scoring
+from m6jax.finetune import baseline, retrieval, scoring
 from m6jax.train import optim
 from m6jax.train.state import create_train_state, dummy_batch
 from m6jax.finetune import sentiment_data as sd
@@ -61,7 +62,7 @@ def test_label_accuracy_takes_the_higher_scoring_word():
 
 def _tiny_model_and_params(devices):
     config = tiny_config(data=8)
-    model = loop.M6(config.model, GRID, TEXT_LEN)
+    model = M6(config.model, GRID, TEXT_LEN)
     mesh = sharding.make_mesh(config.mesh, devices)
     tx = optim.make_optimizer(config.optimizer, config.total_steps)
     state, shardings = create_train_state(

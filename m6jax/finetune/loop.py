@@ -9,17 +9,13 @@ import time
 from typing import Callable
 
 import jax
+
 from m6jax import checkpoint, distributed, sharding
-from m6jax.model import M6
 from m6jax.train import optim
+from m6jax.train.loop import build_model
 from m6jax.train.metrics import MetricsWriter
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
 from m6jax.train.step import make_train_step
-
-
-def build_model(config, deterministic: bool = True) -> M6:
-    grid = config.data.image_size // config.data.patch_size
-    return M6(config.model, grid, config.data.text_len, deterministic=deterministic)
 
 
 def example_batch(config):
