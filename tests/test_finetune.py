@@ -170,7 +170,8 @@ def pretrained_workdir(tmp_path_factory):
 
 
 # Slow: a tiny pretrain plus the three fine-tunes take ~2 min of CPU (5 min wall on the
-# shared 2-core machine), beyond the default suite's budget. Run: pytest -m slow -k finetune
+# shared 2-core machine; 2m45s on a quieter moment), beyond the default suite's budget.
+# Run: python -m pytest -q -m slow tests/test_finetune.py
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["sentiment", "retrieval", "caption"])
 def test_finetune_entry_point_writes_the_summary_keys(task, pretrained_workdir, tmp_path):

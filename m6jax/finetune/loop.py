@@ -41,7 +41,6 @@ def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir:
       (params, param_shardings, stats) with stats = final_train_loss, step_ms, train_s.
     """
     t0 = time.time()
-    model = build_model(config)
     train_model = build_model(config, deterministic=config.model.dropout_rate == 0.0)
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     tx = optim.make_optimizer(config.optimizer, config.total_steps)
@@ -74,9 +73,10 @@ def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir:
                 if main:
                     tasks = " ".join(f"{t} {scalars[f'loss/{t}']:.3f}" for t in task_names
                                      if f"loss/{t}" in scalars and len(task_names) > 1)
+                    eta_s = step_s * (config.total_steps - done)
                     print(f"[{name}] step {done:>5}/{config.total_steps} | loss {loss:.4f} | "
                           f"{tasks + ' | ' if tasks else ''}lr {scalars['learning_rate']:.2e} | "
-                          f"{1000 * step_s:.0f} ms/step | eta {step_s * (config.total_steps - done):.0f} s", flush=True)
+                          f"{1000 * step_s:.0f} ms/step | eta {eta_s:.0f} s", flush=True)
     writer.close()
     timed = config.total_steps - mark_step
     stats = dict(final_train_loss=loss,
@@ -88,8 +88,8 @@ def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir:
 def load_params(config, mesh, step_dir: str):
     """The params of checkpoint `step_dir`, placed in this mesh's shardings.
 
-    Shapes come from the run config (i.e. the pretraining config), so a checkpoint that
-    does not match it fails inside `checkpoint.load_params` naming the array.
+    Shapes come from the run config, i.e. the pretraining config stored in that same
+    checkpoint, so they match by construction.
     """
     model = build_model(config)
     tx = optim.make_optimizer(config.optimizer, config.total_steps)

@@ -3,8 +3,8 @@
 Label words rather than a classification head: M6 is a generative prefix-LM whose
 pretraining objective is next-token prediction, so classification as "which label word
 is more likely after the prompt" reuses the pretrained output layer and loss unchanged
-(no new parameters, nothing to initialise from scratch), which is how M6 casts its
-downstream tasks as generation.
+(no new parameters, nothing to initialise from scratch); it also keeps every task
+a generation task, as M6 treats its downstream tasks.
 """
 from __future__ import annotations
 
