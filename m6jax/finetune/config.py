@@ -1,0 +1,44 @@
+"""Fields shared by the fine-tune configs (experiments/configs/finetune_*.py).
+
+A fine-tune config holds only what a fine-tune chooses: steps, batch, optimizer, mesh,
+seed and the task's own fields. Model shape and data layout come from the pretrained
+checkpoint (`pretrained.run_config`), so they cannot disagree with it.
+"""
+import ml_collections
+
+TASKS = ("sentiment", "retrieval", "caption")
+
+
+def base_config(task: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.init_from = ""  # required: the pretraining workdir (or its checkpoints/[<step>])
+    c.seed = 0
+    c.total_steps = 300
+    c.batch_size = 32
+    c.log_every = 25
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    c.eval_before = True  # also score the pretrained params before fine-tuning
+    c.score_batch = 256  # rows per likelihood-scoring forward pass
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 5e-4  # a quarter of the tiny pretraining peak
+    c.optimizer.warmup_steps = 20
+    c.optimizer.end_lr_fraction = 0.1
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.98
+    c.optimizer.grad_clip_norm = 1.0
+    return c
+
+
+def validate_finetune_config(c) -> None:
+    """Errors name the field; the run fields are checked again by validate_config."""
+    if c.task not in TASKS:
+        raise ValueError(f"task={c.task!r} is not one of {', '.join(TASKS)}; use "
+                         "experiments/configs/finetune_<task>.py")
+    if int(c.score_batch) <= 0:
+        raise ValueError(f"score_batch={c.score_batch} must be positive")
+    for field in ("eval_reviews", "baseline_train_reviews", "eval_images"):
+        if field in c and int(c[field]) < 0:
+            raise ValueError(f"{field}={c[field]} must be >= 0 (0 = all)")
