@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from m6jax.model.block import Stack
@@ -22,32 +23,46 @@ class M6(nn.Module):
       image_grid: patches per image side (image_size // patch_size).
       text_len: text slots per sequence.
       deterministic: False enables dropout (needs a 'dropout' rng).
+      decode: KV-cache mode for generation (apply with mutable=["cache"]); the params
+        tree is the same as without it. See `__call__` for the two kinds of call.
     """
     cfg: Any
     image_grid: int
     text_len: int
     deterministic: bool = True
     training: bool = False  # the train step sets it: MoE capacity factor and router jitter
+    decode: bool = False
 
     @nn.compact
     def __call__(self, batch):
         """batch: dict with `patches` f32 [B, P, patch_dim], `image_mask` bool [B, P],
         `text_tokens` i32 [B, T], `text_mask` bool [B, T], `text_is_prefix` bool [B, T].
-        Returns float32 logits [B, T, vocab] for the text positions."""
+        Returns float32 logits [B, T, vocab] for the text positions.
+
+        With `decode`, a batch with `patches` is a *prefill*: the same forward pass over
+        [patches | T prompt tokens] (T <= text_len), which also fills the "cache"
+        collection (per-layer keys/values [B, layers, P + text_len, H, Dh], the filled
+        slots `key_valid` bool [B, P + text_len] and `index`, the next text position =
+        T). A batch holding only `text_tokens` i32 [B, 1] is one *step*: the token is
+        embedded at text position `index` (shared by all rows), attends causally to the
+        cache, is written into it, and its logits [B, 1, vocab] are returned.
+        """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         num_patches = self.image_grid ** 2
+        step = self.decode and "patches" not in batch
 
-        # Image: linear projection of flattened patches + row/column position.
-        img = nn.Dense(cfg.emb_dim, dtype=dtype, kernel_init=dense_init(("patch", "embed")),
-                       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
-                       name="patch_proj")(batch["patches"].astype(dtype))
-        rows = self.param("patch_row_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
-                          (self.image_grid, cfg.emb_dim))
-        cols = self.param("patch_col_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
-                          (self.image_grid, cfg.emb_dim))
-        grid_pos = (rows[:, None, :] + cols[None, :, :]).reshape(num_patches, cfg.emb_dim)
-        img = img + grid_pos.astype(dtype)
+        if not step:
+            # Image: linear projection of flattened patches + row/column position.
+            img = nn.Dense(cfg.emb_dim, dtype=dtype, kernel_init=dense_init(("patch", "embed")),
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                           name="patch_proj")(batch["patches"].astype(dtype))
+            rows = self.param("patch_row_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
+                              (self.image_grid, cfg.emb_dim))
+            cols = self.param("patch_col_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
+                              (self.image_grid, cfg.emb_dim))
+            grid_pos = (rows[:, None, :] + cols[None, :, :]).reshape(num_patches, cfg.emb_dim)
+            img = img + grid_pos.astype(dtype)
 
         # Text: token + 1-D position.
         embed = nn.Embed(cfg.vocab_size, cfg.emb_dim, dtype=dtype,
@@ -56,31 +71,55 @@ class M6(nn.Module):
         txt = embed(batch["text_tokens"])
         txt_pos = self.param("text_pos_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
                              (self.text_len, cfg.emb_dim))
-        txt = txt + txt_pos[: txt.shape[1]].astype(dtype)
+        b, t = batch["text_tokens"].shape
+        if step:
+            if not self.has_variable("cache", "index"):
+                raise ValueError("M6(decode=True): a one-token step needs the cache of a "
+                                 "prefill; call it with `patches` first and pass its cache")
+            index = self.variable("cache", "index", jnp.zeros, (), jnp.int32)
+            pos = index.value
+            txt = txt + jax.lax.dynamic_slice_in_dim(txt_pos, pos, 1).astype(dtype)
+        else:
+            txt = txt + txt_pos[: txt.shape[1]].astype(dtype)
 
         # Modality embedding: 0 = image, 1 = text.
         modality = self.param("modality_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
                               (2, cfg.emb_dim)).astype(dtype)
-        x = jnp.concatenate([img + modality[0], txt + modality[1]], axis=1)     # [B, P+T, D]
+        if step:
+            x = txt + modality[1]                                               # [B, 1, D]
+        else:
+            x = jnp.concatenate([img + modality[0], txt + modality[1]], axis=1)  # [B, P+T, D]
         x = constrain(x, ("batch", "length", "act_embed"))
 
-        mask = prefix_lm_mask(batch["image_mask"], batch["text_mask"], batch["text_is_prefix"])
-        stack = Stack(cfg, dtype, self.deterministic, self.training, name="stack")
+        cache_index = None
+        if step:
+            mask, cache_index = self._step_mask(num_patches, pos)
+            index.value = pos + 1
+        elif self.decode:
+            mask = self._prefill_mask(batch, num_patches)
+            cache_index = jnp.zeros((), jnp.int32)
+        else:
+            mask = prefix_lm_mask(batch["image_mask"], batch["text_mask"], batch["text_is_prefix"])
+        stack = Stack(cfg, dtype, self.deterministic, self.training, self.decode, name="stack")
         if moe_config(cfg) is None:
-            x, _ = stack(x, mask)
+            x, _ = stack(x, mask, None, cache_index)
         else:
             # Hash routing keys on token ids; image patches hash by position (negative
             # ids never collide with the vocabulary). Domain routing keys on modality.
-            b, t = batch["text_tokens"].shape
-            patch_ids = jnp.broadcast_to(-1 - jnp.arange(num_patches, dtype=jnp.int32),
-                                         (b, num_patches))
-            token_ids = jnp.concatenate([patch_ids, batch["text_tokens"].astype(jnp.int32)], 1)
-            modality = jnp.concatenate([jnp.zeros((b, num_patches), jnp.int32),
-                                        jnp.ones((b, t), jnp.int32)], axis=1)
-            valid = jnp.concatenate([batch["image_mask"], batch["text_mask"]], axis=1)
-            x, metrics = stack(x, mask, (token_ids, modality, valid))
+            if step:
+                route = (batch["text_tokens"].astype(jnp.int32), jnp.ones((b, 1), jnp.int32),
+                         jnp.ones((b, 1), bool))
+            else:
+                patch_ids = jnp.broadcast_to(-1 - jnp.arange(num_patches, dtype=jnp.int32),
+                                             (b, num_patches))
+                token_ids = jnp.concatenate([patch_ids, batch["text_tokens"].astype(jnp.int32)], 1)
+                modality = jnp.concatenate([jnp.zeros((b, num_patches), jnp.int32),
+                                            jnp.ones((b, t), jnp.int32)], axis=1)
+                valid = jnp.concatenate([batch["image_mask"], batch["text_mask"]], axis=1)
+                route = (token_ids, modality, valid)
+            x, metrics = stack(x, mask, route, cache_index)
             self.sow("intermediates", "moe", metrics)  # per MoE layer, [L / every, ...]
-        x = layer_norm(dtype, "final_norm")(x[:, num_patches:])                # [B, T, D]
+        x = layer_norm(dtype, "final_norm")(x if step else x[:, num_patches:])  # [B, T, D]
 
         if cfg.tie_embeddings:
             logits = embed.attend(x)
@@ -88,3 +127,24 @@ class M6(nn.Module):
             logits = nn.Dense(cfg.vocab_size, dtype=dtype, use_bias=False,
                               kernel_init=dense_init(("embed", "vocab")), name="lm_head")(x)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def _prefill_mask(self, batch, num_patches):
+        """bool [B, 1, P+T, P+text_len]: the training mask of [patches | prompt] over all
+        cache slots (slots after the prompt hidden); records the filled slots and index."""
+        b, t = batch["text_tokens"].shape
+        if t > self.text_len:
+            raise ValueError(f"prompt of {t} tokens exceeds data.text_len={self.text_len}")
+        pad = ((0, 0), (0, self.text_len - t))
+        text_mask = jnp.pad(batch["text_mask"], pad)
+        full = prefix_lm_mask(batch["image_mask"], text_mask, jnp.pad(batch["text_is_prefix"], pad))
+        valid = jnp.concatenate([batch["image_mask"], text_mask], axis=1)
+        self.variable("cache", "key_valid", lambda: valid).value = valid
+        self.variable("cache", "index", jnp.zeros, (), jnp.int32).value = jnp.asarray(t, jnp.int32)
+        return full[:, :, : num_patches + t]
+
+    def _step_mask(self, num_patches, pos):
+        """(bool [B, 1, 1, P+text_len], slot): the new token sees every filled slot and itself."""
+        key_valid = self.variable("cache", "key_valid", lambda: None)
+        slot = num_patches + pos
+        key_valid.value = key_valid.value.at[:, slot].set(True)
+        return key_valid.value[:, None, None, :], slot
