@@ -74,7 +74,8 @@ def make_decoder(model, mesh, param_shardings, prompt_len: int, max_new: int, eo
       greedy  argmax; with return_logits also the logits f32 [B, max_new, V] each token
               was chosen from
       sample  softmax(filter_logits(logits, temperature, top_k, top_p)); `rng` (a jax
-              PRNG key, default key(0)) fixes the draws; temperature 0 = greedy
+              PRNG key, default key(0); on several processes a global, replicated one)
+              fixes the draws; temperature 0 = greedy
       beam    `beam_size` beams, GNMT length penalty alpha=`length_penalty` (see
               m6jax/decoding/beam.py); the best beam's tokens
     max_new may reach text_len - prompt_len + 1: the last token is predicted, never fed.
@@ -109,6 +110,13 @@ def make_decoder(model, mesh, param_shardings, prompt_len: int, max_new: int, eo
 
     bs = sharding.batch_sharding(mesh)
     out = (bs, bs) if return_logits and strategy != "beam" else bs
+    if strategy != "sample":
+        # No key argument: greedy and beam take the same inputs as the reference decoder
+        # (no host-made key has to be placed on a multi-process mesh).
+        jitted = jax.jit(lambda p, x, m, t: decode(p, x, m, t, jax.random.key(0)),
+                         in_shardings=(param_shardings, bs, bs, bs), out_shardings=out)
+        return lambda params, patches, image_mask, prompt, rng=None: jitted(
+            params, patches, image_mask, prompt)
     jitted = jax.jit(decode, in_shardings=(param_shardings, bs, bs, bs, NamedSharding(mesh, P())),
                      out_shardings=out)
 
