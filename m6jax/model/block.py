@@ -28,10 +28,9 @@ class Block(nn.Module):
     modality i32 [B, S], valid bool [B, S]) feeds the hash / domain routers and keeps
     padding out of expert capacity. Returns (x, MoE metrics or None).
 
-    With `decode` attention reads and writes the KV cache at `cache_index` (see
-    SelfAttention). The MoE capacity of a prefill is then computed for the whole cache
-    length L = mask.shape[-1], the group size the uncached decoder routes, so the prompt
-    is routed as there; a one-token step gets capacity >= 1 per expert and never drops.
+    With `decode` it returns (x, (keys, values) [B, S, H, Dh]) for the KV cache, and a
+    one-token step reads this layer's cache `cached` ([B, L, H, Dh] each; see
+    SelfAttention). `capacity_tokens` (decode) sets the MoE group size for capacity.
     """
     cfg: Any  # the config's `model` section
     dtype: jnp.dtype = jnp.float32
@@ -39,46 +38,57 @@ class Block(nn.Module):
     use_moe: bool = False
     training: bool = False
     decode: bool = False
+    capacity_tokens: int = 0
 
     @nn.compact
-    def __call__(self, x, mask, route=None, cache_index=None):
+    def __call__(self, x, mask, route=None, cached=None):
         cfg = self.cfg
         h = layer_norm(self.dtype, "pre_attn_norm")(x)
-        x = x + SelfAttention(cfg.num_heads, cfg.emb_dim // cfg.num_heads, self.dtype,
-                              cfg.dropout_rate, self.deterministic, self.decode,
-                              name="attn")(h, mask, cache_index)
+        attn = SelfAttention(cfg.num_heads, cfg.emb_dim // cfg.num_heads, self.dtype,
+                             cfg.dropout_rate, self.deterministic, self.decode, name="attn")
+        if self.decode:
+            y, kv = attn(h, mask, cached)
+        else:
+            y = attn(h, mask)
+        x = x + y
         h = layer_norm(self.dtype, "pre_mlp_norm")(x)
         metrics = None
         if self.use_moe:
-            prefill = self.decode and x.shape[1] > 1
             y, metrics = MoeMlp(cfg.moe, cfg.mlp_dim, cfg.mlp_activation, self.dtype,
                                 cfg.dropout_rate, self.deterministic, self.training,
-                                capacity_tokens=mask.shape[-1] if prefill else 0,
-                                name="moe")(h, *route)
+                                capacity_tokens=self.capacity_tokens, name="moe")(h, *route)
             x = x + y
         else:
             x = x + Mlp(cfg.mlp_dim, cfg.mlp_activation, self.dtype, cfg.dropout_rate,
                         self.deterministic, name="mlp")(h)
-        return constrain(x, ("batch", "length", "act_embed")), metrics
+        x = constrain(x, ("batch", "length", "act_embed"))
+        return (x, kv) if self.decode else (x, metrics)
 
 
 class BlockGroup(nn.Module):
     """`moe.every` blocks, the last one MoE: the scanned unit of an MoE stack, so the
-    scan stays over identical units. Returns (x, the MoE block's metrics)."""
+    scan stays over identical units. Returns (x, the MoE block's metrics); with
+    `decode` (x, (keys, values) [B, every, S, H, Dh]), reading cached [B, every, L, H, Dh]."""
     cfg: Any
     dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
     training: bool = False
     decode: bool = False
+    capacity_tokens: int = 0
 
     @nn.compact
-    def __call__(self, x, mask, route, cache_index=None):
+    def __call__(self, x, mask, route, cached=None):
         every = int(self.cfg.moe.every)
+        kvs = []
         for i in range(every):
-            x, metrics = Block(self.cfg, self.dtype, self.deterministic, i == every - 1,
-                               self.training, self.decode,
-                               name=f"block_{i}")(x, mask, route, cache_index)
-        return x, metrics
+            layer_cache = None if cached is None else (cached[0][:, i], cached[1][:, i])
+            x, out = Block(self.cfg, self.dtype, self.deterministic, i == every - 1,
+                           self.training, self.decode, self.capacity_tokens,
+                           name=f"block_{i}")(x, mask, route, layer_cache)
+            kvs.append(out)
+        if self.decode:
+            return x, tuple(jnp.stack([kv[j] for kv in kvs], axis=1) for j in range(2))
+        return x, out
 
 
 class Stack(nn.Module):
@@ -88,9 +98,10 @@ class Stack(nn.Module):
     the same weights (the Pseudo giant of Pseudo-to-Real); activations and FLOPs are
     those of the full-depth model either way.
 
-    With `decode` every layer keeps its KV cache in the "cache" collection, stacked on
-    axis 1 ([B, layers, L, H, Dh]) so that the batch is the leading axis of every cache
-    array (beam search reorders rows of all of them alike); shared or not, each layer
+    With `decode` (KV-cache generation, see M6) it returns (x, (keys, values) [B,
+    num_layers, S, H, Dh]) of this call for the cache; a step passes the cache
+    `cached` ([B, num_layers, L, H, Dh] each), which the scan reads layer by layer (axis
+    1: the batch stays the leading axis of every cache array). Shared or not, each layer
     has its own cache. Decoding never rematerialises (there is no backward pass).
     """
     cfg: Any
@@ -98,13 +109,14 @@ class Stack(nn.Module):
     deterministic: bool = True
     training: bool = False
     decode: bool = False
+    capacity_tokens: int = 0   # decode: MoE capacity group size (0 = the call's length)
 
     @nn.compact
-    def __call__(self, x, mask, route=None, cache_index=None):
+    def __call__(self, x, mask, route=None, cached=None):
         """Returns (x, MoE metrics stacked over the scanned units, or None if dense)."""
         cfg = self.cfg
         moe = moe_config(cfg)
-        length, block, args = cfg.num_layers, Block, ()
+        length, block, args, every = cfg.num_layers, Block, (), 1
         ctor = (cfg, self.dtype, self.deterministic)
         if moe is not None:
             # The scanned unit holds `every` layers (the last MoE), so units are identical.
@@ -116,20 +128,25 @@ class Stack(nn.Module):
                 ctor = ctor + (True, self.training)   # Block(use_moe=True, training)
         elif self.decode:
             ctor = ctor + (False, self.training)      # Block(use_moe=False, training)
+        in_axes = (nn.broadcast,) * (1 + len(args))
         if self.decode:
-            args, ctor = (route, cache_index), ctor + (True,)
+            ctor = ctor + (True, self.capacity_tokens)
+            if cached is not None and every > 1:      # [B, units, every, L, H, Dh]
+                cached = tuple(c.reshape(c.shape[0], length, every, *c.shape[2:]) for c in cached)
+            args = (route, cached)
+            in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if cached is None else 1)
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none" and not self.decode:
             block = nn.remat(block, policy=policy, prevent_cse=False)
-        cache_axes = {"cache": 1} if self.decode else {}
         if cfg.share_layers:
-            scan_kw = dict(variable_broadcast="params", split_rngs={"params": False},
-                           variable_axes=cache_axes)
+            scan_kw = dict(variable_broadcast="params", split_rngs={"params": False})
         else:
-            scan_kw = dict(variable_axes={"params": 0, **cache_axes}, split_rngs={"params": True},
+            scan_kw = dict(variable_axes={"params": 0}, split_rngs={"params": True},
                            metadata_params={nn.PARTITION_NAME: "layers"})
-        scanned = nn.scan(block, length=length, in_axes=(nn.broadcast,) * (1 + len(args)),
+        scanned = nn.scan(block, length=length, in_axes=in_axes, out_axes=1 if self.decode else 0,
                           split_rngs={**scan_kw.pop("split_rngs"), "dropout": True},
                           **scan_kw)
-        x, metrics = scanned(*ctor, name="layers")(x, mask, *args)
-        return x, metrics
+        x, out = scanned(*ctor, name="layers")(x, mask, *args)
+        if self.decode and every > 1:                 # [B, units, every, S, ...] -> layers
+            out = tuple(o.reshape(o.shape[0], cfg.num_layers, *o.shape[3:]) for o in out)
+        return x, out

@@ -41,11 +41,12 @@ class M6(nn.Module):
 
         With `decode`, a batch with `patches` is a *prefill*: the same forward pass over
         [patches | T prompt tokens] (T <= text_len), which also fills the "cache"
-        collection (per-layer keys/values [B, layers, P + text_len, H, Dh], the filled
-        slots `key_valid` bool [B, P + text_len] and `index`, the next text position =
-        T). A batch holding only `text_tokens` i32 [B, 1] is one *step*: the token is
-        embedded at text position `index` (shared by all rows), attends causally to the
-        cache, is written into it, and its logits [B, 1, vocab] are returned.
+        collection: `key`, `value` [B, num_layers, P + text_len, H, Dh] (compute dtype),
+        the filled slots `key_valid` bool [B, P + text_len] and `index` i32 [], the next
+        text position (= T). A batch holding only `text_tokens` i32 [B, 1] is one
+        *step*: the token is embedded at text position `index` (shared by all rows),
+        attends to the filled slots and itself, its keys/values are written into slot
+        P + index, and its logits [B, 1, vocab] are returned.
         """
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -91,18 +92,21 @@ class M6(nn.Module):
             x = jnp.concatenate([img + modality[0], txt + modality[1]], axis=1)  # [B, P+T, D]
         x = constrain(x, ("batch", "length", "act_embed"))
 
-        cache_index = None
+        cached = None
         if step:
-            mask, cache_index = self._step_mask(num_patches, pos)
-            index.value = pos + 1
-        elif self.decode:
-            mask = self._prefill_mask(batch, num_patches)
-            cache_index = jnp.zeros((), jnp.int32)
+            key_valid = self.variable("cache", "key_valid", lambda: None)
+            kv_vars = [self.variable("cache", n, lambda: None) for n in ("key", "value")]
+            cached = tuple(v.value for v in kv_vars)
+            mask = key_valid.value[:, None, None, :]                 # [B, 1, 1, L]: filled
         else:
             mask = prefix_lm_mask(batch["image_mask"], batch["text_mask"], batch["text_is_prefix"])
-        stack = Stack(cfg, dtype, self.deterministic, self.training, self.decode, name="stack")
+        # MoE capacity in a prefill is that of a whole P + text_len sequence, the group
+        # the uncached decoder routes; a one-token step gets >= 1 slot per expert.
+        capacity_tokens = num_patches + self.text_len if self.decode and not step else 0
+        stack = Stack(cfg, dtype, self.deterministic, self.training, self.decode,
+                      capacity_tokens, name="stack")
         if moe_config(cfg) is None:
-            x, _ = stack(x, mask, None, cache_index)
+            x, kv = stack(x, mask, None, cached)
         else:
             # Hash routing keys on token ids; image patches hash by position (negative
             # ids never collide with the vocabulary). Domain routing keys on modality.
@@ -117,8 +121,16 @@ class M6(nn.Module):
                                             jnp.ones((b, t), jnp.int32)], axis=1)
                 valid = jnp.concatenate([batch["image_mask"], batch["text_mask"]], axis=1)
                 route = (token_ids, modality, valid)
-            x, metrics = stack(x, mask, route, cache_index)
-            self.sow("intermediates", "moe", metrics)  # per MoE layer, [L / every, ...]
+            x, kv = stack(x, mask, route, cached)
+            if not self.decode:
+                self.sow("intermediates", "moe", kv)  # MoE metrics per MoE layer, [L / every, ...]
+        if step:
+            slot = num_patches + pos
+            _write_cache(kv_vars, kv, slot)
+            key_valid.value = key_valid.value.at[:, slot].set(True)
+            index.value = pos + 1
+        elif self.decode:
+            self._prefill_cache(batch, kv)
         x = layer_norm(dtype, "final_norm")(x if step else x[:, num_patches:])  # [B, T, D]
 
         if cfg.tie_embeddings:
@@ -128,23 +140,24 @@ class M6(nn.Module):
                               kernel_init=dense_init(("embed", "vocab")), name="lm_head")(x)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
-    def _prefill_mask(self, batch, num_patches):
-        """bool [B, 1, P+T, P+text_len]: the training mask of [patches | prompt] over all
-        cache slots (slots after the prompt hidden); records the filled slots and index."""
+    def _prefill_cache(self, batch, kv):
+        """Creates the cache from a prefill's keys/values [B, num_layers, P+T, H, Dh]."""
         b, t = batch["text_tokens"].shape
         if t > self.text_len:
             raise ValueError(f"prompt of {t} tokens exceeds data.text_len={self.text_len}")
-        pad = ((0, 0), (0, self.text_len - t))
-        text_mask = jnp.pad(batch["text_mask"], pad)
-        full = prefix_lm_mask(batch["image_mask"], text_mask, jnp.pad(batch["text_is_prefix"], pad))
-        valid = jnp.concatenate([batch["image_mask"], text_mask], axis=1)
-        self.variable("cache", "key_valid", lambda: valid).value = valid
+        text_mask = jnp.pad(batch["text_mask"], ((0, 0), (0, self.text_len - t)))
+        valid = jnp.concatenate([batch["image_mask"], text_mask], axis=1)      # [B, L]
+        shape = kv[0].shape[:2] + valid.shape[1:] + kv[0].shape[3:]
+        kv_vars = [self.variable("cache", n, jnp.zeros, shape, kv[0].dtype) for n in ("key", "value")]
+        self.variable("cache", "key_valid", lambda: valid)
         self.variable("cache", "index", jnp.zeros, (), jnp.int32).value = jnp.asarray(t, jnp.int32)
-        return full[:, :, : num_patches + t]
+        _write_cache(kv_vars, kv, 0)
 
-    def _step_mask(self, num_patches, pos):
-        """(bool [B, 1, 1, P+text_len], slot): the new token sees every filled slot and itself."""
-        key_valid = self.variable("cache", "key_valid", lambda: None)
-        slot = num_patches + pos
-        key_valid.value = key_valid.value.at[:, slot].set(True)
-        return key_valid.value[:, None, None, :], slot
+
+def _write_cache(kv_vars, kv, slot):
+    """Writes keys/values [B, num_layers, S, H, Dh] at slot `slot` of the cache (in place
+    inside the decode loop: one small update per step for all layers)."""
+    for var, new in zip(kv_vars, kv):
+        var.value = constrain(jax.lax.dynamic_update_slice_in_dim(
+            var.value, new.astype(var.value.dtype), slot, axis=2),
+            ("batch", None, "length", "heads", "kv"))
