@@ -12,7 +12,6 @@ data.image_size and scaled to [0, 1] as the training digits (light backgrounds a
 inverted unless --invert=no: the digits are bright ink on black). --prompt: text
 continued as in the lm task (prefix [<lm>], the text attends causally).
 """
-import json
 import os
 import sys
 
@@ -41,28 +40,6 @@ _INVERT = flags.DEFINE_enum("invert", "auto", ["auto", "yes", "no"],
                             "Invert --image (auto: if its mean is above 0.5).")
 
 
-def newest_checkpoint(workdir: str) -> str:
-    from m6jax.checkpoint import checkpoint_dir
-    root = checkpoint_dir(workdir)
-    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-    if not steps:
-        sys.exit(f"no checkpoint in {root}: train one first, e.g.\n  python experiments/"
-                 f"pretrain.py --config=experiments/configs/m6.py:tiny --workdir={workdir}")
-    return os.path.join(root, str(steps[-1]))
-
-
-def load_config(step_dir: str):
-    """The config the run saved in the checkpoint's meta item."""
-    import ml_collections
-    path = os.path.join(step_dir, "meta", "metadata")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f)["config"])
-    except (OSError, KeyError, ValueError) as e:
-        sys.exit(f"cannot read the run's config from {path} ({e}); is {step_dir} a checkpoint "
-                 "written by experiments/pretrain.py?")
-
-
 def load_image_patches(path: str, data_cfg, invert: str):
     """Image file -> patches f32 [P, patch_dim], preprocessed like the training images."""
     import numpy as np
@@ -83,33 +60,22 @@ def main(argv):
     import jax
     import numpy as np
 
-    from m6jax import checkpoint, generate, sharding
+    from m6jax import generate, sharding
     from m6jax.data import tokenizer as tokenizer_lib
-    from m6jax.train.loop import build_model
-    from m6jax.train.state import dummy_batch
+    from m6jax.decoding.run import load_run
 
     workdir = os.path.abspath(_WORKDIR.value)
-    step_dir = newest_checkpoint(workdir)
-    config = load_config(step_dir)
+    try:
+        config, model, mesh, params, param_sh, step_dir = load_run(workdir)
+    except ValueError as e:
+        sys.exit(str(e))
     d = config.data
+    num_patches = (d.image_size // d.patch_size) ** 2
+    patch_dim = d.patch_size ** 2 * d.image_channels
     tok_path = d.tokenizer_path or os.path.join(workdir, "tokenizer.model")
     if not os.path.isfile(tok_path):
         sys.exit(f"no tokenizer at {tok_path}: the run's pretraining writes it there")
     tok = tokenizer_lib.Tokenizer(tok_path)
-
-    # ---- Model and params, data-parallel over this host's devices.
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, expert=1))
-    model = build_model(config)
-    num_patches = (d.image_size // d.patch_size) ** 2
-    patch_dim = d.patch_size ** 2 * d.image_channels
-    import flax.linen as nn
-    with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        boxed = jax.eval_shape(lambda: model.init(
-            jax.random.key(0), dummy_batch(1, num_patches, patch_dim, d.text_len))["params"])
-    param_sh = sharding.tree_shardings(mesh, boxed)
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            nn.meta.unbox(boxed), param_sh)
-    params = checkpoint.load_params(step_dir, abstract)
 
     # ---- What to decode: rows of (patches, image_mask), one prompt for all.
     labels = None
