@@ -1,8 +1,9 @@
 """Prefill and one-token steps of M6(decode=True), and reordering the cache's rows.
 
-Cache layout (a "cache" collection pytree, batch first in every array so rows can be
-gathered alike): per layer keys and values [B, layers, P + text_len, H, Dh] (compute
-dtype), `key_valid` bool [B, P + text_len] (filled slots) and `index` i32 [] (the next
+Cache layout (the "cache" collection, batch first in every array so rows can be
+gathered alike): `key`, `value` [B, num_layers, P + text_len, H, Dh] (compute dtype;
+the scanned layers read their slice, the model writes one slot per step for all
+layers), `key_valid` bool [B, P + text_len] (filled slots) and `index` i32 [] (the next
 text position, shared by all rows: every row of a batch has the same prompt length).
 """
 from __future__ import annotations
