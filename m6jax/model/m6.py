@@ -56,12 +56,12 @@ class M6(nn.Module):
         if not step:
             # Image: linear projection of flattened patches + row/column position.
             img = nn.Dense(cfg.emb_dim, dtype=dtype, kernel_init=dense_init(("patch", "embed")),
-                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                  ("norm",)),
                            name="patch_proj")(batch["patches"].astype(dtype))
-            rows = self.param("patch_row_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
-                              (self.image_grid, cfg.emb_dim))
-            cols = self.param("patch_col_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
-                              (self.image_grid, cfg.emb_dim))
+            pos_init = nn.with_logical_partitioning(_EMB_INIT, (None, "embed"))
+            rows = self.param("patch_row_emb", pos_init, (self.image_grid, cfg.emb_dim))
+            cols = self.param("patch_col_emb", pos_init, (self.image_grid, cfg.emb_dim))
             grid_pos = (rows[:, None, :] + cols[None, :, :]).reshape(num_patches, cfg.emb_dim)
             img = img + grid_pos.astype(dtype)
 
@@ -70,7 +70,8 @@ class M6(nn.Module):
                          embedding_init=nn.with_logical_partitioning(_EMB_INIT, ("vocab", "embed")),
                          name="token_emb")
         txt = embed(batch["text_tokens"])
-        txt_pos = self.param("text_pos_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
+        txt_pos = self.param("text_pos_emb",
+                             nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
                              (self.text_len, cfg.emb_dim))
         b, t = batch["text_tokens"].shape
         if step:
@@ -84,7 +85,8 @@ class M6(nn.Module):
             txt = txt + txt_pos[: txt.shape[1]].astype(dtype)
 
         # Modality embedding: 0 = image, 1 = text.
-        modality = self.param("modality_emb", nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
+        modality = self.param("modality_emb",
+                              nn.with_logical_partitioning(_EMB_INIT, (None, "embed")),
                               (2, cfg.emb_dim)).astype(dtype)
         if step:
             x = txt + modality[1]                                               # [B, 1, D]
@@ -105,8 +107,9 @@ class M6(nn.Module):
         capacity_tokens = num_patches + self.text_len if self.decode and not step else 0
         stack = Stack(cfg, dtype, self.deterministic, self.training, self.decode,
                       capacity_tokens, name="stack")
+        # ys: MoE metrics (training, eval) or this call's keys/values (decode).
         if moe_config(cfg) is None:
-            x, kv = stack(x, mask, None, cached)
+            x, ys = stack(x, mask, None, cached)
         else:
             # Hash routing keys on token ids; image patches hash by position (negative
             # ids never collide with the vocabulary). Domain routing keys on modality.
@@ -121,16 +124,16 @@ class M6(nn.Module):
                                             jnp.ones((b, t), jnp.int32)], axis=1)
                 valid = jnp.concatenate([batch["image_mask"], batch["text_mask"]], axis=1)
                 route = (token_ids, modality, valid)
-            x, kv = stack(x, mask, route, cached)
+            x, ys = stack(x, mask, route, cached)
             if not self.decode:
-                self.sow("intermediates", "moe", kv)  # MoE metrics per MoE layer, [L / every, ...]
+                self.sow("intermediates", "moe", ys)  # per MoE layer, [L / every, ...]
         if step:
             slot = num_patches + pos
-            _write_cache(kv_vars, kv, slot)
+            _write_cache(kv_vars, ys, slot)
             key_valid.value = key_valid.value.at[:, slot].set(True)
             index.value = pos + 1
         elif self.decode:
-            self._prefill_cache(batch, kv)
+            self._prefill_cache(batch, ys)
         x = layer_norm(dtype, "final_norm")(x if step else x[:, num_patches:])  # [B, T, D]
 
         if cfg.tie_embeddings:
@@ -148,7 +151,8 @@ class M6(nn.Module):
         text_mask = jnp.pad(batch["text_mask"], ((0, 0), (0, self.text_len - t)))
         valid = jnp.concatenate([batch["image_mask"], text_mask], axis=1)      # [B, L]
         shape = kv[0].shape[:2] + valid.shape[1:] + kv[0].shape[3:]
-        kv_vars = [self.variable("cache", n, jnp.zeros, shape, kv[0].dtype) for n in ("key", "value")]
+        kv_vars = [self.variable("cache", n, jnp.zeros, shape, kv[0].dtype)
+                   for n in ("key", "value")]
         self.variable("cache", "key_valid", lambda: valid)
         self.variable("cache", "index", jnp.zeros, (), jnp.int32).value = jnp.asarray(t, jnp.int32)
         _write_cache(kv_vars, kv, 0)
