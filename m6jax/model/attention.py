@@ -11,16 +11,24 @@ _QKV_AXES = ("batch", "length", "heads", "kv")
 
 
 class SelfAttention(nn.Module):
-    """[B, S, D] -> [B, S, D] masked multi-head attention (softmax in float32)."""
+    """[B, S, D] -> [B, S, D] masked multi-head attention (softmax in float32).
+
+    With `decode` it also returns this call's keys and values ([B, S, H, Dh] each) for
+    the caller's KV cache, and a one-token step (`cached` given) attends to the cache's
+    filled slots plus its own key; the cache itself is only read here (the model writes
+    the new slot once for all layers, so no step copies the whole cache).
+    """
     num_heads: int
     head_dim: int
     dtype: jnp.dtype = jnp.float32
     dropout_rate: float = 0.0
     deterministic: bool = True
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x, mask):
-        """x: [B, S, D]; mask: bool [B, 1, S, S] (True = may attend)."""
+    def __call__(self, x, mask, cached=None):
+        """x: [B, S, D]; mask: bool [B, 1, S, S] (True = may attend), or for a step
+        [B, 1, 1, L] over the cache slots; cached: (keys, values) [B, L, H, Dh] or None."""
         d, h, dh = x.shape[-1], self.num_heads, self.head_dim
         # Kernels are created at their full [D, H, Dh] shape (flax's DenseGeneral would
         # box a flattened kernel with the wrong number of logical axes).
@@ -30,10 +38,31 @@ class SelfAttention(nn.Module):
                                         self.param(n, qkv_init, (d, h, dh)).astype(self.dtype)),
                              _QKV_AXES)
                    for n in ("query", "key", "value"))
-        # jax's fused op can use cuDNN flash attention on GPU; the XLA path elsewhere.
-        out = constrain(jax.nn.dot_product_attention(q, k, v, mask=mask), _QKV_AXES)
+        if cached is None:
+            # jax's fused op can use cuDNN flash attention on GPU; the XLA path elsewhere.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        else:
+            out = _attend_step(q, k, v, cached, mask)
+        out = constrain(out, _QKV_AXES)
         wo = self.param("out", dense_init(("heads", "kv", "embed"), in_axis=(0, 1), out_axis=2),
                         (h, dh, d))
         out = jnp.einsum("bshk,hkd->bsd", out, wo.astype(self.dtype))
         out = nn.Dropout(self.dropout_rate)(out, deterministic=self.deterministic)
-        return constrain(out, ("batch", "length", "act_embed"))
+        out = constrain(out, ("batch", "length", "act_embed"))
+        return (out, (k, v)) if self.decode else out
+
+
+def _attend_step(q, k, v, cached, mask):
+    """One query [B, 1, H, Dh] over the cache [B, L, H, Dh] (slots where mask [B, 1, 1, L])
+    and its own key/value [B, 1, H, Dh]; softmax in float32 over the L + 1 scores."""
+    ck, cv = cached
+    scale = q.shape[-1] ** -0.5
+    s_cache = jnp.einsum("bqhd,bkhd->bhqk", q, ck).astype(jnp.float32) * scale   # [B, H, 1, L]
+    s_cache = jnp.where(mask, s_cache, -jnp.inf)
+    s_self = jnp.einsum("bqhd,bqhd->bhq", q, k).astype(jnp.float32)[..., None] * scale
+    top = jnp.maximum(jnp.max(s_cache, -1, keepdims=True), s_self)
+    p_cache, p_self = jnp.exp(s_cache - top), jnp.exp(s_self - top)            # [B, H, 1, *]
+    norm = jnp.sum(p_cache, -1, keepdims=True) + p_self
+    out = (jnp.einsum("bhqk,bkhd->bqhd", (p_cache / norm).astype(cv.dtype), cv)
+           + jnp.einsum("bhqk,bqhd->bqhd", (p_self / norm).astype(v.dtype), v))
+    return out.astype(q.dtype)

@@ -27,47 +27,68 @@ class Block(nn.Module):
     With `use_moe` the Mlp is the MoE layer (`moe`); `route` = (token_ids i32 [B, S],
     modality i32 [B, S], valid bool [B, S]) feeds the hash / domain routers and keeps
     padding out of expert capacity. Returns (x, MoE metrics or None).
+
+    With `decode` it returns (x, (keys, values) [B, S, H, Dh]) for the KV cache, and a
+    one-token step reads this layer's cache `cached` ([B, L, H, Dh] each; see
+    SelfAttention). `capacity_tokens` (decode) sets the MoE group size for capacity.
     """
     cfg: Any  # the config's `model` section
     dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
     use_moe: bool = False
     training: bool = False
+    decode: bool = False
+    capacity_tokens: int = 0
 
     @nn.compact
-    def __call__(self, x, mask, route=None):
+    def __call__(self, x, mask, route=None, cached=None):
         cfg = self.cfg
         h = layer_norm(self.dtype, "pre_attn_norm")(x)
-        x = x + SelfAttention(cfg.num_heads, cfg.emb_dim // cfg.num_heads, self.dtype,
-                              cfg.dropout_rate, self.deterministic, name="attn")(h, mask)
+        attn = SelfAttention(cfg.num_heads, cfg.emb_dim // cfg.num_heads, self.dtype,
+                             cfg.dropout_rate, self.deterministic, self.decode, name="attn")
+        if self.decode:
+            y, kv = attn(h, mask, cached)
+        else:
+            y = attn(h, mask)
+        x = x + y
         h = layer_norm(self.dtype, "pre_mlp_norm")(x)
         metrics = None
         if self.use_moe:
             y, metrics = MoeMlp(cfg.moe, cfg.mlp_dim, cfg.mlp_activation, self.dtype,
                                 cfg.dropout_rate, self.deterministic, self.training,
-                                name="moe")(h, *route)
+                                capacity_tokens=self.capacity_tokens, name="moe")(h, *route)
             x = x + y
         else:
             x = x + Mlp(cfg.mlp_dim, cfg.mlp_activation, self.dtype, cfg.dropout_rate,
                         self.deterministic, name="mlp")(h)
-        return constrain(x, ("batch", "length", "act_embed")), metrics
+        x = constrain(x, ("batch", "length", "act_embed"))
+        return (x, kv) if self.decode else (x, metrics)
 
 
 class BlockGroup(nn.Module):
     """`moe.every` blocks, the last one MoE: the scanned unit of an MoE stack, so the
-    scan stays over identical units. Returns (x, the MoE block's metrics)."""
+    scan stays over identical units. Returns (x, the MoE block's metrics); with
+    `decode` (x, (keys, values) [B, every, S, H, Dh]), reading cached [B, every, L, H, Dh]."""
     cfg: Any
     dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
     training: bool = False
+    decode: bool = False
+    capacity_tokens: int = 0
 
     @nn.compact
-    def __call__(self, x, mask, route):
+    def __call__(self, x, mask, route, cached=None):
         every = int(self.cfg.moe.every)
+        kvs = []
         for i in range(every):
-            x, metrics = Block(self.cfg, self.dtype, self.deterministic, i == every - 1,
-                               self.training, name=f"block_{i}")(x, mask, route)
-        return x, metrics
+            layer_cache = None if cached is None else (cached[0][:, i], cached[1][:, i])
+            x, out = Block(self.cfg, self.dtype, self.deterministic, i == every - 1,
+                           self.training, self.decode, self.capacity_tokens,
+                           name=f"block_{i}")(x, mask, route, layer_cache)
+            kvs.append(out)
+        if self.decode:
+            return x, tuple(jnp.stack([kv[j] for kv in kvs], axis=1) for j in range(2))
+        return x, out
 
 
 class Stack(nn.Module):
@@ -76,18 +97,26 @@ class Stack(nn.Module):
     With `share_layers` the block parameters have no layer axis and every layer applies
     the same weights (the Pseudo giant of Pseudo-to-Real); activations and FLOPs are
     those of the full-depth model either way.
+
+    With `decode` (KV-cache generation, see M6) it returns (x, (keys, values) [B,
+    num_layers, S, H, Dh]) of this call for the cache; a step passes the cache
+    `cached` ([B, num_layers, L, H, Dh] each), which the scan reads layer by layer (axis
+    1: the batch stays the leading axis of every cache array). Shared or not, each layer
+    has its own cache. Decoding never rematerialises (there is no backward pass).
     """
     cfg: Any
     dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
     training: bool = False
+    decode: bool = False
+    capacity_tokens: int = 0   # decode: MoE capacity group size (0 = the call's length)
 
     @nn.compact
-    def __call__(self, x, mask, route=None):
+    def __call__(self, x, mask, route=None, cached=None):
         """Returns (x, MoE metrics stacked over the scanned units, or None if dense)."""
         cfg = self.cfg
         moe = moe_config(cfg)
-        length, block, args = cfg.num_layers, Block, ()
+        length, block, args, every = cfg.num_layers, Block, (), 1
         ctor = (cfg, self.dtype, self.deterministic)
         if moe is not None:
             # The scanned unit holds `every` layers (the last MoE), so units are identical.
@@ -97,16 +126,27 @@ class Stack(nn.Module):
                 block, ctor = BlockGroup, ctor + (self.training,)
             else:
                 ctor = ctor + (True, self.training)   # Block(use_moe=True, training)
+        elif self.decode:
+            ctor = ctor + (False, self.training)      # Block(use_moe=False, training)
+        in_axes = (nn.broadcast,) * (1 + len(args))
+        if self.decode:
+            ctor = ctor + (True, self.capacity_tokens)
+            if cached is not None and every > 1:      # [B, units, every, L, H, Dh]
+                cached = tuple(c.reshape(c.shape[0], length, every, *c.shape[2:]) for c in cached)
+            args = (route, cached)
+            in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if cached is None else 1)
         policy = REMAT_POLICIES[cfg.remat_policy]
-        if cfg.remat_policy != "none":
+        if cfg.remat_policy != "none" and not self.decode:
             block = nn.remat(block, policy=policy, prevent_cse=False)
         if cfg.share_layers:
             scan_kw = dict(variable_broadcast="params", split_rngs={"params": False})
         else:
             scan_kw = dict(variable_axes={"params": 0}, split_rngs={"params": True},
                            metadata_params={nn.PARTITION_NAME: "layers"})
-        scanned = nn.scan(block, length=length, in_axes=(nn.broadcast,) * (1 + len(args)),
+        scanned = nn.scan(block, length=length, in_axes=in_axes, out_axes=1 if self.decode else 0,
                           split_rngs={**scan_kw.pop("split_rngs"), "dropout": True},
                           **scan_kw)
-        x, metrics = scanned(*ctor, name="layers")(x, mask, *args)
-        return x, metrics
+        x, out = scanned(*ctor, name="layers")(x, mask, *args)
+        if self.decode and every > 1:                 # [B, units, every, S, ...] -> layers
+            out = tuple(o.reshape(o.shape[0], cfg.num_layers, *o.shape[3:]) for o in out)
+        return x, out

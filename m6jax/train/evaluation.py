@@ -5,7 +5,7 @@ import jax
 import numpy as np
 
 from m6jax import distributed, sharding
-from m6jax.generate import make_greedy_decoder, pad_rows
+from m6jax.generate import make_cached_greedy_decoder, pad_rows
 
 LANGS = ("en", "zh")
 
@@ -36,8 +36,8 @@ class Evaluator:
         if any(len(p) != prompt_len for p in self.prompts.values()):
             raise ValueError("caption prompts of all languages must have the same length")
         max_new = min(caption_max_new, pipe.text_len - prompt_len)
-        self.decode = make_greedy_decoder(model, mesh, param_shardings, prompt_len, max_new,
-                                          eos_id=pipe.tokenizer.eos_id)
+        self.decode = make_cached_greedy_decoder(model, mesh, param_shardings, prompt_len,
+                                                 max_new, eos_id=pipe.tokenizer.eos_id)
         self.decode_batch = max(self.shards, decode_batch // self.shards * self.shards)
 
     def losses(self, params) -> dict[str, float]:

@@ -41,6 +41,7 @@ class MoeMlp(nn.Module):
     dropout_rate: float = 0.0
     deterministic: bool = True
     training: bool = False      # picks capacity_factor vs eval_capacity_factor, jitter
+    capacity_tokens: int = 0    # group size the capacity is computed for; 0 = S (decode: L)
 
     @nn.compact
     def __call__(self, x, token_ids=None, modality=None, valid=None):
@@ -70,7 +71,7 @@ class MoeMlp(nn.Module):
             y = dsp.dropless(x, routing, wi, wo, hidden)
             kept = jnp.broadcast_to(valid[..., None], routing.expert_index.shape)
         else:
-            cap = dsp.expert_capacity(s, k, e, float(factor))
+            cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))
             slots = dsp.assign_slots(routing, e, cap, valid)
             if cfg.dispatch == "einsum":
                 xe, combine = dsp.dispatch_einsum(x, routing, slots, e, cap)

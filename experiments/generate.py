@@ -1,0 +1,135 @@
+r"""Generate with a trained M6: captions of images or continuations of text (KV cache).
+
+  python experiments/generate.py --workdir=/tmp/m6                      # held-out digits
+  python experiments/generate.py --workdir=/tmp/m6 --image=digit.png --lang=zh
+  python experiments/generate.py --workdir=/tmp/m6 --prompt="今天天气" --strategy=sample \
+      --temperature=0.8 --top_p=0.9 --num_samples=3
+  python experiments/generate.py --workdir=/tmp/m6 --strategy=beam --beam_size=4
+
+Reads the config stored with the newest checkpoint of --workdir, its params and the
+run's tokenizer. --image: any PNG/JPEG, converted to grayscale, resized to
+data.image_size and scaled to [0, 1] as the training digits (light backgrounds are
+inverted unless --invert=no: the digits are bright ink on black). --prompt: text
+continued as in the lm task (prefix [<lm>], the text attends causally).
+"""
+import os
+import sys
+
+# Runnable as a script from a clone without installing: make `m6jax` importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining run's --workdir.")
+flags.mark_flags_as_required(["workdir"])
+_IMAGE = flags.DEFINE_string("image", "", "Image file to caption.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (text only).")
+_STRATEGY = flags.DEFINE_enum("strategy", "greedy", ["greedy", "sample", "beam"], "Decoding.")
+_LANG = flags.DEFINE_enum("lang", "en", ["en", "zh"], "Caption language.")
+_MAX_NEW = flags.DEFINE_integer("max_new", 0, "New tokens; 0 = 16 for captions, as many as "
+                                "fit data.text_len for --prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = greedy).")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = all).")
+_BEAM_SIZE = flags.DEFINE_integer("beam_size", 4, "Beams for --strategy=beam.")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6, "GNMT alpha for beam search.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Outputs per image/prompt (sampling).")
+_NUM_DIGITS = flags.DEFINE_integer("num_digits", 8, "Held-out digits to caption.")
+_INVERT = flags.DEFINE_enum("invert", "auto", ["auto", "yes", "no"],
+                            "Invert --image (auto: if its mean is above 0.5).")
+
+
+def load_image_patches(path: str, data_cfg, invert: str):
+    """Image file -> patches f32 [P, patch_dim], preprocessed like the training images."""
+    import numpy as np
+    from m6jax.data import images
+    if not os.path.isfile(path):
+        sys.exit(f"--image={path}: no such file")
+    image = images.load_image(os.path.abspath(path), "", data_cfg.image_size, data_cfg.image_channels)
+    if invert == "yes" or (invert == "auto" and image.mean() > 0.5):
+        image = 1.0 - image
+    return images.patchify(image, data_cfg.patch_size).astype(np.float32)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _IMAGE.value and _PROMPT.value:
+        sys.exit("give --image (caption it) or --prompt (continue the text), not both")
+    import jax
+    import numpy as np
+
+    from m6jax import generate, sharding
+    from m6jax.data import tokenizer as tokenizer_lib
+    from m6jax.decoding.run import load_run
+
+    workdir = os.path.abspath(_WORKDIR.value)
+    try:
+        config, model, mesh, params, param_sh, step_dir = load_run(workdir)
+    except ValueError as e:
+        sys.exit(str(e))
+    d = config.data
+    num_patches = (d.image_size // d.patch_size) ** 2
+    patch_dim = d.patch_size ** 2 * d.image_channels
+    tok_path = d.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        sys.exit(f"no tokenizer at {tok_path}: the run's pretraining writes it there")
+    tok = tokenizer_lib.Tokenizer(tok_path)
+
+    # ---- What to decode: rows of (patches, image_mask), one prompt for all.
+    labels = None
+    if _PROMPT.value:
+        prompt = [tok.lm_id] + tok.encode(_PROMPT.value)
+        if len(prompt) > d.text_len:
+            sys.exit(f"--prompt is {len(prompt) - 1} tokens; data.text_len={d.text_len} of this "
+                     f"run fits at most {d.text_len - 1}: shorten it")
+        num_prefix, patches = 1, np.zeros((1, num_patches, patch_dim), np.float32)
+        image_mask = np.zeros((1, num_patches), bool)
+        max_new = _MAX_NEW.value or d.text_len - len(prompt) + 1
+    else:
+        prompt, num_prefix = [tok.caption_id, tok.lang_id(_LANG.value)], None
+        if _IMAGE.value:
+            patches = load_image_patches(_IMAGE.value, d, _INVERT.value)[None]
+        else:
+            from m6jax.data import Pipeline
+            pipe = Pipeline(d, seed=config.seed, batch_size=1, workdir=workdir)
+            patches, _, labels = pipe.caption_eval_set()
+            patches, labels = patches[:_NUM_DIGITS.value], labels[:_NUM_DIGITS.value]
+        image_mask = np.ones(patches.shape[:2], bool)
+        max_new = _MAX_NEW.value or min(16, d.text_len - len(prompt) + 1)
+    reps = _NUM_SAMPLES.value
+    patches, image_mask = np.repeat(patches, reps, 0), np.repeat(image_mask, reps, 0)
+    prompts = np.repeat(np.asarray(prompt, np.int32)[None], len(patches), 0)
+
+    try:
+        decode = generate.make_decoder(
+            model, mesh, param_sh, len(prompt), max_new, tok.eos_id, tok.pad_id,
+            strategy=_STRATEGY.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+            top_p=_TOP_P.value, beam_size=_BEAM_SIZE.value,
+            length_penalty=_LENGTH_PENALTY.value, num_prefix=num_prefix)
+    except ValueError as e:
+        sys.exit(f"flag error: {e}")
+    (patches, image_mask, prompts), n = generate.pad_rows(
+        [patches, image_mask, prompts], sharding.batch_shards(mesh))
+    b = sharding.shard_full_batch(mesh, dict(p=patches, m=image_mask, t=prompts))
+    with jax.set_mesh(mesh):
+        tokens = np.asarray(jax.device_get(decode(params, b["p"], b["m"], b["t"],
+                                                  jax.random.key(_SEED.value))))[:n]
+    texts = [tok.decode(row.tolist()) for row in tokens]
+
+    # ---- Print.
+    step = os.path.basename(step_dir)
+    print(f"step {step} of {workdir} | {_STRATEGY.value} | {max_new} new tokens max")
+    for i, text in enumerate(texts):
+        k = i // reps
+        if _PROMPT.value:
+            print(f"{_PROMPT.value}|{text}")
+        elif labels is not None:
+            print(f"digit {labels[k]}: {text}")
+        else:
+            print(f"{os.path.basename(_IMAGE.value)}: {text}")
+
+
+if __name__ == "__main__":
+    app.run(main)

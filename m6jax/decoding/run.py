@@ -1,0 +1,52 @@
+"""A finished (or running) pretraining run's newest checkpoint: config, model and params."""
+from __future__ import annotations
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from m6jax import checkpoint, sharding
+from m6jax.train.loop import build_model
+from m6jax.train.state import dummy_batch
+
+
+def newest_checkpoint(workdir: str) -> str:
+    """WORKDIR/checkpoints/<newest step>; ValueError naming the pretrain command if none."""
+    root = checkpoint.checkpoint_dir(workdir)
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    if not steps:
+        raise ValueError(f"no checkpoint in {root}: train one first, e.g.\n  python experiments/"
+                         f"pretrain.py --config=experiments/configs/m6.py:tiny --workdir={workdir}")
+    return os.path.join(root, str(steps[-1]))
+
+
+def load_config(step_dir: str) -> ml_collections.ConfigDict:
+    """The config the run saved in the checkpoint's meta item."""
+    path = os.path.join(step_dir, "meta", "metadata")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return ml_collections.ConfigDict(json.load(f)["config"])
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"cannot read the run's config from {path} ({e}); is {step_dir} a "
+                         "checkpoint written by experiments/pretrain.py?") from e
+
+
+def load_run(workdir: str):
+    """(config, model, mesh, params, param_shardings, checkpoint dir) of the newest
+    checkpoint in `workdir`, params data-parallel over this host's devices."""
+    step_dir = newest_checkpoint(workdir)
+    config = load_config(step_dir)
+    d = config.data
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    model = build_model(config)
+    num_patches = (d.image_size // d.patch_size) ** 2
+    example = dummy_batch(1, num_patches, d.patch_size ** 2 * d.image_channels, d.text_len)
+    with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), example)["params"])
+    param_sh = sharding.tree_shardings(mesh, boxed)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            nn.meta.unbox(boxed), param_sh)
+    return config, model, mesh, checkpoint.load_params(step_dir, abstract), param_sh, step_dir
