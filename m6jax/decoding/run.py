@@ -24,11 +24,15 @@ def newest_checkpoint(workdir: str) -> str:
 
 
 def load_config(step_dir: str) -> ml_collections.ConfigDict:
-    """The config the run saved in the checkpoint's meta item."""
+    """The config the run saved in the checkpoint's meta item, with the model of the
+    checkpoint's Pseudo-to-Real stage (a run that delinked has per-layer params)."""
     path = os.path.join(step_dir, "meta", "metadata")
     try:
         with open(path, encoding="utf-8") as f:
-            return ml_collections.ConfigDict(json.load(f)["config"])
+            meta = json.load(f)
+        config = ml_collections.ConfigDict(meta["config"])
+        config.model.share_layers = meta.get("stage", "real") == "pseudo"
+        return config
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"cannot read the run's config from {path} ({e}); is {step_dir} a "
                          "checkpoint written by experiments/pretrain.py?") from e

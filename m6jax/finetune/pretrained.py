@@ -25,6 +25,7 @@ class Pretrained:
     workdir: str
     config: dict  # the pretraining config as stored in the checkpoint meta (JSON)
     tokenizer_path: str
+    stage: str = "real"  # Pseudo-to-Real stage of the checkpoint: its params' layout
 
 
 def resolve(init_from: str) -> Pretrained:
@@ -48,7 +49,8 @@ def resolve(init_from: str) -> Pretrained:
     meta_file = os.path.join(path, "meta", "metadata")
     try:
         with open(meta_file, encoding="utf-8") as f:
-            config = json.load(f)["config"]
+            meta = json.load(f)
+        config = meta["config"]
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"config.init_from={init_from!r}: {meta_file} has no stored pretraining "
                          f"config ({type(e).__name__}); the checkpoint must come from "
@@ -59,7 +61,7 @@ def resolve(init_from: str) -> Pretrained:
         raise ValueError(f"config.init_from={init_from!r}: the pretraining tokenizer "
                          f"{tokenizer_path} is missing; fine-tuning must use the tokenizer the "
                          f"checkpoint was trained with, so {_PATH_HELP} inside that run's workdir")
-    return Pretrained(path, workdir, config, tokenizer_path)
+    return Pretrained(path, workdir, config, tokenizer_path, meta.get("stage", "real"))
 
 
 def run_config(ft_config, pretrained: Pretrained) -> ml_collections.ConfigDict:
@@ -76,4 +78,9 @@ def run_config(ft_config, pretrained: Pretrained) -> ml_collections.ConfigDict:
     c.eval_every = c.total_steps
     c.checkpoint_every = 0  # fine-tune runs are short and not checkpointed
     c.data.tokenizer_path = pretrained.tokenizer_path
+    # A Pseudo-to-Real run's config says share_layers=True, but its checkpoint after the
+    # switch holds per-layer (Real) params: the checkpoint's stage decides, no switch here.
+    c.model.share_layers = pretrained.stage == "pseudo"
+    if "pseudo_to_real" in c:
+        c.pseudo_to_real.switch_step = 0
     return c
