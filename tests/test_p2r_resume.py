@@ -69,3 +69,15 @@ def test_offload_through_the_entry_point_keeps_the_loss_curve(p2r_reference, cac
     assert _losses(tmp_path) == _losses(p2r_reference)
     # Checkpoints hold the ordinary layout: the Real stage's per-layer arrays.
     assert _steps(tmp_path) == _steps(p2r_reference)
+
+
+def test_generate_and_finetune_load_a_delinked_run(p2r_reference):
+    from configs import finetune_caption
+    from m6jax.decoding.run import load_run
+    from m6jax.finetune import pretrained
+    config, _, _, params, _, _ = load_run(str(p2r_reference))  # config says share_layers
+    assert not config.model.share_layers
+    assert params["stack"]["layers"]["attn"]["query"].shape[0] == 2  # per-layer params
+    pre = pretrained.resolve(str(p2r_reference))
+    assert pre.stage == "real"
+    assert not pretrained.run_config(finetune_caption.get_config(), pre).model.share_layers
