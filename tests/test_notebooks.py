@@ -46,7 +46,13 @@ def inject_parameters(nb, values: dict):
     nb.cells.insert(index + 1, cell)
 
 
-@pytest.mark.parametrize("name", list(PARAMETERS))
+# pseudo_to_real trains two models (each with its final eval and caption decoding): about
+# as long as the other two notebooks together, so it runs with the slow tests.
+CASES = ["quickstart.ipynb", "moe_routing.ipynb",
+         pytest.param("pseudo_to_real.ipynb", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", CASES)
 def test_notebook_runs_and_plots(name, tmp_path, tokenizer):
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
