@@ -61,10 +61,14 @@ print("backend:", jax.default_backend(), "| devices:", jax.devices())
 
 HELPERS = r'''
 import json
+import warnings
 
 import numpy as np
 import matplotlib.pyplot as plt
 %matplotlib inline
+
+warnings.filterwarnings("ignore", message="Glyph .* missing")  # CJK text, no CJK font
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 
 
 def configure(config):
@@ -187,6 +191,8 @@ below undoes for display. After a short run the captions are often empty or wron
 raise `STEPS`.
 '''),
         code(r'''
+import textwrap
+
 from m6jax.train import stages
 
 params, mesh, shardings, pipe = load_trained(config, WORKDIR)
@@ -211,7 +217,8 @@ for i, ax in enumerate(axes.flat):
     ax.axis("off")
     if i < n:
         ax.imshow(unpatchify(patches[i], pipe.patch_size)[..., 0], cmap="gray_r")
-        ax.set_title(f"label {labels[i]}\n{captions['en'][i]!r}", fontsize=8)
+        short = textwrap.shorten(captions["en"][i], 40, placeholder="...")
+        ax.set_title(f"label {labels[i]}\n" + "\n".join(textwrap.wrap(repr(short), 22)), fontsize=8)
 plt.tight_layout()
 plt.show()
 for i in range(n):  # Chinese here: plot fonts often lack CJK glyphs
