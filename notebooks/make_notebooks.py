@@ -371,8 +371,9 @@ for layer, ax in enumerate(axes[0]):
     ax.legend(fontsize=8)
 plt.tight_layout()
 plt.show()
-image_part = counts[:, 0] / counts.sum(1)          # per layer and expert: share that are image
-for layer in range(layers):
+total = counts.sum(1)                              # [L_moe, E] choices per expert
+image_part = np.where(total > 0, counts[:, 0] / np.maximum(total, 1), np.nan)
+for layer in range(layers):  # nan: an expert no token chose
     print(f"MoE layer {layer}: image share of each expert's tokens",
           np.array2string(image_part[layer], precision=2))
 '''),
