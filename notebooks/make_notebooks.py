@@ -454,7 +454,8 @@ for run in runs:
 `metrics.jsonl` logs `train_s` (wall time in training steps: compiles and the delinking
 included, evaluation excluded) and `pseudo_stage` (1 while the model is the Pseudo
 giant). Every run sees the same batch at the same step, so the curves compare like with
-like. Pseudo steps cost about what Real steps cost (same depth, same FLOPs): the gain
+like. The wall-time curves start late (the first step compiles) and a Pseudo-to-Real run
+pays a second compile at its switch: at the tiny default lengths these dominate. Pseudo steps cost about what Real steps cost (same depth, same FLOPs): the gain
 the paper reports is in convergence, plus memory, not in step time.
 '''),
         code(r'''
@@ -464,8 +465,9 @@ for run in runs:
     for ax, x in zip(axes, (m["step"], m["train_s"])):
         line, = ax.plot(x, m["loss"], label=run)
         pseudo = m["pseudo_stage"] > 0
-        if pseudo.any():  # the Pseudo stage drawn thicker
-            ax.plot(x[pseudo], m["loss"][pseudo], color=line.get_color(), lw=4, alpha=0.4)
+        if pseudo.any():  # the Pseudo stage drawn thicker, with markers
+            ax.plot(x[pseudo], m["loss"][pseudo], "o-", color=line.get_color(), lw=4, ms=6,
+                    alpha=0.4)
 for s in SWITCH_STEPS:
     axes[0].axvline(s, color="gray", ls=":", lw=1)
 axes[0].set_xlabel("step (dotted: switch steps)")
@@ -520,6 +522,7 @@ def relative_change(end, start):
 change = relative_change(real_end["stack"]["layers"], shared_block)
 plt.figure(figsize=(5, 3))
 plt.bar(np.arange(len(change)), change)
+plt.xticks(np.arange(len(change)))
 plt.xlabel("layer")
 plt.ylabel("||W_layer - W_shared|| / ||W_shared||")
 plt.title(f"{run}: how far each layer moved after the switch", fontsize=9)
