@@ -211,14 +211,14 @@ def unpatchify(p, patch_size, channels=1):
 
 
 cols = 6
-fig, axes = plt.subplots(-(-n // cols), cols, figsize=(2.2 * cols, 2.5 * -(-n // cols)),
+fig, axes = plt.subplots(-(-n // cols), cols, figsize=(2.3 * cols, 2.9 * -(-n // cols)),
                          squeeze=False)
 for i, ax in enumerate(axes.flat):
     ax.axis("off")
     if i < n:
         ax.imshow(unpatchify(patches[i], pipe.patch_size)[..., 0], cmap="gray_r")
         short = textwrap.shorten(captions["en"][i], 40, placeholder="...")
-        ax.set_title(f"label {labels[i]}\n" + "\n".join(textwrap.wrap(repr(short), 22)), fontsize=8)
+        ax.set_title(f"label {labels[i]}\n" + "\n".join(textwrap.wrap(repr(short), 24)), fontsize=8)
 plt.tight_layout()
 plt.show()
 for i in range(n):  # Chinese here: plot fonts often lack CJK glyphs
