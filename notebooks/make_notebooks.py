@@ -71,6 +71,11 @@ warnings.filterwarnings("ignore", message="Glyph .* missing")  # CJK text, no CJ
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 
 
+if not WORKDIR:  # made here, so an injected WORKDIR leaves no empty temp directory
+    import tempfile
+    WORKDIR = tempfile.mkdtemp(prefix="m6jax___NAME___")
+
+
 def configure(config):
     """The parameters cell's values applied to a config from experiments/configs."""
     config.total_steps = STEPS
@@ -110,6 +115,10 @@ def load_trained(config, workdir, stage="real", step=None, pipe=None):
 '''
 
 
+def helpers(name):
+    return code(HELPERS.replace("__NAME__", name))
+
+
 def quickstart():
     return [
         md(r'''
@@ -135,16 +144,14 @@ Small defaults that run on a laptop CPU in a minute or two. For a real run set
 on a GPU add `"model.dtype": "bfloat16"`.
 '''),
         code(r'''
-import tempfile
-
 STEPS = 60          # training steps; 1000 for the README's quickstart numbers
 LOG_EVERY = 20      # a metrics.jsonl line (and a progress line) every N steps
 OVERRIDES = {"batch_size": 16, "model.num_layers": 2}  # config fields, dotted; {} = tiny as is
 TOKENIZER = ""      # path of a tokenizer.model to reuse; "" = train one into WORKDIR
-WORKDIR = tempfile.mkdtemp(prefix="m6jax_quickstart_")
+WORKDIR = ""        # "" = a fresh temporary directory (m6jax_quickstart_*)
 NUM_IMAGES = 12     # held-out digits to show
 ''', tags=["parameters"]),
-        code(HELPERS),
+        helpers("quickstart"),
         md(r'''
 ## Train
 
@@ -263,16 +270,14 @@ final load max/mean 1.38). `OVERRIDES` may change routing, e.g.
 `{"model.moe.aux_loss_weight": 0.0}` (no balancing loss).
 '''),
         code(r'''
-import tempfile
-
 STEPS = 60
 LOG_EVERY = 10
 OVERRIDES = {"batch_size": 16}   # config fields, dotted; {} = m6_moe.py:tiny as is
 TOKENIZER = ""                   # a tokenizer.model to reuse; "" = train one into WORKDIR
-WORKDIR = tempfile.mkdtemp(prefix="m6jax_moe_")
+WORKDIR = ""        # "" = a fresh temporary directory (m6jax_moe_*)
 EVAL_BATCHES = 4                 # held-out batches for the routing analysis
 ''', tags=["parameters"]),
-        code(HELPERS),
+        helpers("moe"),
         md('## Train'),
         code(r'''
 import m6_moe
@@ -415,16 +420,14 @@ For a real comparison use `STEPS = 300`, `SWITCH_STEPS = [30, 75]`, `OVERRIDES =
 (the settings of `experiments/p2r_ablation.py`: 8 layers of width 96, batch 16).
 '''),
         code(r'''
-import tempfile
-
 STEPS = 60
 SWITCH_STEPS = [15]   # one Pseudo-to-Real run per switch step
 LOG_EVERY = 5
 OVERRIDES = {"model.num_layers": 4}   # config fields, dotted; {} = p2r_ablation.py as is
 TOKENIZER = ""        # a tokenizer.model to reuse; "" = train one (shared by all runs)
-WORKDIR = tempfile.mkdtemp(prefix="m6jax_p2r_")
+WORKDIR = ""        # "" = a fresh temporary directory (m6jax_p2r_*)
 ''', tags=["parameters"]),
-        code(HELPERS),
+        helpers("p2r"),
         md(r'''
 ## Train scratch and Pseudo-to-Real
 
