@@ -164,3 +164,37 @@ def test_training_uses_capacity_factor_and_eval_the_eval_factor():
         {"params": p}, x, ids, modality)
     assert m_eval["dropped_fraction"] == 0.0
     np.testing.assert_allclose(m_train["dropped_fraction"], 0.3, rtol=1e-6)
+
+
+@pytest.mark.parametrize("router, k", [("topk", 2), ("prototype", 2), ("domain", 1)],
+                         ids=lambda v: str(v))
+def test_sown_expert_index_is_each_tokens_choice_and_sums_to_load(router, k):
+    cfg = moe_cfg(router=router, k=k)
+    x, ids, modality = inputs()
+    p, _, metrics = run(cfg, x, ids, modality)
+    index = metrics["expert_index"]
+    assert index.shape == (G, S, k) and index.dtype == np.int32
+    for g in range(G):
+        for s in range(S):
+            ref = [e for e, _ in reference_choices(cfg, p, x[g, s], ids[g, s], modality[g, s])]
+            assert sorted(index[g, s].tolist()) == sorted(int(e) for e in ref)
+    np.testing.assert_allclose(np.bincount(index.ravel(), minlength=E) / index.size,
+                               metrics["load"], rtol=1e-6)
+
+
+def test_model_sows_expert_index_per_moe_layer_over_patches_then_text():
+    import flax.linen as nn
+    from configs.m6_moe import moe_section
+    from helpers import GRID, TEXT_LEN, synthetic_batch, tiny_config
+    from m6jax import sharding
+    from m6jax.model import M6
+    c = tiny_config()
+    c.model.num_layers = 4
+    c.model.moe = moe_section(num_experts=4, k=2, every=2)
+    model, batch = M6(c.model, GRID, TEXT_LEN), synthetic_batch(4)
+    with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        params = model.init(jax.random.key(0), batch)["params"]
+        _, inter = model.apply({"params": params}, batch, mutable=["intermediates"])
+    (m,) = inter["intermediates"]["moe"]
+    assert m["expert_index"].shape == (2, 4, GRID * GRID + TEXT_LEN, 2)   # [L / every, B, P + T, K]
+    assert int(m["expert_index"].min()) >= 0 and int(m["expert_index"].max()) < 4

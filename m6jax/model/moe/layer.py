@@ -32,7 +32,8 @@ class MoeMlp(nn.Module):
     how the batch is sharded. Over-capacity choices contribute zero (the block's
     residual carries the token). Metrics (scalars unless noted): `balance_loss`,
     `z_loss`, `dropped_fraction`, `router_entropy`, `load` f32 [E] (share of choices
-    per expert, before capacity).
+    per expert, before capacity), `expert_index` i32 [B, S, K] (each token's chosen
+    experts, for routing analyses; unused by the train step, so XLA drops it there).
     """
     moe: Any                    # the `model.moe` config section
     mlp_dim: int
@@ -126,4 +127,5 @@ class MoeMlp(nn.Module):
         return dict(balance_loss=routing.balance_loss, z_loss=routing.z_loss,
                     dropped_fraction=1.0 - jnp.sum(kept.astype(jnp.float32)) / (n * k),
                     router_entropy=jnp.sum(entropy * v) / n,
-                    load=counts / jnp.maximum(jnp.sum(counts), 1.0))
+                    load=counts / jnp.maximum(jnp.sum(counts), 1.0),
+                    expert_index=routing.expert_index)

@@ -1,0 +1,72 @@
+"""The notebooks in notebooks/ run top to bottom (nbclient, a fresh python3 kernel) and draw
+plots. Like papermill, a cell with even smaller parameters is injected after each
+notebook's `parameters` cell; the kernel gets one CPU device (not conftest's 8).
+"""
+import os
+import time
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOKS = os.path.join(ROOT, "notebooks")
+
+SMALL_MODEL = {"model.emb_dim": 32, "model.num_heads": 2, "model.mlp_dim": 64,
+               "model.num_layers": 2, "batch_size": 8, "data.eval_examples": 16,
+               "peak_tflops_per_device": 1.0}  # a fixed peak: skips the matmul measurement
+PARAMETERS = {
+    "quickstart.ipynb": dict(STEPS=4, LOG_EVERY=2, NUM_IMAGES=4, OVERRIDES=SMALL_MODEL),
+    "moe_routing.ipynb": dict(STEPS=4, LOG_EVERY=2, EVAL_BATCHES=1, OVERRIDES=SMALL_MODEL),
+    "pseudo_to_real.ipynb": dict(STEPS=6, LOG_EVERY=2, SWITCH_STEPS=[3], OVERRIDES=SMALL_MODEL),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    """One tokenizer.model for all notebooks: the first run trains it."""
+    return str(tmp_path_factory.mktemp("tokenizer") / "tokenizer.model")
+
+
+def kernel_env():
+    env = dict(os.environ, M6JAX_ROOT=ROOT, JAX_PLATFORMS="cpu", MPLBACKEND="agg")
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+def inject_parameters(nb, values: dict):
+    """A code cell assigning `values` after the cell tagged `parameters` (papermill's way)."""
+    (index,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    cell.id = "injected-parameters"
+    nb.cells.insert(index + 1, cell)
+
+
+# pseudo_to_real trains two models (each with its final eval and caption decoding): about
+# as long as the other two notebooks together, so it runs with the slow tests.
+CASES = ["quickstart.ipynb", "moe_routing.ipynb",
+         pytest.param("pseudo_to_real.ipynb", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_notebook_runs_and_plots(name, tmp_path, tokenizer):
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+        f"{name} is committed with outputs: run notebooks/make_notebooks.py"
+    inject_parameters(nb, dict(PARAMETERS[name], TOKENIZER=tokenizer,
+                               WORKDIR=str(tmp_path / "workdir")))
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    t0 = time.time()
+    client.execute(env=kernel_env())  # raises CellExecutionError naming the failing cell
+    print(f"{name}: executed in {time.time() - t0:.0f} s")
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert images, f"{name} drew no plot"
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "backend: cpu" in text and "devices: [CpuDevice(id=0)]" in text, text[:500]
