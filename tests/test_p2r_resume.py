@@ -49,6 +49,7 @@ def test_killed_run_resumes_across_the_switch_bitwise(p2r_reference, cache, tmp_
     assert _losses(tmp_path) == _losses(p2r_reference)  # float equality of every loss
 
 
+@pytest.mark.slow  # one more entry-point run (~25 s): the default suite stays under 15 min
 def test_real_run_starts_from_another_runs_pseudo_checkpoint(p2r_reference, cache, tmp_path):  # noqa: F811
     pseudo_ckpt = p2r_reference / "checkpoints" / "3"
     assert _meta(p2r_reference, 3)["stage"] == "pseudo"
@@ -61,6 +62,7 @@ def test_real_run_starts_from_another_runs_pseudo_checkpoint(p2r_reference, cach
     assert summary["stage"] == "real" and summary["initial_eval_loss"] < fresh - 0.05
 
 
+@pytest.mark.slow  # one more entry-point run; tests/test_offload.py covers it in-process
 def test_offload_through_the_entry_point_keeps_the_loss_curve(p2r_reference, cache, tmp_path):  # noqa: F811
     proc = _run(tmp_path, cache, P2R + ["--config.offload.optimizer_layers=0",
                                         "--config.offload.param_layers=all"])
