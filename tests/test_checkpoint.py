@@ -140,6 +140,7 @@ def test_unreadable_newest_checkpoints_fall_back_to_an_older_one(reference, cach
     assert _losses(workdir) == _losses(reference)
 
 
+@pytest.mark.slow  # ~40 s; tests/test_checkpoint_mesh.py restores onto other meshes in-process
 def test_same_command_with_another_mesh_resumes_onto_it(reference, cache, tmp_path):
     workdir = tmp_path / "w"
     shutil.copytree(reference, workdir)

@@ -35,7 +35,9 @@ def test_checkpoints_record_the_stage(p2r_reference):
     assert json.loads((p2r_reference / "summary.json").read_text())["stage"] == "real"
 
 
-@pytest.mark.parametrize("kill_after,resumed_from,stage", [(4, 3, "pseudo"), (7, 6, "real")])
+@pytest.mark.parametrize("kill_after,resumed_from,stage", [
+    pytest.param(4, 3, "pseudo", marks=pytest.mark.slow),  # ~20 s; the Real side stays default
+    (7, 6, "real")])
 def test_killed_run_resumes_across_the_switch_bitwise(p2r_reference, cache, tmp_path,  # noqa: F811
                                                       kill_after, resumed_from, stage):
     code, _, _ = _run_until(tmp_path, cache, logged_step=kill_after, sig=signal.SIGKILL,

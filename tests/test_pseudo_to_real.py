@@ -76,8 +76,10 @@ def test_pseudo_params_have_no_layer_axis(devices):
                  pseudo, real)
 
 
-@pytest.mark.parametrize("moe,mesh_shape", [(False, (1, 1, 1, 1)), (False, (2, 2, 2, 1)),
-                                            (True, (2, 1, 1, 4))])
+@pytest.mark.parametrize("moe,mesh_shape", [
+    (False, (1, 1, 1, 1)),
+    pytest.param(False, (2, 2, 2, 1), marks=pytest.mark.slow),  # the MoE case is sharded too
+    (True, (2, 1, 1, 4))])
 def test_real_model_equals_pseudo_at_the_switch(devices, moe, mesh_shape):
     c = _config(moe=moe, **dict(zip(sharding.MESH_AXES, mesh_shape)))
     validate_config(c, int(np.prod(mesh_shape)))
