@@ -64,6 +64,17 @@ def stage_config(config, stage: str):
     return c
 
 
+def checkpoint_config(config, stage: str):
+    """The config to rebuild the model a checkpoint of `stage` was saved from, for use
+    outside training (generation, fine-tuning): a P2R run's config says share_layers=True
+    even after the switch, so the stage decides, and nothing switches any more."""
+    c = stage_config(config, stage)
+    if "pseudo_to_real" in c:
+        with c.unlocked():
+            c.pseudo_to_real.switch_step = 0
+    return c
+
+
 def stage_optimizer(config, stage: str):
     """(optax transform, lr schedule of the *global* step) for one stage of the run."""
     s = switch_step(config)

@@ -13,7 +13,7 @@ import jax
 from m6jax import checkpoint, distributed, sharding
 from m6jax.train import optim
 from m6jax.train.loop import build_model
-from m6jax.train.metrics import MetricsWriter
+from m6jax.train.metrics import MetricsWriter, task_losses
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
 from m6jax.train.step import make_train_step
 
@@ -66,9 +66,7 @@ def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir:
                 step_s = (time.time() - t_mark) / max(done - mark_step, 1)
                 scalars = dict(loss=loss, grad_norm=float(m["grad_norm"]),
                                learning_rate=float(m["learning_rate"]), step_s=step_s)
-                for i, t in enumerate(task_names):
-                    if m["task_tokens"][i] > 0:
-                        scalars[f"loss/{t}"] = float(m["task_loss_sum"][i] / m["task_tokens"][i])
+                scalars.update(task_losses(m, task_names))
                 writer.write(done, scalars)
                 if main:
                     tasks = " ".join(f"{t} {scalars[f'loss/{t}']:.3f}" for t in task_names

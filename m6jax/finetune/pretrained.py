@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import ml_collections
 
+from m6jax import pseudo_to_real as p2r
+
 _PATH_HELP = ("give --config.init_from=PRETRAIN_WORKDIR (the --workdir of "
               "experiments/pretrain.py), its checkpoints/ directory or one checkpoints/<step> "
               "directory")
@@ -78,9 +80,4 @@ def run_config(ft_config, pretrained: Pretrained) -> ml_collections.ConfigDict:
     c.eval_every = c.total_steps
     c.checkpoint_every = 0  # fine-tune runs are short and not checkpointed
     c.data.tokenizer_path = pretrained.tokenizer_path
-    # A Pseudo-to-Real run's config says share_layers=True, but its checkpoint after the
-    # switch holds per-layer (Real) params: the checkpoint's stage decides, no switch here.
-    c.model.share_layers = pretrained.stage == "pseudo"
-    if "pseudo_to_real" in c:
-        c.pseudo_to_real.switch_step = 0
-    return c
+    return p2r.checkpoint_config(c, pretrained.stage)

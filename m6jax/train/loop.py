@@ -15,7 +15,7 @@ from m6jax import pseudo_to_real as p2r
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
 from m6jax.train import moe_metrics, resume, stages
-from m6jax.train.metrics import MetricsWriter, Progress
+from m6jax.train.metrics import MetricsWriter, Progress, task_losses
 from m6jax.train.stages import build_model  # noqa: F401 (the public place to build an M6)
 from m6jax.train.state import dummy_batch
 
@@ -177,7 +177,5 @@ def _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak) -> dict[str, 
                    nonfinite_steps=m["nonfinite_steps"],
                    step_s=step_s, tokens_per_s=step_tokens / step_s,
                    mfu=step_flops / step_s / peak)
-    for i, t in enumerate(tasks):
-        if m["task_tokens"][i] > 0:
-            scalars[f"loss/{t}"] = m["task_loss_sum"][i] / m["task_tokens"][i]
-    return {k: float(np.asarray(v)) for k, v in scalars.items()}
+    scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    return {**scalars, **task_losses(m, tasks)}

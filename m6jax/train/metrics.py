@@ -9,6 +9,12 @@ import time
 import numpy as np
 
 
+def task_losses(m, tasks) -> dict[str, float]:
+    """`loss/<task>` for each task with tokens in the step's fetched metrics `m`."""
+    return {f"loss/{t}": float(m["task_loss_sum"][i] / m["task_tokens"][i])
+            for i, t in enumerate(tasks) if m["task_tokens"][i] > 0}
+
+
 def _fmt_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)

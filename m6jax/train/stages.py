@@ -40,8 +40,9 @@ class Stage:
         self.name, self.config, self.mesh = stage, config, mesh
         self.stage_config = p2r.stage_config(config, stage)
         self.model = build_model(self.stage_config)
-        self.train_model, self.tx = model_and_optimizer(config, stage)
-        self.schedule = p2r.stage_optimizer(config, stage)[1]
+        self.train_model = build_model(
+            self.stage_config, deterministic=self.stage_config.model.dropout_rate == 0.0)
+        self.tx, self.schedule = p2r.stage_optimizer(config, stage)
         self.state_shardings = state_shardings
         self.offload = offload_lib.OffloadPlan(config, stage, state_shardings)
         self.train_step = make_train_step(self.train_model, self.tx, mesh, state_shardings,
