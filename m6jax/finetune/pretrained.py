@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import ml_collections
 
+from m6jax import checkpoint
 from m6jax import pseudo_to_real as p2r
 
 _PATH_HELP = ("give --config.init_from=PRETRAIN_WORKDIR (the --workdir of "
@@ -38,16 +39,12 @@ def resolve(init_from: str) -> Pretrained:
     """
     if not init_from:
         raise ValueError(f"config.init_from is empty; {_PATH_HELP}")
-    path = os.path.abspath(os.path.expanduser(init_from))
-    if not os.path.isdir(path):
+    if not os.path.isdir(os.path.abspath(os.path.expanduser(init_from))):
         raise ValueError(f"config.init_from={init_from!r} is not a directory; {_PATH_HELP}")
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if not os.path.isdir(os.path.join(path, "state")):
-        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit())
-        if not steps:
-            raise ValueError(f"config.init_from={init_from!r} holds no checkpoint; {_PATH_HELP}")
-        path = os.path.join(path, str(steps[-1]))
+    try:  # the same resolution as pretraining's init_from
+        path = checkpoint.step_dir(init_from)
+    except ValueError:
+        raise ValueError(f"config.init_from={init_from!r} holds no checkpoint; {_PATH_HELP}") from None
     meta_file = os.path.join(path, "meta", "metadata")
     try:
         with open(meta_file, encoding="utf-8") as f:
