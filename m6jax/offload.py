@@ -1,41 +1,42 @@
-"""Granular host offload (M6-10T): chosen layers' optimizer state, and optionally their
-parameters, live in pinned host memory between steps; the step brings them in.
+"""Granular host offload (M6-10T): which layers' state lives in pinned host memory, and
+how it is stored so that the step can stream it.
 
 Config section `offload` (each "none", "all", or layer indices: "0,3" or a Python list):
-  optimizer_layers  layers whose AdamW moments live in host memory
-  param_layers      layers whose parameters live in host memory
+  optimizer_layers  layers whose optimizer state (AdamW moments, Adafactor factors)
+                    lives in host memory
+  param_layers      layers whose parameters live in host memory; their gradients are
+                    made on the device one unit at a time and leave for host memory too
 
-The stack's parameters are stacked along a `layers` axis, and one array cannot live
-half on the host. So a leaf of the stack is *stored* as `Split(device, host)`: the rows
-of the layers kept on the device and those offloaded (each a [n, ...] array), and the
-jitted step gathers it back into [L, ...] on the device, computes the ordinary step and
-splits the result again; XLA overlaps the transfers with compute where it can. With
-"all" a leaf is simply stored in host memory. Embeddings and the final norm are never
-offloaded. An MoE stack scans groups of `moe.every` layers, so a layer index selects
-its group; a Pseudo (shared-layer) stack has one set of weights, offloaded if any layer
-is listed. Checkpoints always hold the ordinary (canonical) state, so a run can resume
-with another offload setting.
+The stack's parameters are stacked along a `layers` axis (one scanned unit per row; an
+MoE stack's unit is a group of `moe.every` layers, so a layer index selects its group).
+One array cannot live half on the host, so with an active plan every stack leaf of the
+params and of the optimizer state is *stored* as `Segments`: the consecutive runs of
+units that share a placement, each run its own [n, ...] array in device or host memory.
+Inside the step nothing is gathered back into a whole stack:
+
+- the forward and the rematerialised backward scan each run, and a host unit's weights
+  are copied to the device inside the scanned body (`model.block.scan_units`), so one
+  unit is resident at a time; its gradient leaves for host memory as its backward ends;
+- the update (`m6jax.streamed_update`) scans the host runs unit by unit: (param, grad,
+  moments) come in, the optimizer's update runs on the device, the results go back.
+
+Non-offloaded leaves (embeddings, final norm, device runs) are used where they are.
+A Pseudo (shared-layer) stack has one layer's weights: offloaded if any layer is listed,
+and brought in whole for the step (it *is* one unit). Checkpoints hold the ordinary
+(canonical) state, so a run can resume with another offload setting.
 """
 from __future__ import annotations
 
-from typing import Any
+import itertools
 
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from m6jax import pseudo_to_real as p2r
+from m6jax.model.block import Segments, is_segments
 from m6jax.model.moe import moe_config
 
 HOST = "pinned_host"
-
-
-@flax.struct.dataclass
-class Split:
-    """A stacked leaf stored as the rows kept on the device and the offloaded rows."""
-    device: Any
-    host: Any
 
 
 def parse_layers(value, num_layers: int, field: str) -> tuple[int, ...]:
@@ -69,7 +70,27 @@ def validate(config) -> None:
         parse_layers(_section(config)[f], config.model.num_layers, f"offload.{f}")
 
 
-def _in_stack(path) -> bool:
+def requested(config) -> bool:
+    sec = _section(config)
+    return any(parse_layers(sec[f], config.model.num_layers, f"offload.{f}")
+               for f in ("optimizer_layers", "param_layers"))
+
+
+def check_backend(config, devices) -> None:
+    """An offload setting needs a backend with pinned host memory."""
+    if not requested(config):
+        return
+    kinds = {m.kind for m in devices[0].addressable_memories()}
+    if HOST not in kinds:
+        sec = _section(config)
+        field = "param_layers" if parse_layers(sec["param_layers"], config.model.num_layers,
+                                               "") else "optimizer_layers"
+        raise ValueError(f"offload.{field}={sec[field]!r}: the {devices[0].platform} backend has "
+                         f"no {HOST} memory (it has {', '.join(sorted(kinds))}); set "
+                         f"offload.{field}=none")
+
+
+def in_stack(path) -> bool:
     keys = [getattr(k, "key", None) for k in path]
     return any(a == "stack" and b == "layers" for a, b in zip(keys, keys[1:]))
 
@@ -77,7 +98,9 @@ def _in_stack(path) -> bool:
 class OffloadPlan:
     """Where each leaf of one stage's TrainState is stored, and the moves in and out."""
 
-    def __init__(self, config, stage: str, canonical_shardings=None):
+    def __init__(self, config, stage: str, canonical_shardings=None, shapes=None):
+        """`canonical_shardings` and `shapes` (the TrainState's NamedShardings and
+        ShapeDtypeStructs) are needed for the stored layout; the dry run needs neither."""
         moe = moe_config(config.model)
         every = int(moe.every) if moe is not None else 1
         self.units = config.model.num_layers // every  # the scanned axis's length
@@ -88,80 +111,94 @@ class OffloadPlan:
             layers = parse_layers(sec[field], config.model.num_layers, f"offload.{field}")
             return tuple(sorted({i // every for i in layers}))
         self.host_units = dict(params=units("param_layers"), opt_state=units("optimizer_layers"))
-        self.canonical = canonical_shardings
         self.active = any(self.host_units.values())
-        self.stored_shardings = (self._stored_shardings() if self.active and canonical_shardings
-                                 is not None else canonical_shardings)
+        self.streamed = self.active and not self.shared
+        # Runs of consecutive units with the same (params on host, opt state on host).
+        key = lambda u: tuple(u in self.host_units[p] for p in ("params", "opt_state"))
+        self.runs = []  # (start, stop, {"params": on host, "opt_state": on host})
+        for k, grp in itertools.groupby(range(self.units), key):
+            grp = list(grp)
+            self.runs.append((grp[0], grp[-1] + 1, dict(params=k[0], opt_state=k[1])))
+        self.canonical = canonical_shardings
+        self.stored_shardings = canonical_shardings
+        if self.active and canonical_shardings is not None:
+            if self.streamed and shapes is None:
+                raise ValueError("OffloadPlan: a streamed layout needs the state's shapes")
+            self.stored_shardings = self._stored_shardings(shapes)
 
     # ---- What is stored where.
-    def _kind(self, part: str) -> str:
-        """'device', 'host' (the whole leaf) or 'split' for stack leaves of a state part."""
-        host = self.host_units[part]
-        if not host:
-            return "device"
-        if self.shared or len(host) == self.units:
-            return "host"
-        return "split"
-
-    def _rows(self, part):
-        host = np.asarray(self.host_units[part])
-        return np.setdiff1d(np.arange(self.units), host), host
+    def on_host(self, part: str) -> bool:
+        """Whether any unit of `part` ("params" / "opt_state") is offloaded."""
+        return bool(self.host_units[part])
 
     def _map(self, fn, state, *others):
         """`fn(part, x, *other leaves)` on the stack leaves of params and opt_state."""
         def part(name):
             trees = [getattr(t, name) for t in (state, *others)]
             return jax.tree_util.tree_map_with_path(
-                lambda path, x, *o: fn(name, x, *o) if _in_stack(path) else x, *trees,
-                is_leaf=lambda x: isinstance(x, Split))
+                lambda path, x, *o: fn(name, x, *o) if in_stack(path) else x, *trees,
+                is_leaf=is_segments)
         return state.replace(params=part("params"), opt_state=part("opt_state"))
 
-    def _stored_shardings(self):
-        def leaf(part, sh):
-            kind = self._kind(part)
-            if kind == "host":
-                return sh.with_memory_kind(HOST)
-            if kind == "split":
-                return Split(sh, sh.with_memory_kind(HOST))
-            return sh
-        return self._map(leaf, self.canonical)
+    def _per_unit(self, x) -> bool:
+        """A stack leaf with one row per unit (others, e.g. Adafactor's placeholder
+        moments of shape (1,), are kept whole on the device)."""
+        return len(x.shape) >= 1 and x.shape[0] == self.units
+
+    def _stored_shardings(self, shapes):
+        def leaf(part, sh, x):
+            if self.shared:
+                return sh.with_memory_kind(HOST) if self.on_host(part) else sh
+            if not self._per_unit(x):
+                return sh
+            return Segments(tuple(sh.with_memory_kind(HOST if host[part] else "device")
+                                  for _, _, host in self.runs))
+        if self.shared:
+            return self._map(lambda part, sh: leaf(part, sh, None), self.canonical)
+        return self._map(leaf, self.canonical, shapes)
 
     def host_fraction(self, part: str):
-        """`fraction(path)` of a leaf of `part` ("params" / "opt_state") kept in host
-        memory: for the dry-run memory plan."""
-        kind = self._kind(part)
-        share = {"device": 0.0, "host": 1.0,
-                 "split": len(self.host_units[part]) / self.units}[kind]
-        return lambda path: share if _in_stack(path) else 0.0
+        """`fraction(path)` of a leaf of `part` kept in host memory (for the dry run)."""
+        if self.shared:
+            share = float(self.on_host(part))
+        else:
+            share = len(self.host_units[part]) / self.units
+        return lambda path: share if in_stack(path) else 0.0
 
-    # ---- Moves (inside jit).
+    # ---- Layout conversions (inside jit).
     def store(self, state):
         """Canonical state -> stored layout (output shardings put the host parts there)."""
-        def leaf(part, x):
-            if self._kind(part) != "split":
-                return x
-            dev, host = self._rows(part)
-            return Split(jnp.take(x, dev, axis=0), jnp.take(x, host, axis=0))
-        return self._map(leaf, state)
+        if not self.streamed:
+            return state
+        return self._map(lambda part, x: Segments(tuple(x[a:b] for a, b, _ in self.runs))
+                         if self._per_unit(x) else x, state)
 
     def load(self, stored):
-        """Stored layout -> canonical state on the device."""
+        """Stored layout -> canonical state on the device (whole stacks: checkpoints,
+        evaluation and the P2R switch, not the train step)."""
         def leaf(part, x, sh):
-            kind = self._kind(part)
-            if kind == "host":
-                return jax.device_put(x, sh)
-            if kind == "split":
-                dev, host = self._rows(part)
-                both = jnp.concatenate([x.device, jax.device_put(x.host, sh)], axis=0)
-                return jnp.take(both, np.argsort(np.concatenate([dev, host])), axis=0)
-            return x
+            if is_segments(x):
+                parts = [jax.device_put(p, jax.memory.Space.Device) for p in x.parts]
+                return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+            return jax.device_put(x, sh) if self.shared and self.on_host(part) else x
         return self._map(leaf, stored, self.canonical)
+
+    def resident(self, stored):
+        """What the train step works on: a streamed stack stays as stored (its units come
+        in inside the layer scan and the update); a shared (Pseudo) stack is one unit's
+        weights and state, brought onto the device whole."""
+        if not self.active or self.streamed:
+            return stored
+        fetch = lambda x: (jax.device_put(x, jax.memory.Space.Device)
+                           if jax.typeof(x).memory_space == jax.memory.Space.Host else x)
+        return self._map(lambda part, x: fetch(x), stored)
 
     # ---- Jitted conversions for the loop (restore, save, evaluate).
     def to_stored(self, state):
         if not self.active:
             return state
-        return jax.jit(self.store, out_shardings=self.stored_shardings)(state)
+        store = self.store if self.streamed else (lambda s: s)
+        return jax.jit(store, out_shardings=self.stored_shardings)(state)
 
     def to_canonical(self, stored):
         if not self.active:
@@ -170,19 +207,9 @@ class OffloadPlan:
 
     def params(self, stored):
         """The canonical params of a stored state (for evaluation)."""
-        if not self.host_units["params"]:
+        if not self.on_host("params") and not self.streamed:
             return stored.params
         return self.to_canonical(stored).params
-
-    def wrap_step(self, step_fn):
-        """A step on the canonical state -> the same step on the stored layout."""
-        if not self.active:
-            return step_fn
-
-        def stored_step(stored, batch):
-            state, metrics = step_fn(self.load(stored), batch)
-            return self.store(state), metrics
-        return stored_step
 
 
 def memory_kinds(tree) -> dict[str, str]:

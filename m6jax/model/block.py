@@ -1,11 +1,23 @@
-"""One pre-LN transformer block and the scanned stack of them."""
+"""One pre-LN transformer block and the scanned stack of them.
+
+The stack's layer loop has two forms. Initialisation and KV-cache decoding use Flax's
+`nn.scan`, which creates the stacked `layers` parameters. Training and evaluation on a
+*streamed* stack (the offload plan stores its layer leaves as `Segments`, some in host
+memory) run `scan_units`: a plain `jax.lax.scan` over each segment of units that applies
+one Block functionally, bringing a host unit's weights onto the device inside the
+rematerialised body, so only the unit being computed is resident (forward and backward;
+its gradient goes back to host memory as the unit's backward ends, by the transpose of
+that `device_put`). The unit function is also what a pipeline stage would run.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from m6jax.model.attention import SelfAttention
 from m6jax.model.layers import constrain, layer_norm
@@ -18,7 +30,28 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    # Activation offload: what a policy would save is parked in host memory instead and
+    # brought back for the backward pass (JAX's offload policies).
+    "offload_dots_no_batch": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        "device", "pinned_host"),
+    "offload_layer_input": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=["layer_input"],
+        offload_src="device", offload_dst="pinned_host"),
 }
+# A streamed unit's device copy of its weights is never a residual of the backward pass
+# (it is fetched again): with remat "none" everything else is still saved.
+_NOT_THE_WEIGHTS = jax.checkpoint_policies.save_anything_except_these_names("streamed_weights")
+
+
+@flax.struct.dataclass
+class Segments:
+    """A stacked leaf [units, ...] stored as consecutive runs of units (`parts`, each
+    [n, ...]), each in device or host memory: how the offload plan keeps a granular stack."""
+    parts: tuple
+
+
+def is_segments(x) -> bool:
+    return isinstance(x, Segments)
 
 
 class Block(nn.Module):
@@ -43,6 +76,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, mask, route=None, cached=None):
         cfg = self.cfg
+        x = checkpoint_name(x, "layer_input")  # what remat "offload_layer_input" parks on the host
         h = layer_norm(self.dtype, "pre_attn_norm")(x)
         attn = SelfAttention(cfg.num_heads, cfg.emb_dim // cfg.num_heads, self.dtype,
                              cfg.dropout_rate, self.deterministic, self.decode, name="attn")
@@ -135,6 +169,9 @@ class Stack(nn.Module):
                 cached = tuple(c.reshape(c.shape[0], length, every, *c.shape[2:]) for c in cached)
             args = (route, cached)
             in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if cached is None else 1)
+        streamed = self._streamed_layers()
+        if streamed is not None:
+            return self._scan_units(block(*ctor, parent=None), streamed, x, (mask, *args))
         policy = REMAT_POLICIES[cfg.remat_policy]
         if cfg.remat_policy != "none" and not self.decode:
             block = nn.remat(block, policy=policy, prevent_cse=False)
@@ -150,3 +187,69 @@ class Stack(nn.Module):
         if self.decode and every > 1:                 # [B, units, every, S, ...] -> layers
             out = tuple(o.reshape(o.shape[0], cfg.num_layers, *o.shape[3:]) for o in out)
         return x, out
+
+    def _streamed_layers(self):
+        """The stacked block params if the offload plan stores them as `Segments`."""
+        if self.is_initializing() or self.decode or self.cfg.share_layers:
+            return None
+        layers = self.variables.get("params", {}).get("layers")
+        leaves = jax.tree.leaves(layers, is_leaf=is_segments)
+        if not leaves or not all(is_segments(s) for s in leaves):
+            return None
+        return layers
+
+    def _scan_units(self, unit, layers, x, args):
+        """`scan_units` over every segment in turn, with this stack's rngs and sows."""
+        rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+        sow = self.is_mutable_collection("intermediates")
+        x, ys, inter = scan_units(unit, layers, x, args, self.cfg.remat_policy, rng, sow)
+        if sow and inter:
+            self.put_variable("intermediates", "layers", inter)
+        return x, ys
+
+
+def _to_device(w):
+    """A unit's weight in host memory -> its device copy (named: never saved for the
+    backward pass, which fetches it again); device-resident weights pass through."""
+    if jax.typeof(w).memory_space != jax.memory.Space.Host:
+        return w
+    return checkpoint_name(jax.device_put(w, jax.memory.Space.Device), "streamed_weights")
+
+
+def scan_units(unit: nn.Module, layers, x, args, remat_policy: str, rng=None, sow=False):
+    """Applies the scanned unit (a Block or BlockGroup) once per unit of `layers`.
+
+    layers: the stack's params, each leaf `Segments` of [n_i, ...] parts (the same runs
+    for every leaf). x: [B, S, D]; args: what each unit takes after x (mask, route...).
+    A unit in host memory is copied to the device inside its rematerialised body, so
+    the forward and the recomputed backward hold one unit's weights at a time.
+    Returns (x, per-unit outputs stacked along axis 0, sown intermediates or {}).
+    """
+    policy = REMAT_POLICIES[remat_policy] or _NOT_THE_WEIGHTS
+
+    def apply_unit(x, params, index, args):
+        params = jax.tree.map(_to_device, params)
+        rngs = {} if rng is None else {"dropout": jax.random.fold_in(rng, index)}
+        if sow:
+            out, state = unit.apply({"params": params}, x, *args, rngs=rngs,
+                                    mutable=["intermediates"])
+            return out, state.get("intermediates", {})
+        return unit.apply({"params": params}, x, *args, rngs=rngs), {}
+
+    apply_unit = jax.checkpoint(apply_unit, policy=policy, prevent_cse=False)
+
+    def body(x, xs):
+        params, index = xs
+        (x, out), inter = apply_unit(x, params, index, args)
+        return x, (out, inter)
+
+    num_parts = len(jax.tree.leaves(layers, is_leaf=is_segments)[0].parts)
+    start, ys = 0, []
+    for i in range(num_parts):
+        part = jax.tree.map(lambda s: s.parts[i], layers, is_leaf=is_segments)
+        n = jax.tree.leaves(part)[0].shape[0]
+        x, y = jax.lax.scan(body, x, (part, jnp.arange(start, start + n)))
+        ys.append(y)
+        start += n
+    out, inter = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *ys) if len(ys) > 1 else ys[0]
+    return x, out, inter

@@ -13,7 +13,7 @@ from m6jax import offload as offload_lib
 from m6jax import pseudo_to_real as p2r
 from m6jax.model import M6
 from m6jax.train import evaluation
-from m6jax.train.state import abstract_train_state
+from m6jax.train.state import abstract_train_state, dummy_batch
 from m6jax.train.step import make_eval_step, make_train_step
 
 
@@ -44,7 +44,13 @@ class Stage:
             self.stage_config, deterministic=self.stage_config.model.dropout_rate == 0.0)
         self.tx, self.schedule = p2r.stage_optimizer(config, stage)
         self.state_shardings = state_shardings
-        self.offload = offload_lib.OffloadPlan(config, stage, state_shardings)
+        shapes = None
+        if offload_lib.requested(config):  # the stored layout splits leaves by their shapes
+            example = dummy_batch(config.batch_size, pipe.num_patches, pipe.patch_dim,
+                                  pipe.text_len)
+            shapes = abstract_train_state(self.train_model, self.tx, example, mesh,
+                                          config.seed)[0]
+        self.offload = offload_lib.OffloadPlan(config, stage, state_shardings, shapes)
         self.train_step = make_train_step(self.train_model, self.tx, mesh, state_shardings,
                                           len(tasks), self.schedule, self.offload)
         eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks))

@@ -34,14 +34,44 @@ def dummy_batch(batch_size: int, num_patches: int, patch_dim: int, text_len: int
         task_id=jnp.zeros((batch_size,), jnp.int32))
 
 
+def _is_box(x) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def _cast_params(params, param_dtype):
+    """Master weights in `model.param_dtype` (default float32; layer norms included)."""
+    if param_dtype is None or jnp.dtype(param_dtype) == jnp.float32:
+        return params
+    return jax.tree.map(lambda x: x.astype(param_dtype), params)
+
+
+def _boxed_opt_state(tx, params):
+    """`tx.init` of the params, with each per-parameter state leaf that has its
+    parameter's shape boxed with the parameter's logical axes, so it shards like it.
+    Other leaves (counters, Adafactor's factored row/column moments, which have fewer
+    dimensions) stay unboxed, i.e. replicated: they are O(rows + columns)."""
+    state = tx.init(nn.meta.unbox(params))
+    keys = set(params)
+
+    def box_node(node):
+        if not (isinstance(node, dict) and set(node) == keys):
+            return node
+        return jax.tree.map(lambda p, s: p.replace_boxed(s) if _is_box(p) and s.shape ==
+                            p.value.shape else s, params, node, is_leaf=_is_box)
+    return jax.tree.map(box_node, state, is_leaf=lambda n: isinstance(n, dict) and set(n) == keys)
+
+
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, seed: int):
+    param_dtype = getattr(model.cfg, "get", lambda *_: None)("param_dtype", None)
+
     def init():
         rng = jax.random.key(seed)
         init_rng, state_rng = jax.random.split(rng)
         params = model.init(init_rng, example_batch)["params"]
-        # optax states mirror the params tree, so they inherit its logical-axis boxes.
+        params = _cast_params(params, param_dtype)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=jax.random.key_data(state_rng),
+                          opt_state=_boxed_opt_state(tx, params),
+                          rng=jax.random.key_data(state_rng),
                           nonfinite_steps=jnp.zeros((), jnp.int32))
     return init
 
@@ -56,13 +86,17 @@ def state_shardings(model, tx, example_batch, mesh, seed: int = 0):
 def create_train_state(model, tx, example_batch, mesh, seed: int, make_offload=None):
     """Initialises the TrainState under jit with out_shardings: each device builds its shard.
 
-    `make_offload(shardings)` may return an `m6jax.offload.OffloadPlan`: the state is
+    `make_offload(shardings, shapes)` may return an `m6jax.offload.OffloadPlan`: the state is
     then created straight into its stored layout (offloaded layers in host memory), so
     the full state never sits in device memory at once.
     """
     shardings = state_shardings(model, tx, example_batch, mesh, seed)
     init = _init_fn(model, tx, example_batch, seed)
-    plan = make_offload(shardings) if make_offload is not None else None
+    plan = None
+    if make_offload is not None:
+        with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+            shapes = jax.eval_shape(lambda: nn.meta.unbox(init()))
+        plan = make_offload(shardings, shapes)
     store = plan.store if plan is not None and plan.active else (lambda s: s)
 
     def unboxed_init():
