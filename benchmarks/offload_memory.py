@@ -1,16 +1,18 @@
-r"""Device memory and step time with granular host offload on and off, in one run.
+r"""Device memory and step time with streamed host offload on and off, in one run.
 
   python benchmarks/offload_memory.py                                  # CPU: bytes only
-  python benchmarks/offload_memory.py --emb_dim=4096 --num_layers=24 --dtype=bfloat16 \
-      --json=benchmarks/results/offload_memory_gpu.json                # one GPU
+  bash benchmarks/gpu_offload_check.sh                                 # one GPU: all checks
 
 For each setting (`--settings`, "optimizer_layers/param_layers") the train state is
 created straight into its stored layout, then --steps steps run. Reported per setting:
-the state's bytes in device and in host memory, the device's peak bytes in use
-(`memory_stats()`, GPU/TPU only: reset between settings is not possible, so the
-settings run in separate processes when --isolate is on, the default), step time, and
-"OOM" if the setting does not fit. Pick a model size that does not fit with "none/none"
-to see offload make it fit.
+the state's bytes in device and in host memory, the device's peak bytes in use during
+the steps (`memory_stats()["peak_bytes_in_use"]`, GPU/TPU only; a peak cannot be reset,
+so each setting runs in its own process when --isolate is on, the default), step time,
+the planned device peak and host<->device bytes per step (`m6jax.plan`), and "OOM" if
+the setting does not fit. `host_device_gb_per_s` is a separate measurement of the link
+(a 256 MiB array copied to the device and back). Pick a model that does not fit with
+"none/none" (or cap the device with XLA_PYTHON_CLIENT_MEM_FRACTION) to see offload make
+it fit.
 """
 import json
 import os
@@ -32,7 +34,9 @@ flags.DEFINE_integer("batch_size", 8, "global batch")
 flags.DEFINE_integer("vocab_size", 8192, "vocabulary")
 flags.DEFINE_integer("steps", 5, "timed steps (after 1 warm-up step)")
 flags.DEFINE_string("dtype", "float32", "compute dtype")
-flags.DEFINE_string("remat_policy", "full", "remat policy (activations are not offloaded)")
+flags.DEFINE_string("remat_policy", "full", "remat policy (offload_* policies offload activations)")
+flags.DEFINE_string("param_dtype", "float32", "master weights dtype")
+flags.DEFINE_string("optimizer", "adamw", "adamw | adafactor")
 flags.DEFINE_string("settings", "none/none;all/none;0,1,2,3/none;all/all",
                     "';'-separated offload settings, each optimizer_layers/param_layers")
 flags.DEFINE_bool("isolate", True, "run each setting in its own process (clean peak memory)")
@@ -46,7 +50,7 @@ def measure(setting: str) -> dict:
     import numpy as np
 
     from configs import m6 as m6_config
-    from m6jax import offload, sharding
+    from m6jax import offload, plan, sharding
     from m6jax.model import M6
     from m6jax.train import optim
     from m6jax.train.state import create_train_state, dummy_batch
@@ -55,7 +59,9 @@ def measure(setting: str) -> dict:
     opt_layers, param_layers = setting.split("/")
     c = m6_config.get_config("tiny")
     c.model.update(emb_dim=FLAGS.emb_dim, num_heads=FLAGS.num_heads, mlp_dim=4 * FLAGS.emb_dim,
-                   num_layers=FLAGS.num_layers, dtype=FLAGS.dtype, remat_policy=FLAGS.remat_policy)
+                   num_layers=FLAGS.num_layers, dtype=FLAGS.dtype, remat_policy=FLAGS.remat_policy,
+                   param_dtype=FLAGS.param_dtype, vocab_size=FLAGS.vocab_size)
+    c.optimizer.name = FLAGS.optimizer
     c.data.vocab_size = FLAGS.vocab_size
     c.offload.update(optimizer_layers=opt_layers, param_layers=param_layers)
     grid, patch_dim, b, t = 4, 4, FLAGS.batch_size, FLAGS.text_len
@@ -64,11 +70,17 @@ def measure(setting: str) -> dict:
     tx = optim.make_optimizer(c.optimizer, 1000)
     example = dummy_batch(b, grid * grid, patch_dim, t)
     out = dict(setting=setting, device=str(jax.devices()[0].device_kind))
+    c.batch_size = b
+    c.data.update(image_size=grid * 2, patch_size=2, image_channels=1, text_len=t)
+    planned = plan.plan(c, sharding.resolve_mesh_shape(c.mesh, len(jax.devices())))
+    out.update(planned_device_peak_mb=planned["per_device_bytes"]["device_peak"] / 2**20,
+               planned_transfer_mb_per_step=planned["transfer_bytes_per_step"] / 2**20)
     try:
         plan_box = []
         state, sh = create_train_state(
             model, tx, example, mesh, 0,
-            make_offload=lambda s: plan_box.append(offload.OffloadPlan(c, "real", s)) or plan_box[0])
+            make_offload=lambda s, shapes: plan_box.append(
+                offload.OffloadPlan(c, "real", s, shapes)) or plan_box[0])
         step = make_train_step(model, tx, mesh, sh, num_tasks=4, offload=plan_box[0])
         rng = np.random.default_rng(0)
         batch = {k: np.asarray(v) for k, v in example.items()}
@@ -96,12 +108,32 @@ def measure(setting: str) -> dict:
     return out
 
 
+def link_gb_per_s(mib: int = 256, repeats: int = 3) -> float | None:
+    """Host -> device -> host copy rate of one array (GB/s each way), or None on CPU."""
+    import jax
+    import numpy as np
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        return None
+    sh = jax.sharding.SingleDeviceSharding(dev)
+    x = jax.device_put(np.ones((mib * 2**18,), np.float32), sh.with_memory_kind("pinned_host"))
+    jax.block_until_ready(x)
+    t0 = time.time()
+    for _ in range(repeats):
+        y = jax.block_until_ready(jax.device_put(x, sh.with_memory_kind("device")))
+        x = jax.block_until_ready(jax.device_put(y, sh.with_memory_kind("pinned_host")))
+    return 2 * repeats * mib * 2**20 / (time.time() - t0) / 1e9
+
+
 def main(_):
+    if FLAGS.only == "link":
+        print("RESULT " + json.dumps(dict(host_device_gb_per_s=link_gb_per_s())), flush=True)
+        return
     if FLAGS.only:
         print("RESULT " + json.dumps(measure(FLAGS.only)), flush=True)
         return
     results = []
-    for setting in FLAGS.settings.split(";"):
+    for setting in ["link", *FLAGS.settings.split(";")]:
         if FLAGS.isolate:
             args = [a for a in sys.argv[1:] if not a.startswith(("--json", "--settings"))]
             proc = subprocess.run([sys.executable, __file__, *args, f"--only={setting}"],
@@ -111,7 +143,8 @@ def main(_):
                 raise SystemExit(f"setting {setting} failed:\n{proc.stderr[-3000:]}")
             results.append(json.loads(line[0][len("RESULT "):]))
         else:
-            results.append(measure(setting))
+            results.append(dict(host_device_gb_per_s=link_gb_per_s()) if setting == "link"
+                           else measure(setting))
         print(json.dumps(results[-1]), flush=True)
     if FLAGS.json:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)

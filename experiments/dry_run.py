@@ -5,9 +5,12 @@ r"""Dry run: what a config needs per device on its intended grid, before paying 
   python experiments/dry_run.py --config=experiments/configs/m6_10b.py --aot
 
 From abstract shapes and the rules table (no allocation, no devices): total and
-activated-per-token parameters, train FLOPs per token, per-device bytes of parameters,
-gradients, AdamW state, host-offloaded state and an activation estimate, and whether
-they fit `hardware.device_memory_gb`. `--aot` also compiles the real train step ahead of
+activated-per-token parameters, train FLOPs per token, and the in-step device peak per
+device: resident parameters, gradients and optimizer state, the streamed (offloaded)
+units in flight, and an activation estimate; the host memory per device and per node;
+host<->device bytes per step and their time against the step's compute time (from the
+`hardware` section's link speed and peak TFLOP/s). `fits`: the peak fits
+`hardware.device_memory_gb` and a node's host bytes fit `host_memory_gb_per_node`. `--aot` also compiles the real train step ahead of
 time for the same mesh shape on fake CPU devices, with the depth cut to `--aot_units`
 scanned units, and prints XLA's memory analysis beside the analytic figures for that
 reduced model (compilation allocates nothing; it takes a minute or more on 2 cores).
@@ -62,6 +65,11 @@ def main(argv):
         print(_table(result))
 
 
+def _overflow(r):
+    from m6jax import plan
+    return plan.overflow(r)
+
+
 def _gib(x: float) -> str:
     return f"{x / 2**30:8.2f} GiB"
 
@@ -74,12 +82,21 @@ def _table(r) -> str:
         f"train FLOPs    {r['flops_per_token'] / 1e9:,.2f} GFLOP per token",
         f"grid           {r['num_devices']} x {r['device_kind']} "
         f"({r['device_memory_gb']} GiB each), mesh {r['mesh']}",
-        "per device:",
+        f"optimizer      {r['optimizer']}, master weights {r['param_dtype']}",
+        "per device (in-step peak; offloaded units: those in flight):",
         *(f"  {k:<12} {_gib(pd[k])}" for k in ("params", "gradients", "optimizer",
-                                                "activations", "host")),
-        f"  {'total':<12} {_gib(r['per_device_total_bytes'])}  -> "
-        f"{'fits' if r['fits'] else 'does NOT fit'}",
+                                                "activations")),
+        f"  {'device peak':<12} {_gib(pd['device_peak'])}",
+        f"  {'host':<12} {_gib(pd['host'])}"
+        + (f"   ({_gib(r['per_node_host_bytes']).strip()} per node of "
+           f"{r['host_memory_gb_per_node']} GiB)" if r["per_node_host_bytes"] else ""),
     ]
+    if r["transfer_s_per_step"] is not None and r["compute_s_per_step"] is not None:
+        hide = r["transfer_s_per_step"] <= r["compute_s_per_step"]
+        lines.append(f"per step       {r['transfer_bytes_per_step'] / 2**30:,.1f} GiB host<->device: "
+                     f"{r['transfer_s_per_step']:.2f} s vs {r['compute_s_per_step']:.2f} s of "
+                     f"compute at peak ({'hidden behind compute' if hide else 'transfer-bound'})")
+    lines.append(f"fits           {'yes' if r['fits'] else 'NO: ' + str(_overflow(r))}")
     if "aot" in r:
         a = r["aot"]
         lines += [f"ahead-of-time compile, {a['num_layers']} layers on the same mesh "

@@ -21,6 +21,8 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
         raise ValueError(f"model.num_heads={m.num_heads} does not divide model.emb_dim={m.emb_dim}")
     if m.dtype not in _DTYPES:
         raise ValueError(f"model.dtype={m.dtype!r} is not one of {', '.join(_DTYPES)}")
+    if m.get("param_dtype", "float32") not in ("float32", "bfloat16"):
+        raise ValueError(f"model.param_dtype={m.param_dtype!r} is not one of float32, bfloat16")
     if m.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"model.remat_policy={m.remat_policy!r} is not one of "
                          f"{', '.join(REMAT_POLICIES)}")
@@ -52,6 +54,9 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
         if int(config[f]) <= 0:
             raise ValueError(f"{f}={config[f]} must be positive")
     o = config.optimizer
+    from m6jax.train.optim import NAMES
+    if o.get("name", "adamw") not in NAMES:
+        raise ValueError(f"optimizer.name={o.name!r} is not one of {', '.join(NAMES)}")
     if o.learning_rate <= 0:
         raise ValueError(f"optimizer.learning_rate={o.learning_rate} must be positive")
     if o.warmup_steps < 0 or o.warmup_steps >= config.total_steps:

@@ -90,6 +90,40 @@ def check_backend(config, devices) -> None:
                          f"offload.{field}=none")
 
 
+def _device_memory_gb(config, devices):
+    """The device's memory limit as the backend reports it (GPU, TPU), else the config's
+    `hardware.device_memory_gb`, else None."""
+    stats = getattr(devices[0], "memory_stats", lambda: None)() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"] / 2**30
+    hw = config.get("hardware")
+    return float(hw.device_memory_gb) if hw is not None and hw.get("device_memory_gb") else None
+
+
+def check(config, devices) -> None:
+    """Refuses an offload setting the backend cannot hold (no pinned host memory) or whose
+    planned in-step peak does not fit the device, naming the field and the term over."""
+    if not requested(config):
+        return
+    check_backend(config, devices)
+    memory_gb = _device_memory_gb(config, devices)
+    if memory_gb is None:
+        return
+    from m6jax import plan, sharding
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        hw = c.get("hardware")
+        c.hardware = dict(hw.to_dict() if hw is not None else {}, num_devices=len(devices),
+                          device_memory_gb=memory_gb)
+    result = plan.plan(c, sharding.resolve_mesh_shape(config.mesh, len(devices)))
+    over = plan.overflow(result)
+    if over is not None:
+        sec = _section(config)
+        raise ValueError(f"offload.param_layers={sec['param_layers']!r}, offload."
+                         f"optimizer_layers={sec['optimizer_layers']!r}: {over}; offload more "
+                         "layers (e.g. offload.param_layers=all) or use more devices")
+
+
 def in_stack(path) -> bool:
     keys = [getattr(k, "key", None) for k in path]
     return any(a == "stack" and b == "layers" for a, b in zip(keys, keys[1:]))

@@ -126,14 +126,20 @@ def activation_bytes(config, mesh_shape) -> int:
     h = m.num_heads / tp
     moe = moe_config(m)
     ffn = m.mlp_dim / tp
+    route = 0.0
     if moe is not None:
         k = int(moe.k) if moe.router in ("topk", "prototype") else 1
         ffn_moe = k * float(moe.capacity_factor or 1.0) * m.mlp_dim / tp
         frac = 1.0 / int(moe.every)
         ffn = (1 - frac) * ffn + frac * ffn_moe
+        # Routing buffers of an MoE layer: the choices' one-hot over experts and its
+        # running count for the slot positions (int32 [K*S, E] each), and the router's
+        # float32 logits and probabilities [S, E].
+        e = int(moe.num_experts)
+        route = frac * 4 * (2 * k * s * e + 2 * s * e)
     scores = 2 * h * s * s * 4                                  # f32 scores + probs
     dots = s * d + 4 * s * d / tp + s * ffn + s * d             # proj in/outs, mlp hidden
-    everything = c * (4 * s * d + 4 * s * d / tp + 2 * s * ffn) + scores
+    everything = c * (4 * s * d + 4 * s * d / tp + 2 * s * ffn) + scores + route
     saved = {"full": c * s * d, "dots": c * dots + scores / 2, "dots_no_batch": c * dots,
              "none": everything}[m.remat_policy]
     logits = 2 * t * m.vocab_size / tp * 4
@@ -145,11 +151,58 @@ def activation_bytes(config, mesh_shape) -> int:
     return int(b * (m.num_layers * saved + 2 * everything + logits) + gathered)
 
 
-def plan(config, mesh_shape=None) -> dict[str, Any]:
-    """The dry run: counts, FLOPs and per-device bytes of `config` on its intended grid."""
-    from m6jax.config_checks import validate_config
+# The streamed units in flight on the device at once: the one being computed and the
+# next one, which XLA's scheduler may fetch early to overlap the copy with compute.
+UNITS_IN_FLIGHT = 2
+# Extra forward FLOPs of a rematerialised backward pass (`full`: the whole forward again).
+_REMAT_FLOPS = {"full": 4.0 / 3.0}
+
+
+def hardware(config) -> dict[str, Any]:
+    """The `hardware` section with its optional fields filled (None = not given)."""
     hw = config.get("hardware")
-    num_devices = int(hw.num_devices) if hw is not None else None
+    fields = ("num_devices", "device_kind", "device_memory_gb", "devices_per_node",
+              "host_memory_gb_per_node", "host_device_gb_per_s", "device_tflops")
+    return {f: (hw.get(f) if hw is not None else None) for f in fields}
+
+
+def offload_bytes(config, abstract, mesh, stage: str) -> dict[str, float]:
+    """Per-device bytes of the offload plan's parts: what lives in host memory (params,
+    their gradients, optimizer state), one unit of each in flight, and the traffic."""
+    off = offload.OffloadPlan(config, stage)
+    params = _sharded_bytes(abstract.params, mesh)
+    opt = _sharded_bytes(abstract.opt_state, mesh)
+    p_host = _sharded_bytes(abstract.params, mesh, off.host_fraction("params"))
+    o_host = _sharded_bytes(abstract.opt_state, mesh, off.host_fraction("opt_state"))
+    n_p, n_o = len(off.host_units["params"]), len(off.host_units["opt_state"])
+    # A Pseudo stack is one unit: brought in whole, gradients and update on the device.
+    shared = off.shared
+    in_flight = (lambda total, n: total if shared else UNITS_IN_FLIGHT * total / max(n, 1))
+    unit_p = in_flight(p_host, n_p) if n_p else 0.0
+    unit_o = in_flight(o_host, n_o) if n_o else 0.0
+    grads_host = 0.0 if shared else p_host
+    # Traffic per step: a host unit's params come in for the forward and again for the
+    # rematerialised backward, its gradient goes out, and the update reads the gradient
+    # twice (norm, update) and the param once and writes the param back; host optimizer
+    # state is read and written once.
+    traffic = (2 * p_host if shared else 7 * p_host) + 2 * o_host
+    return dict(params=params - p_host + unit_p, gradients=params - grads_host + unit_p,
+                optimizer=opt - o_host + unit_o, host=p_host + grads_host + o_host,
+                traffic=traffic)
+
+
+def plan(config, mesh_shape=None) -> dict[str, Any]:
+    """The dry run: counts, FLOPs, the in-step device peak and the host memory of
+    `config` on its intended grid, and the step's transfer vs compute time.
+
+    The device peak is resident state (params, their gradients and optimizer state not
+    offloaded) + the streamed units in flight (`UNITS_IN_FLIGHT` of params, gradients and
+    optimizer state) + activations (`activation_bytes`). `fits`: the peak fits the
+    device memory and the host bytes of a node fit `host_memory_gb_per_node`.
+    """
+    from m6jax.config_checks import validate_config
+    hw = hardware(config)
+    num_devices = int(hw["num_devices"]) if hw["num_devices"] is not None else None
     if mesh_shape is None:
         if num_devices is None:
             raise ValueError("config has no hardware.num_devices; add a `hardware` section "
@@ -162,27 +215,52 @@ def plan(config, mesh_shape=None) -> dict[str, Any]:
     abstract = abstract_state(config)
     mesh = abstract_mesh(mesh_shape)
     counts = param_counts(config, abstract)
-    params_b = _sharded_bytes(abstract.params, mesh)
-    # Offloaded layers' params / optimizer state live in host memory between steps.
-    # Gradients stay on the device (the step brings a layer's states in to update it).
-    off = offload.OffloadPlan(config, p2r.STAGE_PSEUDO if config.model.share_layers
-                              else p2r.STAGE_REAL)
-    params_host = _sharded_bytes(abstract.params, mesh, off.host_fraction("params"))
-    opt_b = _sharded_bytes(abstract.opt_state, mesh)
-    opt_host = _sharded_bytes(abstract.opt_state, mesh, off.host_fraction("opt_state"))
-    per_device = dict(params=params_b - params_host,
-                      gradients=params_b,  # float32, sharded like the params they update
-                      optimizer=opt_b - opt_host,
-                      activations=activation_bytes(config, mesh_shape),
-                      host=params_host + opt_host)
-    device_total = sum(v for k, v in per_device.items() if k != "host")
-    memory_gb = float(hw.device_memory_gb) if hw is not None else None
+    off = offload_bytes(config, abstract, mesh, stage)
+    per_device = dict(params=int(off["params"]), gradients=int(off["gradients"]),
+                      optimizer=int(off["optimizer"]),
+                      activations=activation_bytes(config, mesh_shape), host=int(off["host"]))
+    per_device["device_peak"] = sum(per_device[k] for k in ("params", "gradients", "optimizer",
+                                                            "activations"))
+    n = math.prod(mesh_shape)
+    step_flops = (train_flops_per_token(config) * sum(sequence_shape(config)[::2])
+                  * config.batch_size * _REMAT_FLOPS.get(config.model.remat_policy, 1.0))
+    memory_gb = float(hw["device_memory_gb"]) if hw["device_memory_gb"] is not None else None
+    per_node = hw["devices_per_node"] and per_device["host"] * min(int(hw["devices_per_node"]), n)
+    fits = None
+    if memory_gb is not None:
+        fits = per_device["device_peak"] <= memory_gb * GIB
+        if hw["host_memory_gb_per_node"] is not None and per_node is not None:
+            fits = fits and per_node <= float(hw["host_memory_gb_per_node"]) * GIB
     return dict(
         variant=config.get("variant"), stage=stage, total_params=counts["total"],
         activated_params=counts["activated"], expert_params=counts["expert"],
-        flops_per_token=train_flops_per_token(config),
-        num_devices=math.prod(mesh_shape), mesh=dict(zip(sharding.MESH_AXES, mesh_shape)),
-        device_kind=hw.device_kind if hw is not None else None,
-        device_memory_gb=memory_gb, remat_policy=config.model.remat_policy,
-        per_device_bytes=per_device, per_device_total_bytes=device_total,
-        fits=None if memory_gb is None else device_total <= memory_gb * GIB)
+        flops_per_token=train_flops_per_token(config), num_devices=n,
+        mesh=dict(zip(sharding.MESH_AXES, mesh_shape)),
+        device_kind=hw["device_kind"], device_memory_gb=memory_gb,
+        remat_policy=config.model.remat_policy,
+        optimizer=config.optimizer.get("name", "adamw"),
+        param_dtype=str(config.model.get("param_dtype", "float32")),
+        per_device_bytes=per_device, per_device_total_bytes=per_device["device_peak"],
+        per_node_host_bytes=per_node, host_memory_gb_per_node=hw["host_memory_gb_per_node"],
+        transfer_bytes_per_step=int(off["traffic"]),
+        transfer_s_per_step=(off["traffic"] / (float(hw["host_device_gb_per_s"]) * 1e9)
+                             if hw["host_device_gb_per_s"] else None),
+        compute_s_per_step=(step_flops / n / (float(hw["device_tflops"]) * 1e12)
+                            if hw["device_tflops"] else None),
+        fits=fits)
+
+
+def overflow(result) -> str | None:
+    """The term that does not fit, with its size, or None (for one-line refusals)."""
+    pd, gib = result["per_device_bytes"], lambda b: f"{b / GIB:.1f} GiB"
+    mem = result["device_memory_gb"]
+    if mem is not None and pd["device_peak"] > mem * GIB:
+        big = max(("params", "gradients", "optimizer", "activations"), key=lambda k: pd[k])
+        return (f"the device peak {gib(pd['device_peak'])} exceeds the {mem:g} GiB of device "
+                f"memory (largest term: {big} {gib(pd[big])})")
+    host = result["host_memory_gb_per_node"]
+    if host is not None and result["per_node_host_bytes"] and \
+            result["per_node_host_bytes"] > host * GIB:
+        return (f"the host memory of a node {gib(result['per_node_host_bytes'])} exceeds "
+                f"hardware.host_memory_gb_per_node={host:g}")
+    return None

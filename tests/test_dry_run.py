@@ -76,24 +76,59 @@ def test_tiny_variant_keeps_the_paper_structure(name):
     assert plan.plan(mod.get_config("tiny"))["fits"]
 
 
-def test_aot_compile_agrees_with_the_analytic_state_bytes():
-    c = _small(moe=True)
+@pytest.mark.parametrize("remat", ["full", pytest.param("none", marks=pytest.mark.slow)])
+def test_planned_device_peak_is_within_25_percent_of_xla(remat):
+    """The dense model's planned in-step peak against XLA's compiled step (arguments +
+    temporaries + outputs not aliased to the donated state). MoE configs plan about 30%
+    low: see BENCHMARKS.md (XLA keeps update temporaries of the expert leaves)."""
+    c = _small(moe=False)
+    c.model.remat_policy = remat
     c.hardware = dict(num_devices=8, device_kind="cpu", device_memory_gb=1.0)
-    a = aot.compare(c, units=1)
-    batch_bytes = a["xla_arguments"] - a["analytic_state"]
-    assert 0 <= batch_bytes < 0.05 * a["analytic_state"], a
-    assert 0.5 < a["xla_temp"] / a["analytic_temp"] < 2.0, a
+    small = aot.reduced_depth(c, 2)
+    planned = plan.plan(small)["per_device_bytes"]
+    x = aot.compile_memory(small)
+    batch_bytes = x["xla_arguments"] - planned["params"] - planned["optimizer"]
+    assert 0 <= batch_bytes < 0.05 * x["xla_arguments"], x  # the state is what the plan says
+    xla_peak = x["xla_arguments"] + x["xla_temp"] + x["xla_outputs"] - x["xla_alias"]
+    assert 0.75 <= planned["device_peak"] / xla_peak <= 1.25, (planned, x)
 
 
-def test_cli_prints_the_json_contract():
+@pytest.mark.parametrize("name", ["m6_10t", "m6_t_1t"])
+def test_cli_prints_the_json_contract_and_the_paper_configs_fit(name):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "experiments/dry_run.py",
-                           "--config=experiments/configs/m6_10t.py:paper_real", "--json"],
+                           f"--config=experiments/configs/{name}.py", "--json"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     r = json.loads(proc.stdout)
-    assert r["num_devices"] == 512 and r["fits"] is False  # gradients stay on the device
-    assert set(r["per_device_bytes"]) == {"params", "gradients", "optimizer",
-                                          "activations", "host"}
-    b = r["per_device_bytes"]  # every layer's params and AdamW state offloaded
-    assert b["host"] > b["gradients"] > 0 and b["optimizer"] < 0.01 * b["host"]
+    assert r["fits"] is True and r["num_devices"] == PAPER[name][1]
+    assert set(r["per_device_bytes"]) == {"params", "gradients", "optimizer", "activations",
+                                          "host", "device_peak"}
+    for key in ("total_params", "per_node_host_bytes", "transfer_s_per_step",
+                "compute_s_per_step"):
+        assert r[key] > 0, key
+    b = r["per_device_bytes"]
+    assert b["device_peak"] == b["params"] + b["gradients"] + b["optimizer"] + b["activations"]
+    assert b["device_peak"] <= 32 * 2**30 < b["device_peak"] + b["host"]  # offload is needed
+    assert r["per_node_host_bytes"] == 8 * b["host"] <= r["host_memory_gb_per_node"] * 2**30
+
+
+def test_streamed_units_in_flight_replace_the_offloaded_state_on_the_device():
+    """Offloading every layer leaves the non-stack state plus two units in flight."""
+    def planned(**off):
+        c = _small(moe=False)
+        c.model.num_layers = 8
+        c.offload.update(**off)
+        return plan.plan(c, MESH)["per_device_bytes"]
+    full, off = planned(), planned(param_layers="all", optimizer_layers="all")
+    c = _small(moe=False)
+    c.model.num_layers = 8
+    a = plan.abstract_state(c)
+    stack = plan._sharded_bytes(a.params["stack"], plan.abstract_mesh(MESH))
+    opt_stack = full["optimizer"] - (full["params"] - stack) * 2  # AdamW: mu + nu
+    unit = stack / 8
+    assert off["params"] == pytest.approx(full["params"] - stack + 2 * unit, rel=1e-6)
+    assert off["gradients"] == off["params"]
+    assert off["optimizer"] == pytest.approx(full["optimizer"] - opt_stack + 2 * opt_stack / 8,
+                                             rel=1e-3)
+    assert off["host"] == pytest.approx(2 * stack + opt_stack, rel=1e-3)  # params, grads, moments

@@ -210,3 +210,79 @@ def test_a_backend_without_pinned_host_memory_is_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"offload.param_layers='all': the fakeaccel backend "
                                          r"has no pinned_host memory"):
         offload.check_backend(_config(param_layers="all"), [Dev()])
+
+
+def _across_switch(c, devices, steps=(2, 2)):
+    """Losses of a Pseudo stage, the delink, then a Real stage, each with `c`'s offload
+    plan, and the final canonical Real state."""
+    mesh = sharding.make_mesh(c.mesh, devices[:2])
+    example = dummy_batch(8, GRID * GRID, PATCH_DIM, TEXT_LEN)
+    losses, state = [], None
+    with jax.set_mesh(mesh):
+        for stage, n in zip((p2r.STAGE_PSEUDO, p2r.STAGE_REAL), steps):
+            model, tx = stages.model_and_optimizer(c, stage)
+            abstract, sh = abstract_train_state(model, tx, example, mesh)
+            if state is None:
+                state, sh = create_train_state(model, tx, example, mesh, seed=0)
+            else:
+                state = p2r.delink_state(state, c, tx, abstract, sh)
+            plan = offload.OffloadPlan(c, stage, sh, abstract)
+            step = make_train_step(model, tx, mesh, sh, NUM_TASKS, offload=plan)
+            state = plan.to_stored(state)
+            for i in range(n):
+                batch = sharding.global_batch(mesh, synthetic_batch(8, seed=len(losses)))
+                state, m = step(state, batch)
+                losses.append(float(m["loss"]))
+            state = plan.to_canonical(state)
+    return losses, None, state
+
+
+@pytest.mark.slow
+def test_streamed_offload_across_a_pseudo_to_real_switch(devices):
+    def config(**off):
+        c = _config(**off)
+        c.model.share_layers = True
+        c.pseudo_to_real.update(switch_step=2, optimizer="copy")
+        return c
+    ref = _across_switch(config(), devices)
+    _assert_same_training(_across_switch(config(optimizer_layers="all", param_layers="0,3"),
+                                         devices), ref, exact=False)
+
+
+def test_an_offload_plan_that_cannot_fit_is_refused_naming_the_term(devices):
+    c = _config(param_layers="1")
+    c.hardware = dict(num_devices=2, device_kind="cpu", device_memory_gb=1e-4)
+    with pytest.raises(ValueError, match=r"offload.param_layers='1', offload.optimizer_layers="
+                                         r"'none': the device peak [\d.]+ GiB exceeds the 0.0001 GiB "
+                                         r"of device memory \(largest term: \w+ [\d.]+ GiB\)"):
+        offload.check(c, devices[:2])
+    c.hardware.device_memory_gb = 4.0
+    offload.check(c, devices[:2])  # fits: no error
+
+
+def test_bf16_master_weights_stream_as_bf16_and_train(devices):
+    """m6_10t's choice: bfloat16 master weights and Adafactor, everything offloaded."""
+    c = _config("all", "all", optimizer="adafactor")
+    c.model.param_dtype = "bfloat16"
+    run = _train(c, devices)
+    wi = run[1].params["stack"]["layers"]["mlp"]["wi"]["kernel"].parts[0]
+    assert wi.dtype == np.dtype("bfloat16") and wi.sharding.memory_kind == "pinned_host"
+    ref = _config(optimizer="adafactor")
+    ref.model.param_dtype = "bfloat16"
+    ref = _train(ref, devices)
+    assert ref[2].params["token_emb"]["embedding"].dtype == np.dtype("bfloat16")
+    np.testing.assert_allclose(run[0], ref[0], rtol=1e-3)  # bf16 weights: looser losses
+
+
+def test_activation_offload_policy_parks_layer_inputs_on_the_host(devices):
+    """remat_policy=offload_layer_input: each layer's input [B, S, D] goes to the host in
+    the forward loop and comes back in the backward one (CUDA lowering, as above)."""
+    c = _config()
+    c.model.remat_policy = "offload_layer_input"
+    text, _ = _cuda_stablehlo(c, devices)
+    act = (8, GRID * GRID + TEXT_LEN, 32)  # [batch, S, D] (StableHLO has global shapes)
+    moves = [m for body in _functions(text).values() for m in _moves(body)]
+    assert ("pinned_host", act) in moves and ("device", act) in moves
+    c.model.remat_policy = "full"
+    text, _ = _cuda_stablehlo(c, devices)
+    assert ("pinned_host", act) not in [m for b in _functions(text).values() for m in _moves(b)]

@@ -54,8 +54,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.num_layers = 4
     c.model.mlp_activation = "gelu"  # gelu (exact) | gelu_tanh | relu | silu
     c.model.dropout_rate = 0.0
-    c.model.dtype = "float32"  # compute dtype; parameters are always float32
-    c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+    c.model.dtype = "float32"  # compute dtype
+    c.model.param_dtype = "float32"  # master weights (bfloat16 halves what offload streams)
+    # none | full | dots | dots_no_batch | offload_dots_no_batch | offload_layer_input
+    c.model.remat_policy = "none"
     c.model.tie_embeddings = True
     c.model.share_layers = False  # True: the Pseudo giant (one block's weights at every layer)
 
@@ -66,13 +68,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.pseudo_to_real.lr_schedule = "continue"  # continue | restart (warmup + cosine again)
     c.pseudo_to_real.restart_warmup_steps = 0
 
-    # Host offload of chosen layers' states (pinned host memory, brought in by the step):
+    # Host offload of chosen layers' states (pinned host memory, streamed through the step
+    # one scanned unit at a time):
     # "none", "all" or comma-separated layer indices such as "0,1" (or a Python list).
     c.offload = ml_collections.ConfigDict()
     c.offload.optimizer_layers = "none"
     c.offload.param_layers = "none"
 
     c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"  # adamw | adafactor (factored second moments, no momentum)
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 50
     c.optimizer.end_lr_fraction = 0.1  # cosine decays to this fraction of the peak

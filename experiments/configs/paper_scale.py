@@ -20,10 +20,24 @@ import m6_moe  # noqa: E402
 VARIANTS = ("paper", "tiny")
 
 
-def hardware(num_devices: int, device_kind: str, device_memory_gb: float):
-    """What the dry run plans for: `num_devices` of `device_kind` with this memory each."""
-    return ml_collections.ConfigDict(dict(num_devices=num_devices, device_kind=device_kind,
-                                          device_memory_gb=float(device_memory_gb)))
+def hardware(num_devices: int, device_kind: str, device_memory_gb: float, *,
+             devices_per_node: int = 8, host_memory_gb_per_node: float | None = None,
+             host_device_gb_per_s: float | None = None, device_tflops: float | None = None):
+    """What the dry run plans for: `num_devices` of `device_kind` with this memory each,
+    `devices_per_node` per node sharing `host_memory_gb_per_node` of host memory, a
+    host<->device link of `host_device_gb_per_s` per device and a peak of `device_tflops`
+    (the last three are optional: without them the plan leaves host fit and the
+    transfer/compute times out)."""
+    return ml_collections.ConfigDict(dict(
+        num_devices=num_devices, device_kind=device_kind,
+        device_memory_gb=float(device_memory_gb), devices_per_node=devices_per_node,
+        host_memory_gb_per_node=host_memory_gb_per_node,
+        host_device_gb_per_s=host_device_gb_per_s, device_tflops=device_tflops))
+
+
+# V100-era 8-GPU servers (ours: the papers name the GPU, not the server): PCIe gen3 x16
+# moves ~12 GB/s per GPU in practice; V100's tensor cores peak at 125 TFLOP/s (fp16).
+V100_NODE = dict(devices_per_node=8, host_device_gb_per_s=12.0, device_tflops=125.0)
 
 
 def paper_base(arg: str, *, mesh: dict, model: dict, batch_size: int,

@@ -32,6 +32,7 @@ def train(config, workdir: str) -> dict:
     # ---- Refuse bad configs before anything is built or compiled.
     validate_config(config, len(devices))
     validate_data_config(config)
+    offload_lib.check(config, devices)  # pinned host memory exists; the offload plan fits
     main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
