@@ -50,6 +50,7 @@ def main(argv):
     _maybe_initialize_distributed()
     import jax  # imported after flag parsing, so XLA flags from the caller apply
 
+    from m6jax import offload
     from m6jax.config_checks import validate_config
     from m6jax.data import validate_data_config
     from m6jax.train.loop import train
@@ -57,6 +58,7 @@ def main(argv):
     try:  # refuse a bad config with one clear line, before anything is built
         validate_config(config, jax.device_count())
         validate_data_config(config)
+        offload.check(config, jax.devices())
     except ValueError as e:
         sys.exit(f"config error: {e}")
     logging.info("config:\n%s", config)
