@@ -188,7 +188,7 @@ def offload_bytes(config, abstract, mesh, stage: str) -> dict[str, float]:
     traffic = (2 * p_host if shared else 7 * p_host) + 2 * o_host
     return dict(params=params - p_host + unit_p, gradients=params - grads_host + unit_p,
                 optimizer=opt - o_host + unit_o, host=p_host + grads_host + o_host,
-                traffic=traffic)
+                traffic=traffic, params_host=p_host, optimizer_host=o_host)
 
 
 def plan(config, mesh_shape=None) -> dict[str, Any]:

@@ -286,3 +286,20 @@ def test_activation_offload_policy_parks_layer_inputs_on_the_host(devices):
     c.model.remat_policy = "full"
     text, _ = _cuda_stablehlo(c, devices)
     assert ("pinned_host", act) not in [m for b in _functions(text).values() for m in _moves(b)]
+
+
+def test_stored_state_bytes_per_device_match_the_plan(devices):
+    """On an fsdp=2 x tensor=2 mesh the stored state's bytes per device in each memory
+    kind equal the plan's: offloaded units are sharded like the canonical leaves (a
+    replicated host copy would double the host bytes and fail this)."""
+    from m6jax import plan
+    c = _config("all", "0,1", data=1, fsdp=2, tensor=2)
+    mesh, state, off, _ = _setup(c, devices)
+    with jax.set_mesh(mesh):
+        stored = off.to_stored(state)
+    a = plan.abstract_state(c)
+    planned = plan.offload_bytes(c, a, plan.abstract_mesh((1, 2, 2, 1)), p2r.STAGE_REAL)
+    host = planned["params_host"] + planned["optimizer_host"]
+    assert sharding.per_device_bytes(stored, "pinned_host") == pytest.approx(host, abs=64)
+    total = sharding.per_device_bytes(state)
+    assert sharding.per_device_bytes(stored, "device") == pytest.approx(total - host, abs=64)
