@@ -99,13 +99,6 @@ def test_granular_offload_of_some_layers_gives_the_same_training(no_offload, dev
     _assert_same_training(_train(_config("0,2", "1"), devices), no_offload, exact=False)
 
 
-@pytest.mark.parametrize("optimizer", ["adafactor"])
-def test_streamed_adafactor_equals_resident_adafactor(devices, optimizer):
-    ref = _train(_config(optimizer=optimizer), devices)
-    _assert_same_training(_train(_config("all", "0,1", optimizer=optimizer), devices), ref,
-                          exact=False)
-
-
 @pytest.mark.slow
 def test_streamed_moe_on_an_fsdp_expert_mesh_equals_no_offload(devices):
     mesh = dict(data=1, fsdp=2, tensor=1, expert=2)
@@ -260,18 +253,22 @@ def test_an_offload_plan_that_cannot_fit_is_refused_naming_the_term(devices):
     offload.check(c, devices[:2])  # fits: no error
 
 
-def test_bf16_master_weights_stream_as_bf16_and_train(devices):
-    """m6_10t's choice: bfloat16 master weights and Adafactor, everything offloaded."""
-    c = _config("all", "all", optimizer="adafactor")
-    c.model.param_dtype = "bfloat16"
-    run = _train(c, devices)
+def test_bf16_master_weights_and_adafactor_stream_and_train_the_same(devices):
+    """m6_10t's choices: bfloat16 master weights and Adafactor (factored moments, whose
+    (1,)-shaped placeholders stay whole), with params and state of layers 0, 1 offloaded."""
+    def config(**off):
+        c = _config(optimizer="adafactor", **off)
+        c.model.param_dtype = "bfloat16"
+        return c
+    run, ref = _train(config(optimizer_layers="all", param_layers="0,1"), devices), \
+        _train(config(), devices)
     wi = run[1].params["stack"]["layers"]["mlp"]["wi"]["kernel"].parts[0]
     assert wi.dtype == np.dtype("bfloat16") and wi.sharding.memory_kind == "pinned_host"
-    ref = _config(optimizer="adafactor")
-    ref.model.param_dtype = "bfloat16"
-    ref = _train(ref, devices)
     assert ref[2].params["token_emb"]["embedding"].dtype == np.dtype("bfloat16")
     np.testing.assert_allclose(run[0], ref[0], rtol=1e-3)  # bf16 weights: looser losses
+    for a, b in zip(jax.tree.leaves(run[2]), jax.tree.leaves(ref[2])):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=2e-2, atol=2e-2)
 
 
 def test_activation_offload_policy_parks_layer_inputs_on_the_host(devices):
