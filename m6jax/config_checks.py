@@ -57,6 +57,18 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
     from m6jax.train.optim import NAMES
     if o.get("name", "adamw") not in NAMES:
         raise ValueError(f"optimizer.name={o.name!r} is not one of {', '.join(NAMES)}")
+    accum = int(o.get("grad_accum_steps", 1))
+    if accum < 1 or config.batch_size % (accum * shards):
+        raise ValueError(f"optimizer.grad_accum_steps={accum} must be >= 1 and its microbatches "
+                         f"of batch_size={config.batch_size} / {accum} rows must divide by the "
+                         f"{shards} batch shards (mesh.data*mesh.fsdp*mesh.expert)")
+    from m6jax import offload
+    if accum > 1 and config.get("offload") and offload.parse_layers(
+            config.offload.param_layers, m.num_layers, "offload.param_layers"):
+        raise ValueError(f"optimizer.grad_accum_steps={accum} with offload.param_layers="
+                         f"{config.offload.param_layers!r}: accumulating offloaded gradients is "
+                         "not built; set one of them back (grad_accum_steps=1 or "
+                         "param_layers=none)")
     if o.learning_rate <= 0:
         raise ValueError(f"optimizer.learning_rate={o.learning_rate} must be positive")
     if o.warmup_steps < 0 or o.warmup_steps >= config.total_steps:

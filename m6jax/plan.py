@@ -121,7 +121,9 @@ def activation_bytes(config, mesh_shape) -> int:
     m, sizes = config.model, dict(zip(sharding.MESH_AXES, mesh_shape))
     p, _, t = sequence_shape(config)
     s, d, tp = p + t, m.emb_dim, sizes["tensor"]
-    b = config.batch_size / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
+    # Activations are those of one microbatch (optimizer.grad_accum_steps).
+    accum = int(config.optimizer.get("grad_accum_steps", 1))
+    b = config.batch_size / accum / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
     c = jnp.dtype(m.dtype).itemsize
     h = m.num_heads / tp
     moe = moe_config(m)

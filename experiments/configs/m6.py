@@ -84,6 +84,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.98
     c.optimizer.grad_clip_norm = 1.0
+    c.optimizer.grad_accum_steps = 1  # microbatches per step (an in-step scan; same loss)
 
     if c.variant == "tiny":
         pass

@@ -51,8 +51,9 @@ class Stage:
             shapes = abstract_train_state(self.train_model, self.tx, example, mesh,
                                           config.seed)[0]
         self.offload = offload_lib.OffloadPlan(config, stage, state_shardings, shapes)
-        self.train_step = make_train_step(self.train_model, self.tx, mesh, state_shardings,
-                                          len(tasks), self.schedule, self.offload)
+        self.train_step = make_train_step(
+            self.train_model, self.tx, mesh, state_shardings, len(tasks), self.schedule,
+            self.offload, int(config.optimizer.get("grad_accum_steps", 1)))
         eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks))
         self.evaluator = evaluation.Evaluator(pipe, self.model, mesh, state_shardings.params,
                                               eval_step, tasks)

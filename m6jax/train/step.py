@@ -12,7 +12,7 @@ from m6jax.train.losses import text_loss
 
 
 def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedule=None,
-                    offload=None):
+                    offload=None, grad_accum_steps: int = 1):
     """Returns `step(state, batch) -> (state, metrics)`, jitted and donating the state.
 
     `model` is the training-mode module (dropout on if configured). Metrics are scalars
@@ -22,6 +22,12 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
     layout (offloaded layers in host memory) and `state_shardings` are ignored: a
     streamed stack's units come to the device one at a time inside the layer scan and
     the update (`m6jax.streamed_update`); a Pseudo stack (one unit) comes in whole.
+
+    With `grad_accum_steps` N > 1 the batch is split into N microbatches (rows j, j+N,
+    ... form microbatch j, so each device keeps its own rows) that a scan inside the step
+    runs one at a time, summing their gradients; the text loss is each microbatch's
+    summed cross-entropy over the whole batch's target tokens, so loss and gradients are
+    the large batch's. MoE aux losses and metrics are the microbatches' mean.
     """
     model = model.clone(training=True)  # MoE: training capacity factor, router jitter
     streamed = offload is not None and offload.streamed
@@ -33,16 +39,21 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
         rng, dropout_rng = jax.random.split(rng)
         dropout_rng = jax.random.fold_in(dropout_rng, state.step)
 
-        def loss_fn(params):
+        def loss_fn(params, batch=batch, rng=dropout_rng):
             with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
                 logits, inter = model.apply({"params": params}, batch, mutable=["intermediates"],
-                                            rngs={"dropout": dropout_rng})
+                                            rngs={"dropout": rng})
             loss, aux = text_loss(logits, batch, num_tasks)
             moe_loss, moe_aux = moe_metrics.aux_loss_and_metrics(
                 model.cfg, inter.get("intermediates", {}))
             return loss + moe_loss, (loss, aux, moe_aux)
 
-        (_, (loss, aux, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if grad_accum_steps > 1:
+            loss, aux, moe_aux, grads = _accumulate(loss_fn, state.params, batch, dropout_rng,
+                                                    grad_accum_steps)
+        else:
+            (_, (loss, aux, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params)
         if streamed:
             grad_norm = streamed_update.global_norm(grads)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -69,6 +80,30 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
         state_shardings = offload.stored_shardings
     return jax.jit(train_step, in_shardings=(state_shardings, batch_sh),
                    out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def _accumulate(loss_fn, params, batch, rng, n: int):
+    """(loss, aux, MoE aux, grads) of the whole batch from `n` microbatches in a scan."""
+    total = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]),
+                                                0, 1), batch)           # [n, B / n, ...]
+
+    def scaled(params, mb, key):
+        _, (loss, aux, moe_aux) = loss_fn(params, mb, key)
+        moe_loss = moe_aux.get(moe_metrics.PREFIX + "aux_loss", 0.0)
+        return aux["loss_sum"] / total + moe_loss / n, (aux, moe_aux)
+
+    def body(acc, xs):
+        mb, j = xs
+        (_, out), g = jax.value_and_grad(scaled, has_aux=True)(params, mb,
+                                                              jax.random.fold_in(rng, j))
+        return jax.tree.map(jnp.add, acc, g), out
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, (auxs, moe_auxs) = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
+    aux = jax.tree.map(lambda x: x.sum(0), auxs)
+    moe_aux = jax.tree.map(lambda x: x.mean(0), moe_auxs)
+    return aux["loss_sum"] / total, aux, moe_aux, grads
 
 
 def make_eval_step(model, mesh, param_shardings, num_tasks: int):
