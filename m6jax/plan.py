@@ -193,7 +193,7 @@ def offload_bytes(config, abstract, mesh, stage: str) -> dict[str, float]:
                 traffic=traffic, params_host=p_host, optimizer_host=o_host)
 
 
-def plan(config, mesh_shape=None) -> dict[str, Any]:
+def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     """The dry run: counts, FLOPs, the in-step device peak and the host memory of
     `config` on its intended grid, and the step's transfer vs compute time.
 
@@ -201,6 +201,9 @@ def plan(config, mesh_shape=None) -> dict[str, Any]:
     offloaded) + the streamed units in flight (`UNITS_IN_FLIGHT` of params, gradients and
     optimizer state) + activations (`activation_bytes`). `fits`: the peak fits the
     device memory and the host bytes of a node fit `host_memory_gb_per_node`.
+    `stage` (pseudo / real) plans that stage of a Pseudo-to-Real run; by default the one
+    the run ends in. `step_s` is the planned step time if the transfers overlap compute:
+    max(transfer_s_per_step, compute_s_per_step).
     """
     from m6jax.config_checks import validate_config
     hw = hardware(config)
@@ -212,7 +215,7 @@ def plan(config, mesh_shape=None) -> dict[str, Any]:
         mesh_shape = validate_config(config, num_devices)
     mesh_shape = tuple(int(x) for x in mesh_shape)
     # A Pseudo-to-Real run must fit in both stages; the Real one is the larger.
-    stage = p2r.stage_at(config, config.total_steps - 1)
+    stage = stage or p2r.stage_at(config, config.total_steps - 1)
     config = p2r.stage_config(config, stage)
     abstract = abstract_state(config)
     mesh = abstract_mesh(mesh_shape)
@@ -233,7 +236,7 @@ def plan(config, mesh_shape=None) -> dict[str, Any]:
         fits = per_device["device_peak"] <= memory_gb * GIB
         if hw["host_memory_gb_per_node"] is not None and per_node is not None:
             fits = fits and per_node <= float(hw["host_memory_gb_per_node"]) * GIB
-    return dict(
+    result = dict(
         variant=config.get("variant"), stage=stage, total_params=counts["total"],
         activated_params=counts["activated"], expert_params=counts["expert"],
         flops_per_token=train_flops_per_token(config), num_devices=n,
@@ -250,6 +253,10 @@ def plan(config, mesh_shape=None) -> dict[str, Any]:
         compute_s_per_step=(step_flops / n / (float(hw["device_tflops"]) * 1e12)
                             if hw["device_tflops"] else None),
         fits=fits)
+    out = result
+    t, c = out["transfer_s_per_step"], out["compute_s_per_step"]
+    out["step_s"] = max(t, c) if t is not None and c is not None else None
+    return out
 
 
 def overflow(result) -> str | None:
