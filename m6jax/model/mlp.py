@@ -22,7 +22,8 @@ def gelu_exact(h):
     XLA expands erfc into an exp and two branches (three loop fusions on CPU, each
     re-reading the [tokens, mlp] activation), erf into one polynomial; and autodiff of
     the erfc form keeps more intermediates than the one saved input here. In float32
-    the two agree to < 1e-6 absolute, values and gradients (tests/test_mlp.py).
+    the two agree to < 1e-6 absolute, values and gradients (tests/test_mlp.py). Being
+    a `custom_vjp`, it supports reverse mode only (no `jax.jvp` / `jacfwd` through it).
     """
     return _gelu_erf(h)
 
