@@ -123,7 +123,12 @@ def op_costs(comps):
                     kind += "(dot)"
             elif opcode == "dynamic-slice":
                 reads = _bytes(type_text)
-            costs[name] = (kind, flops, _bytes(type_text) + reads, type_text.split("{")[0][:60])
+            what = re.search(r'op_name="([^"]*)"', rest)
+            what = what.group(1) if what else ""
+            for noise in ("jit(train_step)/", "stack/while/body/closed_call/"):
+                what = what.replace(noise, "")
+            costs[name] = (kind, flops, _bytes(type_text) + reads, type_text.split("{")[0][:60],
+                           what[:90])
     return costs
 
 
@@ -221,10 +226,10 @@ def main(_):
     total = sum(per_op.values())
     rows = []
     for name, ms in per_op.most_common():
-        kind, fl, moved, shape = costs[name]
+        kind, fl, moved, shape, what = costs[name]
         n = calls[name] / FLAGS.steps
         floor = 1000 * n * max(fl / peak, moved / bandwidth)
-        rows.append(dict(op=name, kind=kind, shape=shape, calls_per_step=n,
+        rows.append(dict(op=name, what=what, kind=kind, shape=shape, calls_per_step=n,
                          ms_per_step=round(ms, 2), share=round(ms / total, 4),
                          gflop_per_step=round(n * fl / 1e9, 3),
                          mb_per_step=round(n * moved / 1e6, 1),
@@ -241,10 +246,11 @@ def main(_):
     print(f"{FLAGS.model}: step {step_ms:.0f} ms, ops sum {total:.0f} ms, floor "
           f"{result['floor_ms_sum']:.0f} ms, MFU {result['mfu']:.1%} (peak {peak / 1e9:.0f} "
           f"GFLOP/s, copy {bandwidth / 1e9:.1f} GB/s); {result['groups']}")
-    print("| op | kind | result | ms/step | share | GFLOP | MB | floor ms | x floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| op | what (HLO op_name) | kind | result | ms/step | share | GFLOP | MB | floor ms "
+          "| x floor |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows[:FLAGS.top]:
-        print(f"| {r['op']} | {r['kind']} | {r['shape']} | {r['ms_per_step']} | "
+        print(f"| {r['op']} | {r['what']} | {r['kind']} | {r['shape']} | {r['ms_per_step']} | "
               f"{100 * r['share']:.1f}% | {r['gflop_per_step']} | {r['mb_per_step']} | "
               f"{r['floor_ms']} | {r['over_floor']} |")
     if FLAGS.json:
