@@ -20,8 +20,9 @@ def gelu_exact(h):
 
     The same function as `jax.nn.gelu(approximate=False)`, which writes it with erfc:
     XLA expands erfc into an exp and two branches (three loop fusions on CPU, each
-    re-reading the [tokens, mlp] activation), erf into one polynomial; and autodiff of
-    the erfc form keeps more intermediates than the one saved input here. In float32
+    re-reading the [tokens, mlp] activation), erf into one polynomial; the backward
+    saves only the input. A small gain next to the MLP's 2-D view (BENCHMARKS.md,
+    "CPU speed"). In float32
     the two agree to < 1e-6 absolute, values and gradients (tests/test_mlp.py). Being
     a `custom_vjp`, it supports reverse mode only (no `jax.jvp` / `jacfwd` through it).
     """
@@ -60,8 +61,8 @@ class Mlp(nn.Module):
 
     The two matmuls run on the [B*S, D] view: on a 3-D activation XLA:CPU transposes
     the backward's operands and computes the activation's derivative twice (once per
-    layout), which made this layer 1.6x slower than the same math on 2-D (BENCHMARKS.md,
-    "CPU speed"). The reshapes are free (bitcasts) and the parameters are the same.
+    layout), which made this layer 1.4-2.7x slower than the same math on 2-D
+    (BENCHMARKS.md, "CPU speed"). The reshapes are free (bitcasts) and the parameters are the same.
     """
     mlp_dim: int
     activation: str = "gelu"
