@@ -79,8 +79,8 @@ class MoeMlp(nn.Module):
             else:
                 xe, flat = dsp.dispatch_gather(x, routing, slots, e, cap)
             xe = parallel.to_experts(xe)                                 # [G, E, C, D]
-            h = hidden(jnp.einsum("gecd,edm->gecm", xe, wi.astype(self.dtype)))
-            ye = parallel.from_experts(jnp.einsum("gecm,emd->gecd", h, wo.astype(self.dtype)))
+            ye = parallel.from_experts(_experts(xe, wi.astype(self.dtype),
+                                                wo.astype(self.dtype), hidden))
             if cfg.dispatch == "einsum":
                 y = dsp.combine_einsum(ye, combine)
             else:
@@ -129,3 +129,18 @@ class MoeMlp(nn.Module):
                     router_entropy=jnp.sum(entropy * v) / n,
                     load=counts / jnp.maximum(jnp.sum(counts), 1.0),
                     expert_index=routing.expert_index)
+
+
+def _experts(xe_gecd, wi, wo, hidden):
+    """[G, E, C, D] -> [G, E, C, D]: each expert's MLP over its G*C slots.
+
+    The matmuls run expert-major ([E, G*C, D]): with the slots split over two axes
+    around the expert one, XLA:CPU transposed the backward's [G, E, C, M] operands and
+    recomputed the activation's derivative in that copy (2x slower fwd+bwd, measured in
+    BENCHMARKS.md, "CPU speed"). Only x and y (width D) are transposed here.
+    """
+    g, e, c, d = xe_gecd.shape
+    x = jnp.swapaxes(xe_gecd, 0, 1).reshape(e, g * c, d)                # [E, G*C, D]
+    h = hidden(jnp.einsum("end,edm->enm", x, wi))
+    y = jnp.einsum("enm,emd->end", h, wo)
+    return jnp.swapaxes(y.reshape(e, g, c, d), 0, 1)
