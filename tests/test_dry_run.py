@@ -82,7 +82,9 @@ def test_aot_compile_agrees_with_the_analytic_state_bytes():
     a = aot.compare(c, units=1)
     batch_bytes = a["xla_arguments"] - a["analytic_state"]
     assert 0 <= batch_bytes < 0.05 * a["analytic_state"], a
-    assert 0.5 < a["xla_temp"] / a["analytic_temp"] < 2.0, a
+    # Measured here (jax 0.10.2, CPU): XLA's temp 445,520 B vs the plan's 437,504 B, a
+    # ratio of 1.018. Within 5%: a plan that forgot a buffer or counted one twice is not.
+    assert 0.95 < a["xla_temp"] / a["analytic_temp"] < 1.05, a
 
 
 def test_cli_prints_the_json_contract():
