@@ -341,9 +341,13 @@ def step_dir(path: str) -> str:
 
 
 def read_meta(path: str) -> dict:
-    """The JSON meta (data position, stage, config, ...) of a checkpoint `step_dir(path)`."""
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckptr:
-        return ckptr.restore(os.path.join(step_dir(path), "meta"))
+    """The JSON meta (data position, stage, config, ...) of a checkpoint `step_dir(path)`.
+
+    Read as a plain file, not through an orbax Checkpointer: that one waits at a barrier
+    for every process, and process 0 reads metas alone when it picks the step to restore.
+    """
+    with open(os.path.join(step_dir(path), "meta", "metadata"), encoding="utf-8") as f:
+        return json.load(f)
 
 
 def load_params(path: str, abstract_params):
