@@ -22,9 +22,8 @@ from etils import epath
 from conftest import ROOT
 
 STEPS, EVERY = 10, 3
-ARGS = [
-    "--config=experiments/configs/m6_moe.py:tiny", f"--config.total_steps={STEPS}",
-    "--config.model.dropout_rate=0.1", "--config.model.moe.jitter=0.1",
+DENSE_ARGS = [
+    "--config=experiments/configs/m6.py:tiny", f"--config.total_steps={STEPS}",
     "--config.log_every=1", "--config.eval_every=100", "--config.batch_size=8",
     "--config.mesh.data=2", "--config.model.emb_dim=32", "--config.model.mlp_dim=64",
     "--config.model.num_layers=2", "--config.data.vocab_size=300",
@@ -32,6 +31,10 @@ ARGS = [
     "--config.num_caption_samples=1", "--config.peak_tflops_per_device=1",
     f"--config.checkpoint_every={EVERY}", "--config.keep_checkpoints=3",
 ]
+# This file's runs: the same with MoE layers, dropout and router jitter on.
+ARGS = [a for a in DENSE_ARGS if not a.startswith("--config=")] + [
+    "--config=experiments/configs/m6_moe.py:tiny", "--config.model.dropout_rate=0.1",
+    "--config.model.moe.jitter=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +42,10 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpt_cache")
 
 
-def _cmd(workdir, cache, extra=()):
+def _cmd(workdir, cache, extra=(), args=None):
     tok = f"--config.data.tokenizer_path={cache / 'tokenizer.model'}"  # trained once, shared
-    return [sys.executable, "experiments/pretrain.py", *ARGS, tok, *extra, f"--workdir={workdir}"]
+    return [sys.executable, "experiments/pretrain.py", *(ARGS if args is None else args), tok,
+            *extra, f"--workdir={workdir}"]
 
 
 def _env(cache, **hooks):
@@ -49,15 +53,15 @@ def _env(cache, **hooks):
                 M6JAX_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR=str(cache / "xla"), **hooks)
 
 
-def _run(workdir, cache, extra=(), **hooks):
-    return subprocess.run(_cmd(workdir, cache, extra), cwd=ROOT, env=_env(cache, **hooks),
+def _run(workdir, cache, extra=(), args=None, **hooks):
+    return subprocess.run(_cmd(workdir, cache, extra, args), cwd=ROOT, env=_env(cache, **hooks),
                           capture_output=True, text=True, timeout=300)
 
 
-def _run_until(workdir, cache, logged_step, sig, extra=(), **hooks):
+def _run_until(workdir, cache, logged_step, sig, extra=(), args=None, **hooks):
     """Starts a run, sends `sig` once metrics.jsonl has `logged_step`, returns the process."""
     hooks.setdefault("M6JAX_TEST_STEP_DELAY_S", "0.25")  # so the kill lands mid-run
-    proc = subprocess.Popen(_cmd(workdir, cache, extra), cwd=ROOT, env=_env(cache, **hooks),
+    proc = subprocess.Popen(_cmd(workdir, cache, extra, args), cwd=ROOT, env=_env(cache, **hooks),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
