@@ -17,24 +17,26 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "experiments/configs/finetune_<task>.py; override with --config.field=value.",
-    lock_config=True)
+from m6jax import cli  # noqa: E402
+
+_CONFIG = cli.define_config(
+    "config", None, "experiments/configs/finetune_<task>.py; override with --config.field=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for summary.json and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.refuse(f"flag error: unexpected arguments {argv[1:]}; flags are --name=value")
     t_start = time.time()
+    workdir = cli.check_workdir(_WORKDIR.value)
     import jax  # imported after flag parsing, so XLA flags from the caller apply
 
     from m6jax import sharding
     from m6jax.config_checks import validate_config
     from m6jax.data import validate_data_config
+    from m6jax.errors import InputError
     from m6jax.finetune import caption, pretrained, retrieval, sentiment
     from m6jax.finetune.config import validate_finetune_config
 
@@ -47,15 +49,17 @@ def main(argv):
         validate_config(config, jax.device_count())
         validate_data_config(config)
     except ValueError as e:
-        sys.exit(f"config error: {e}")
+        cli.refuse(f"config error: {e}")
     logging.info("fine-tune %s from %s; run config:\n%s", ft.task, source.step_dir, config)
-    workdir = _WORKDIR.value
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
 
     # ---- Fine-tune and evaluate.
     runner = {"sentiment": sentiment, "retrieval": retrieval, "caption": caption}[ft.task]
-    summary = runner.run(config, ft, source, mesh, workdir)
+    try:
+        summary = runner.run(config, ft, source, mesh, workdir)
+    except InputError as e:  # bad data, found while building batches (before compiling)
+        cli.refuse(f"input error: {e}")
     summary.update(task=ft.task, init_from=source.step_dir, total_steps=config.total_steps,
                    batch_size=config.batch_size, num_devices=jax.device_count(),
                    mesh=dict(mesh.shape), wall_s=time.time() - t_start)
@@ -75,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -20,6 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from m6jax import cli  # noqa: E402
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining run's --workdir.")
 flags.mark_flags_as_required(["workdir"])
 _IMAGE = flags.DEFINE_string("image", "", "Image file to caption.")
@@ -45,18 +47,53 @@ def load_image_patches(path: str, data_cfg, invert: str):
     import numpy as np
     from m6jax.data import images
     if not os.path.isfile(path):
-        sys.exit(f"--image={path}: no such file")
-    image = images.load_image(os.path.abspath(path), "", data_cfg.image_size, data_cfg.image_channels)
+        cli.refuse(f"flag error: --image={path}: no such file")
+    try:
+        image = images.load_image(os.path.abspath(path), "", data_cfg.image_size,
+                                  data_cfg.image_channels)
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        cli.refuse(f"flag error: --image={path} cannot be read as an image ({type(e).__name__}: "
+                   f"{e}); give a PNG or JPEG file")
     if invert == "yes" or (invert == "auto" and image.mean() > 0.5):
         image = 1.0 - image
     return images.patchify(image, data_cfg.patch_size).astype(np.float32)
 
 
+def _check_flags():
+    """Flag values that make no decoding, refused before JAX is imported."""
+    if _IMAGE.value and _PROMPT.value:
+        cli.refuse("flag error: give --image (caption it) or --prompt (continue the text), "
+                   "not both")
+    for flag, ok, want in (
+            (_NUM_SAMPLES, _NUM_SAMPLES.value >= 1, ">= 1"),
+            (_BEAM_SIZE, _BEAM_SIZE.value >= 1, ">= 1"),
+            (_NUM_DIGITS, _NUM_DIGITS.value >= 1, ">= 1"),
+            (_MAX_NEW, _MAX_NEW.value >= 0, ">= 0 (0 = the default length)"),
+            (_TEMPERATURE, _TEMPERATURE.value >= 0, ">= 0 (0 = greedy)"),
+            (_TOP_K, _TOP_K.value >= 0, ">= 0 (0 = all tokens)"),
+            (_TOP_P, 0 < _TOP_P.value <= 1, "in (0, 1]"),
+            (_LENGTH_PENALTY, _LENGTH_PENALTY.value >= 0, ">= 0")):
+        if not ok:
+            cli.refuse(f"flag error: --{flag.name}={flag.value} must be {want}")
+    if _IMAGE.value:
+        if not os.path.isfile(_IMAGE.value):
+            cli.refuse(f"flag error: --image={_IMAGE.value}: no such file")
+        from PIL import Image
+        try:
+            with Image.open(_IMAGE.value) as im:
+                im.verify()
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's UnidentifiedImageError: OSError
+            cli.refuse(f"flag error: --image={_IMAGE.value} cannot be read as an image "
+                       f"({type(e).__name__}: {e}); give a PNG or JPEG file")
+    if not os.path.isdir(_WORKDIR.value):
+        cli.refuse(f"flag error: --workdir={_WORKDIR.value} is not a directory; give the "
+                   "--workdir of a pretraining run (experiments/pretrain.py)")
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _IMAGE.value and _PROMPT.value:
-        sys.exit("give --image (caption it) or --prompt (continue the text), not both")
+        cli.refuse(f"flag error: unexpected arguments {argv[1:]}; flags are --name=value")
+    _check_flags()
     import jax
     import numpy as np
 
@@ -68,13 +105,13 @@ def main(argv):
     try:
         config, model, mesh, params, param_sh, step_dir = load_run(workdir)
     except ValueError as e:
-        sys.exit(str(e))
+        cli.refuse(f"input error: {e}")
     d = config.data
     num_patches = (d.image_size // d.patch_size) ** 2
     patch_dim = d.patch_size ** 2 * d.image_channels
     tok_path = d.tokenizer_path or os.path.join(workdir, "tokenizer.model")
     if not os.path.isfile(tok_path):
-        sys.exit(f"no tokenizer at {tok_path}: the run's pretraining writes it there")
+        cli.refuse(f"input error: no tokenizer at {tok_path}: the run's pretraining writes it there")
     tok = tokenizer_lib.Tokenizer(tok_path)
 
     # ---- What to decode: rows of (patches, image_mask), one prompt for all.
@@ -82,7 +119,7 @@ def main(argv):
     if _PROMPT.value:
         prompt = [tok.lm_id] + tok.encode(_PROMPT.value)
         if len(prompt) > d.text_len:
-            sys.exit(f"--prompt is {len(prompt) - 1} tokens; data.text_len={d.text_len} of this "
+            cli.refuse(f"flag error: --prompt is {len(prompt) - 1} tokens; data.text_len={d.text_len} of this "
                      f"run fits at most {d.text_len - 1}: shorten it")
         num_prefix, patches = 1, np.zeros((1, num_patches, patch_dim), np.float32)
         image_mask = np.zeros((1, num_patches), bool)
@@ -93,8 +130,12 @@ def main(argv):
             patches = load_image_patches(_IMAGE.value, d, _INVERT.value)[None]
         else:
             from m6jax.data import Pipeline
-            pipe = Pipeline(d, seed=config.seed, batch_size=1, workdir=workdir)
-            patches, _, labels = pipe.caption_eval_set()
+            from m6jax.errors import InputError
+            try:
+                pipe = Pipeline(d, seed=config.seed, batch_size=1, workdir=workdir)
+                patches, _, labels = pipe.caption_eval_set()
+            except InputError as e:
+                cli.refuse(f"input error: {e}")
             patches, labels = patches[:_NUM_DIGITS.value], labels[:_NUM_DIGITS.value]
         image_mask = np.ones(patches.shape[:2], bool)
         max_new = _MAX_NEW.value or min(16, d.text_len - len(prompt) + 1)
@@ -109,7 +150,7 @@ def main(argv):
             top_p=_TOP_P.value, beam_size=_BEAM_SIZE.value,
             length_penalty=_LENGTH_PENALTY.value, num_prefix=num_prefix)
     except ValueError as e:
-        sys.exit(f"flag error: {e}")
+        cli.refuse(f"flag error: {e}")
     (patches, image_mask, prompts), n = generate.pad_rows(
         [patches, image_mask, prompts], sharding.batch_shards(mesh))
     b = sharding.shard_full_batch(mesh, dict(p=patches, m=image_mask, t=prompts))
@@ -132,4 +173,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -15,12 +15,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
+from m6jax import cli  # noqa: E402
+
+_CONFIG = cli.define_config(
     "config", os.path.join(os.path.dirname(__file__), "configs", "m6.py:tiny"),
-    "Config file (path.py:variant); override fields with --config.field=value.",
-    lock_config=True)
+    "Config file (path.py:variant); override fields with --config.field=value.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, tokenizer, summary.")
 flags.mark_flags_as_required(["workdir"])
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -41,18 +41,20 @@ def _maybe_initialize_distributed():
     try:
         distributed.initialize(*explicit)
     except ValueError as e:
-        sys.exit(f"flag error: {e}")
+        cli.refuse(f"flag error: {e}")
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.refuse(f"flag error: unexpected arguments {argv[1:]}; flags are --name=value")
+    workdir = cli.check_workdir(_WORKDIR.value)
     _maybe_initialize_distributed()
     import jax  # imported after flag parsing, so XLA flags from the caller apply
 
     from m6jax import offload
     from m6jax.config_checks import validate_config
     from m6jax.data import validate_data_config
+    from m6jax.errors import InputError
     from m6jax.train.loop import train
     config = _CONFIG.value
     try:  # refuse a bad config with one clear line, before anything is built
@@ -60,16 +62,18 @@ def main(argv):
         validate_data_config(config)
         offload.check(config, jax.devices())
     except ValueError as e:
-        sys.exit(f"config error: {e}")
+        cli.refuse(f"config error: {e}")
     logging.info("config:\n%s", config)
     from m6jax.train.resume import NonFiniteLoss, Preempted
     try:
-        train(config, _WORKDIR.value)
+        train(config, workdir)
     except Preempted as e:  # the checkpoint is written: a clean exit, resumable
         print(str(e), flush=True)
     except NonFiniteLoss as e:
         sys.exit(f"stopped: {e}")
+    except InputError as e:  # bad data files or a checkpoint of another model, before compiling
+        cli.refuse(f"input error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -7,7 +7,7 @@ from m6jax import sharding
 from m6jax.model.block import REMAT_POLICIES
 from m6jax.model.mlp import ACTIVATIONS
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("skip", "stop")
 
 
@@ -19,6 +19,11 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
             raise ValueError(f"model.{f}={m[f]} must be positive")
     if m.emb_dim % m.num_heads:
         raise ValueError(f"model.num_heads={m.num_heads} does not divide model.emb_dim={m.emb_dim}")
+    if m.dtype == "float16":
+        raise ValueError("model.dtype='float16' is refused: its 5-bit exponent overflows "
+                         "activations and underflows gradients without loss scaling, which "
+                         "this trainer does not do; use model.dtype='bfloat16' (same memory, "
+                         "float32's range) or 'float32'")
     if m.dtype not in _DTYPES:
         raise ValueError(f"model.dtype={m.dtype!r} is not one of {', '.join(_DTYPES)}")
     if m.get("param_dtype", "float32") not in ("float32", "bfloat16"):
@@ -35,6 +40,10 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
         raise ValueError(f"model.vocab_size={m.vocab_size} differs from data.vocab_size="
                          f"{config.data.vocab_size}; set data.vocab_size (both follow it)")
 
+    if int(config.batch_size) <= 0:
+        raise ValueError(f"batch_size={config.batch_size} must be positive (the global batch)")
+    if int(config.seed) < 0:
+        raise ValueError(f"seed={config.seed} must be >= 0")
     shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
     sizes = dict(zip(sharding.MESH_AXES, shape))
     t = sizes["tensor"]
@@ -76,6 +85,17 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
                          f"[0, total_steps={config.total_steps})")
     if not 0.0 <= o.end_lr_fraction <= 1.0:
         raise ValueError(f"optimizer.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
+    for f in ("b1", "b2"):
+        if not 0.0 <= o[f] < 1.0:
+            raise ValueError(f"optimizer.{f}={o[f]} must be in [0, 1) (an Adam decay rate)")
+    if o.weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if not o.grad_clip_norm > 0:
+        raise ValueError(f"optimizer.grad_clip_norm={o.grad_clip_norm} must be positive "
+                         "(clipping by global norm; use a large value to clip nothing)")
+    for f in ("peak_tflops_per_device", "num_caption_samples"):
+        if f in config and config[f] < 0:
+            raise ValueError(f"{f}={config[f]} must be >= 0")
     _check_checkpointing(config)
     _check_pseudo_to_real(config)
     from m6jax import offload

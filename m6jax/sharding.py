@@ -59,6 +59,25 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def run_layout(saved_mesh, num_devices: int) -> dict[str, int]:
+    """The mesh a restored run is used on: its model-parallel axes (fsdp, tensor, expert)
+    as saved, `data=-1` taking the rest of this host's devices, so a model that needed
+    FSDP or tensor/expert parallelism to train is decoded or fine-tuned sharded the same
+    way. Where those axes do not fit `num_devices`, ValueError naming them."""
+    layout = {a: int(saved_mesh.get(a, 1)) for a in MESH_AXES}
+    if -1 in (layout["fsdp"], layout["tensor"], layout["expert"]):
+        layout["data"] = 1  # the run let a model axis take the remaining devices
+    else:
+        layout["data"] = -1
+    try:
+        resolve_mesh_shape(layout, num_devices)
+    except ValueError as e:
+        raise ValueError(f"the run's mesh (fsdp={layout['fsdp']}, tensor={layout['tensor']}, "
+                         f"expert={layout['expert']}) does not fit {num_devices} devices: {e}; "
+                         "give the same axes explicitly with --config.mesh.*") from None
+    return layout
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor, expert) mesh over `devices` (default: all devices)."""
     devices = list(devices) if devices is not None else jax.devices()

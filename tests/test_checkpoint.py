@@ -1,7 +1,9 @@
 """Fault tolerance of the entry point as a user runs it: kill, preempt, corrupt, NaN, fine-tune.
 
 Every run is `experiments/pretrain.py` in a subprocess on 2 fake CPU devices with a tiny
-model; `reference` is one uninterrupted run that the others are compared with.
+MoE model whose training is random (dropout 0.1, router jitter 0.1): bitwise-equal losses
+after a resume then also prove the RNG was restored. `reference` is one uninterrupted run
+that the others are compared with.
 """
 import json
 import os
@@ -20,7 +22,7 @@ from etils import epath
 from conftest import ROOT
 
 STEPS, EVERY = 10, 3
-ARGS = [
+DENSE_ARGS = [
     "--config=experiments/configs/m6.py:tiny", f"--config.total_steps={STEPS}",
     "--config.log_every=1", "--config.eval_every=100", "--config.batch_size=8",
     "--config.mesh.data=2", "--config.model.emb_dim=32", "--config.model.mlp_dim=64",
@@ -29,6 +31,10 @@ ARGS = [
     "--config.num_caption_samples=1", "--config.peak_tflops_per_device=1",
     f"--config.checkpoint_every={EVERY}", "--config.keep_checkpoints=3",
 ]
+# This file's runs: the same with MoE layers, dropout and router jitter on.
+ARGS = [a for a in DENSE_ARGS if not a.startswith("--config=")] + [
+    "--config=experiments/configs/m6_moe.py:tiny", "--config.model.dropout_rate=0.1",
+    "--config.model.moe.jitter=0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +42,10 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("ckpt_cache")
 
 
-def _cmd(workdir, cache, extra=()):
+def _cmd(workdir, cache, extra=(), args=None):
     tok = f"--config.data.tokenizer_path={cache / 'tokenizer.model'}"  # trained once, shared
-    return [sys.executable, "experiments/pretrain.py", *ARGS, tok, *extra, f"--workdir={workdir}"]
+    return [sys.executable, "experiments/pretrain.py", *(ARGS if args is None else args), tok,
+            *extra, f"--workdir={workdir}"]
 
 
 def _env(cache, **hooks):
@@ -46,15 +53,15 @@ def _env(cache, **hooks):
                 M6JAX_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR=str(cache / "xla"), **hooks)
 
 
-def _run(workdir, cache, extra=(), **hooks):
-    return subprocess.run(_cmd(workdir, cache, extra), cwd=ROOT, env=_env(cache, **hooks),
+def _run(workdir, cache, extra=(), args=None, **hooks):
+    return subprocess.run(_cmd(workdir, cache, extra, args), cwd=ROOT, env=_env(cache, **hooks),
                           capture_output=True, text=True, timeout=300)
 
 
-def _run_until(workdir, cache, logged_step, sig, extra=(), **hooks):
+def _run_until(workdir, cache, logged_step, sig, extra=(), args=None, **hooks):
     """Starts a run, sends `sig` once metrics.jsonl has `logged_step`, returns the process."""
     hooks.setdefault("M6JAX_TEST_STEP_DELAY_S", "0.25")  # so the kill lands mid-run
-    proc = subprocess.Popen(_cmd(workdir, cache, extra), cwd=ROOT, env=_env(cache, **hooks),
+    proc = subprocess.Popen(_cmd(workdir, cache, extra, args), cwd=ROOT, env=_env(cache, **hooks),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -109,6 +116,20 @@ def test_sigkill_then_same_command_continues_the_loss_curve_bitwise(reference, c
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step" in proc.stderr
     assert _losses(tmp_path) == _losses(reference)  # bitwise: float equality of every loss
+
+
+def test_sigkill_between_an_async_save_start_and_its_commit(reference, cache, tmp_path):
+    # The hook kills the process right after the save of step 6 was started (arrays
+    # copied to host, orbax writing in its background thread), before the commit.
+    proc = _run(tmp_path, cache, M6JAX_TEST_KILL_DURING_SAVE="6")
+    assert proc.returncode == -signal.SIGKILL
+    assert "SIGKILL during the save of step 6 (not committed yet)" in proc.stdout
+    assert _steps(tmp_path) == [3]  # the half-written step 6 never became a checkpoint
+    proc = _run(tmp_path, cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 3" in proc.stderr
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if "tmp" in d]
+    assert _losses(tmp_path) == _losses(reference)
 
 
 def test_sigterm_checkpoints_the_step_it_arrived_at(reference, cache, tmp_path):

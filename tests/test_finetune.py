@@ -182,9 +182,33 @@ def test_finetune_entry_point_writes_the_summary_keys(task, pretrained_workdir, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     for key in KEYS[task]:
-        assert 0.0 <= summary[key] <= 1.0, (key, summary.get(key))
+        assert key in summary, key
+    _check_scores(task, summary)
     assert summary["mesh"]["data"] == 2
     assert f"fine-tune {task}" in proc.stdout
+
+
+HELD_OUT_DIGITS = round(0.2 * 1797)  # sources.IMAGE_HOLDOUT_FRACTION of the shipped digits
+
+
+def _is_count_of(fraction: float, n: int) -> bool:
+    return abs(fraction * n - round(fraction * n)) < 1e-6
+
+
+def _check_scores(task, s):
+    """What each number is, not only its range: a fraction of the evaluated items."""
+    if task == "sentiment":  # 16 test reviews (--config.eval_reviews=16)
+        for key in ("sentiment_accuracy", "baseline_accuracy", "majority_class_accuracy"):
+            assert _is_count_of(s[key], 16), (key, s[key])
+        assert s["majority_class_accuracy"] >= 0.5
+    elif task == "retrieval":  # 6 images: recall@5 can only add hits to recall@1
+        assert s["num_images"] == 6
+        assert s["retrieval_r1"] <= s["retrieval_r5"], s
+    else:  # greedy captions of every held-out digit, in each language
+        for key in ("pretrained", "scratch"):
+            en, zh = s[f"caption_accuracy_{key}_en"], s[f"caption_accuracy_{key}_zh"]
+            assert _is_count_of(en, HELD_OUT_DIGITS) and _is_count_of(zh, HELD_OUT_DIGITS)
+            assert s[f"caption_accuracy_{key}"] == pytest.approx((en + zh) / 2, abs=1e-12)
 
 
 def test_init_from_without_a_checkpoint_names_what_to_pass(tmp_path):

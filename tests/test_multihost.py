@@ -78,3 +78,26 @@ def test_local_launcher_stops_all_processes_when_one_fails(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env(tmp_path / "c"))
     assert proc.returncode != 0
     assert "model.num_heads=6 does not divide model.emb_dim=128" in proc.stdout
+
+
+@pytest.mark.slow  # one more 2-process run (~40 s here)
+def test_two_processes_restore_the_step_process_0_chose(runs, tmp_path):
+    """Process 1's view of the newest checkpoint is made to fail validation (a test hook
+    standing for storage that lags on one host): process 0 decides, so both resume from
+    step 3; deciding on each process alone would start process 1 from scratch."""
+    import shutil
+    _, (two, _) = runs
+    workdir = tmp_path / "w"
+    shutil.copytree(two, workdir)
+    args = [a if not a.startswith("--config.total_steps") else "--config.total_steps=5"
+            for a in ARGS]
+    multi = subprocess.run(
+        [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=4",
+         "--", *args, f"--workdir={workdir}"], cwd=ROOT, capture_output=True, text=True,
+        timeout=600, env=dict(_env(tmp_path / "c"), M6JAX_TEST_UNREADABLE_STEPS="1:3"))
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    for proc in (0, 1):
+        assert any(line.startswith(f"[{proc}]") and "resumed from step 3" in line
+                   for line in multi.stdout.splitlines()), multi.stdout[-3000:]
+    assert [s for s, _ in _losses(workdir)] == [1, 2, 3, 4, 5]
+    assert not (workdir / "checkpoints_unreadable").exists()

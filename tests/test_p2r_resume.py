@@ -7,7 +7,18 @@ import signal
 
 import pytest
 
-from test_checkpoint import _losses, _metrics, _run, _run_until, _steps, cache  # noqa: F401
+import test_checkpoint
+from test_checkpoint import _losses, _metrics, _steps, cache  # noqa: F401
+
+# The dense tiny model of test_checkpoint.py (its own runs are MoE with dropout/jitter,
+# whose one scanned unit spans both layers; these tests read per-layer shapes).
+def _run(*a, **k):
+    return test_checkpoint._run(*a, args=test_checkpoint.DENSE_ARGS, **k)
+
+
+def _run_until(*a, **k):
+    return test_checkpoint._run_until(*a, args=test_checkpoint.DENSE_ARGS, **k)
+
 
 SWITCH = 5  # checkpoints every 3 steps: 3 is Pseudo, 6 and 9 are Real
 P2R = ["--config.model.share_layers=True", f"--config.pseudo_to_real.switch_step={SWITCH}",

@@ -5,7 +5,15 @@ Variants (`--config=experiments/configs/m6.py:VARIANT`):
   small  a wider/deeper model for a single GPU.
   base   M6-base-like shape (ours: the paper's exact width/depth are not at hand).
 """
+import copy
+import os
+import sys
+
 import ml_collections
+
+# A config file is loaded by path: make the repository's m6jax importable from a clone.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from m6jax.data.config import DEFAULTS as DATA_DEFAULTS  # noqa: E402
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -30,21 +38,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
 
+    # The data fields and their defaults live in one place, m6jax/data/config.py (what
+    # each means is documented there); this family changes only these three.
     vocab = ml_collections.FieldReference(2000)
-    c.data = ml_collections.ConfigDict()
+    c.data = ml_collections.ConfigDict(copy.deepcopy(DATA_DEFAULTS))
     c.data.text_len = 48
-    c.data.image_size = 8
-    c.data.image_channels = 1
-    c.data.patch_size = 2
     c.data.vocab_size = vocab
-    c.data.tokenizer_path = ""
     c.data.task_weights = ml_collections.ConfigDict(
         dict(caption=0.6, caption_denoise=0.1, denoise=0.15, lm=0.15))
-    c.data.text_files = ""
-    c.data.image_text_files = ""
-    c.data.eval_examples = 256
-    c.data.noise_density = 0.15
-    c.data.mean_span = 3.0
 
     c.model = ml_collections.ConfigDict()
     c.model.vocab_size = vocab

@@ -1,9 +1,16 @@
 """The `config.data` fields the data package reads, their defaults and validation.
 
-`validate_data_config` is cheap (no files are read) so the train script can call it
-before compiling anything; every error names the field to fix.
+`validate_data_config` is cheap (files are globbed and stat-ed, not read) so the entry
+points call it before compiling anything; every error names the field or file to fix.
 """
+import glob
+import os
 from typing import Any
+
+from m6jax.errors import InputError
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+IMAGE_TEXT_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 TASK_NAMES = ("caption", "caption_denoise", "denoise", "lm")
 
@@ -54,8 +61,33 @@ def data_settings(config) -> dict[str, Any]:
 
 
 def validate_data_config(config) -> None:
-    """Raises ValueError naming the offending `data.*` field if the config is unusable."""
-    data_settings(config)
+    """Raises ValueError naming the offending `data.*` field or file if the config is
+    unusable: bad values, a glob that matches nothing, a missing or empty file."""
+    s = data_settings(config)
+    if s["text_files"]:
+        expand_globs(s["text_files"], "data.text_files", TEXT_SUFFIXES)
+    if s["image_text_files"]:
+        expand_globs(s["image_text_files"], "data.image_text_files", IMAGE_TEXT_SUFFIXES)
+
+
+def expand_globs(spec: str, field: str, allowed: tuple[str, ...]) -> list[str]:
+    """Comma-separated globs -> sorted file list; refuses (naming `field` and the file) a
+    pattern that matches nothing, another suffix, a directory or an empty file."""
+    files = []
+    for pattern in filter(None, (p.strip() for p in spec.split(","))):
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise InputError(f"{field}: pattern {pattern!r} matches no file; check the path "
+                             "(comma-separated globs, ~ allowed)")
+        files += matches
+    for f in files:
+        if os.path.splitext(f)[1] not in allowed:
+            raise InputError(f"{field}: {f!r} is not one of {', '.join(allowed)}")
+        if not os.path.isfile(f):
+            raise InputError(f"{field}: {f!r} is not a file")
+        if os.path.getsize(f) == 0:
+            raise InputError(f"{field}: {f!r} is empty; remove it from the list or fill it")
+    return files
 
 
 def task_probabilities(task_weights: dict) -> list[float]:

@@ -24,7 +24,9 @@ from absl import logging
 
 from m6jax.data import captions, corpora, images, sources, tasks
 from m6jax.data import tokenizer as tokenizer_lib
-from m6jax.data.config import TASK_NAMES, data_settings, task_probabilities
+from m6jax.data.config import (IMAGE_TEXT_SUFFIXES, TASK_NAMES, TEXT_SUFFIXES, data_settings,
+                               expand_globs, task_probabilities)
+from m6jax.errors import InputError
 
 _MAX_DRAWS = 100  # redraws for an example whose text tokenizes to nothing
 
@@ -55,12 +57,13 @@ class Pipeline:
 
         cache_dir = cache_dir or default_cache_dir()
         text_files, image_files = s["text_files"], s["image_text_files"]
+        # The user's files first: a bad one is refused before the shipped corpora load.
+        text_files = text_files and expand_globs(text_files, "data.text_files", TEXT_SUFFIXES)
+        image_files = image_files and expand_globs(image_files, "data.image_text_files",
+                                                   IMAGE_TEXT_SUFFIXES)
         if not text_files or not image_files:
             shipped_text, shipped_images = corpora.shipped_corpora(cache_dir)
-        text_files = (sources.expand_globs(text_files, "data.text_files", (".txt", ".jsonl", ".json", ".parquet"))
-                      if text_files else shipped_text)
-        image_files = (sources.expand_globs(image_files, "data.image_text_files", (".jsonl", ".json", ".parquet"))
-                       if image_files else shipped_images)
+            text_files, image_files = text_files or shipped_text, image_files or shipped_images
         self.text = sources.TextSource(text_files, cache_dir, s["max_text_chars"])
         self.images = sources.ImageTextSource(image_files, cache_dir, s["image_size"], s["image_channels"],
                                               s["max_text_chars"])
@@ -95,7 +98,8 @@ class Pipeline:
 
     def counters(self) -> dict:
         """Bad-data counts so far: `bad_records` = texts refused at load + bad image rows."""
-        return dict(bad_records=self.text.num_bad + len(self.bad_image_rows),
+        return dict(bad_records=(self.text.num_bad + self.images.num_malformed
+                                 + len(self.bad_image_rows)),
                     bad_image_rows=sorted(int(r) for r in self.bad_image_rows),
                     skipped_empty_examples=self.num_skipped)
 
@@ -140,10 +144,10 @@ class Pipeline:
                 return prefix, target, patches
             self.num_skipped += 1
         if task in tasks.IMAGE_TASKS and self.bad_image_rows:
-            raise ValueError(f"{_MAX_DRAWS} draws for task {TASK_NAMES[task]!r} found no usable "
+            raise InputError(f"{_MAX_DRAWS} draws for task {TASK_NAMES[task]!r} found no usable "
                              f"record in data.image_text_files={', '.join(self.images.files)} "
                              f"({len(self.bad_image_rows)} bad so far; last: {self._last_bad})")
-        raise ValueError(f"{_MAX_DRAWS} draws for task {TASK_NAMES[task]!r} all gave empty text; "
+        raise InputError(f"{_MAX_DRAWS} draws for task {TASK_NAMES[task]!r} all gave empty text; "
                          "check data.text_files / data.image_text_files")
 
     def _collate(self, examples, task_ids, loss_weights=None):
@@ -212,7 +216,7 @@ class Pipeline:
         """
         records = [r for r in map(self._image_record, self.images.heldout) if r is not None]
         if not records:
-            raise ValueError(f"data.image_text_files={', '.join(self.images.files)}: no usable "
+            raise InputError(f"data.image_text_files={', '.join(self.images.files)}: no usable "
                              f"held-out record ({len(self.images.heldout)} all bad; last: "
                              f"{self._last_bad})")
         patches = np.stack([images.patchify(r[0], self.patch_size) for r in records])

@@ -14,13 +14,16 @@ Splits never depend on the run seed: a text is held out iff crc32(text) % 50 == 
 (~2%, and duplicates land on the same side); image-text records are held out by a
 fixed seed-0 permutation (20%).
 """
-import glob
+import json
 import os
 import zlib
 
 import numpy as np
+from absl import logging
 
 from m6jax.data import captions, images
+from m6jax.data.config import expand_globs  # noqa: F401 (where it used to live)
+from m6jax.errors import InputError
 
 TEXT_HOLDOUT_MODULUS = 50
 IMAGE_HOLDOUT_FRACTION = 0.2
@@ -38,23 +41,56 @@ def _datasets():
     return datasets
 
 
-def expand_globs(spec: str, field: str, allowed: tuple[str, ...]) -> list[str]:
-    """Comma-separated globs -> sorted file list; errors name the config field."""
-    files = []
-    for pattern in filter(None, (p.strip() for p in spec.split(","))):
-        matches = sorted(glob.glob(os.path.expanduser(pattern)))
-        if not matches:
-            raise ValueError(f"{field}: pattern {pattern!r} matches no file")
-        files += matches
-    for f in files:
-        if os.path.splitext(f)[1] not in allowed:
-            raise ValueError(f"{field}: {f!r} is not one of {', '.join(allowed)}")
-    return files
+def _load(builder, files, cache_dir, field: str):
+    """A `datasets` Dataset of `files`; a JSON-lines file with malformed lines is parsed
+    line by line instead (`malformed_lines` counts what was dropped). Returns
+    (dataset, malformed_lines)."""
+    try:
+        ds = _datasets().load_dataset(builder, data_files=files, split="train",
+                                      cache_dir=os.path.join(cache_dir, "hf_datasets"))
+        return ds, 0
+    except Exception as e:  # noqa: BLE001 (datasets wraps parse errors in its own types)
+        error = e
+    if builder == "json":
+        records, bad = [], 0
+        for f in files:
+            got, n_bad = _json_lines(f, field)
+            records += got
+            bad += n_bad
+        if records:
+            logging.warning("%s: %d malformed line(s) in %s counted as bad records and "
+                            "skipped", field, bad, ", ".join(files))
+            return _datasets().Dataset.from_list(records), bad
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+    cause = error.__cause__ or error.__context__
+    if cause is not None and str(cause).strip():
+        reason += f" ({type(cause).__name__}: {str(cause).strip().splitlines()[0][:200]})"
+    raise InputError(f"{field}: {', '.join(files)} cannot be read ({reason}); fix or remove it")
 
 
-def _load(builder, files, cache_dir):
-    return _datasets().load_dataset(builder, data_files=files, split="train",
-                                    cache_dir=os.path.join(cache_dir, "hf_datasets"))
+def _json_lines(path: str, field: str) -> tuple[list[dict], int]:
+    """The JSON-object lines of `path` and the count of lines that are not one; refuses
+    a file without any valid line (naming it)."""
+    records, bad, first_bad = [], 0, ""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                rec, why = None, f"line {number}: {e}"
+            else:
+                why = f"line {number}: not a JSON object"
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                bad += 1
+                first_bad = first_bad or why
+    if not records:
+        raise InputError(f"{field}: {path} has no valid JSON-lines record ({bad} malformed; "
+                         f"first: {first_bad or 'no non-blank line'}); one JSON object per line")
+    return records, bad
 
 
 class BadRecord(ValueError):
@@ -65,14 +101,16 @@ class TextSource:
     """Texts from .txt/.jsonl/.parquet files; `train` and `heldout` are row indices."""
 
     def __init__(self, files: list[str], cache_dir: str, max_chars: int = 20_000):
-        by_builder = {}
+        by_builder, self.num_malformed = {}, 0
         for f in files:
             by_builder.setdefault(_BUILDERS[os.path.splitext(f)[1]], []).append(f)
         parts = []
         for builder, group in by_builder.items():
-            ds = _load(builder, group, cache_dir)
+            ds, malformed = _load(builder, group, cache_dir, "data.text_files")
+            self.num_malformed += malformed
             if "text" not in ds.column_names:
-                raise ValueError(f"data.text_files: {group} have no 'text' field (columns: {ds.column_names})")
+                raise InputError(f"data.text_files: {', '.join(group)} have no 'text' field "
+                                 f"(columns: {ds.column_names}); give each record a 'text'")
             parts.append(ds.select_columns(["text"]))
         self.dataset = parts[0] if len(parts) == 1 else _datasets().concatenate_datasets(parts)
         train, heldout, self.num_empty, self.num_too_long = [], [], 0, 0
@@ -87,9 +125,9 @@ class TextSource:
                 else:
                     train.append(i)
         self.train, self.heldout = np.array(train, np.int64), np.array(heldout, np.int64)
-        self.num_bad = self.num_empty + self.num_too_long
+        self.num_bad = self.num_empty + self.num_too_long + self.num_malformed
         if not len(self.train) or not len(self.heldout):
-            raise ValueError(f"data.text_files: need texts in both splits, got {len(self.train)} "
+            raise InputError(f"data.text_files: need texts in both splits, got {len(self.train)} "
                              f"train / {len(self.heldout)} held out ({self.num_empty} empty, "
                              f"{self.num_too_long} over data.max_text_chars={max_chars}) "
                              f"from {', '.join(files)}; add more valid text")
@@ -110,11 +148,15 @@ class ImageTextSource:
                  max_chars: int = 20_000):
         self.image_size, self.channels, self.max_chars = image_size, channels, max_chars
         self.files, self.parts, self.base_dirs, sizes = list(files), [], [], []
+        self.num_malformed = 0  # JSON lines that are not a record: counted, never sampled
         for f in files:
-            ds = _load(_BUILDERS[os.path.splitext(f)[1]], [f], cache_dir)
+            ds, malformed = _load(_BUILDERS[os.path.splitext(f)[1]], [f], cache_dir,
+                                  "data.image_text_files")
+            self.num_malformed += malformed
             missing = {"image", "caption"} - set(ds.column_names)
             if missing:
-                raise ValueError(f"data.image_text_files: {f} lacks field(s) {sorted(missing)}")
+                raise InputError(f"data.image_text_files: {f} lacks field(s) {sorted(missing)}; "
+                                 "each record needs 'image' and 'caption'")
             self.parts.append(ds)
             self.base_dirs.append(os.path.dirname(os.path.abspath(f)))
             sizes.append(len(ds))
@@ -124,7 +166,8 @@ class ImageTextSource:
         num_heldout = int(round(IMAGE_HOLDOUT_FRACTION * n))
         self.heldout, self.train = perm[:num_heldout], np.sort(perm[num_heldout:])
         if not len(self.train) or not len(self.heldout):
-            raise ValueError(f"data.image_text_files: {n} records cannot fill both splits; add more")
+            raise InputError(f"data.image_text_files: {n} records in {', '.join(files)} cannot "
+                             "fill both splits (20% is held out); add more")
 
     def __len__(self):
         return int(self.offsets[-1])

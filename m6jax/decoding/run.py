@@ -38,13 +38,15 @@ def load_config(step_dir: str) -> ml_collections.ConfigDict:
                          "checkpoint written by experiments/pretrain.py?") from e
 
 
-def load_run(workdir: str):
+def load_run(workdir: str, devices=None):
     """(config, model, mesh, params, param_shardings, checkpoint dir) of the newest
-    checkpoint in `workdir`, params data-parallel over this host's devices."""
+    checkpoint in `workdir`, params in the run's own layout: its fsdp/tensor/expert axes,
+    `data` taking the remaining devices (`sharding.run_layout`)."""
     step_dir = newest_checkpoint(workdir)
     config = load_config(step_dir)
     d = config.data
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    devices = list(devices) if devices is not None else jax.devices()
+    mesh = sharding.make_mesh(sharding.run_layout(config.mesh, len(devices)), devices)
     model = build_model(config)
     num_patches = (d.image_size // d.patch_size) ** 2
     example = dummy_batch(1, num_patches, d.patch_size ** 2 * d.image_channels, d.text_len)

@@ -17,7 +17,8 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.total_steps = 300
     c.batch_size = 32
     c.log_every = 25
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    # 0 = the pretraining run's value of that axis (pretrained.run_config): its layout.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=0, tensor=0, expert=0))
     c.eval_before = True  # also score the pretrained params before fine-tuning
     c.score_batch = 256  # rows per likelihood-scoring forward pass
 

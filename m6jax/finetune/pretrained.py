@@ -71,9 +71,17 @@ def run_config(ft_config, pretrained: Pretrained) -> ml_collections.ConfigDict:
     tokenizer), steps/batch/optimizer/mesh/seed from the fine-tune config.
     """
     c = ml_collections.ConfigDict(pretrained.config)
+    saved_mesh = dict(c.mesh)
     for field in _RUN_FIELDS:
         value = ft_config[field]
         c[field] = ml_collections.ConfigDict(value.to_dict()) if hasattr(value, "to_dict") else value
+    # mesh.fsdp/tensor/expert = 0 (the fine-tune configs' default): the pretraining run's
+    # value, so a model that needed FSDP or tensor/expert parallelism stays sharded.
+    for axis in ("fsdp", "tensor", "expert"):
+        if int(c.mesh[axis]) == 0:
+            c.mesh[axis] = int(saved_mesh.get(axis, 1))
+    if -1 in (c.mesh.fsdp, c.mesh.tensor, c.mesh.expert) and c.mesh.data == -1:
+        c.mesh.data = 1  # the run let a model axis take the remaining devices
     c.eval_every = c.total_steps
     c.checkpoint_every = 0  # fine-tune runs are short and not checkpointed
     c.data.tokenizer_path = pretrained.tokenizer_path

@@ -14,6 +14,7 @@ from m6jax import offload as offload_lib
 from m6jax import pseudo_to_real as p2r
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
+from m6jax.data.config import data_settings
 from m6jax.train import moe_metrics, resume, stages
 from m6jax.train.metrics import MetricsWriter, Progress, task_losses
 from m6jax.train.stages import build_model  # noqa: F401 (the public place to build an M6)
@@ -36,11 +37,14 @@ def train(config, workdir: str) -> dict:
     main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
-    # ---- Mesh and data.
+    # ---- Mesh, a checkpoint of another model refused, data.
     mesh = sharding.make_mesh(config.mesh, devices)
     logging.info("mesh %s over %d %s devices, %d local to process %d of %d", dict(mesh.shape),
                  len(devices), devices[0].platform, jax.local_device_count(),
                  jax.process_index(), jax.process_count())
+    run_ckpt = resume.RunCheckpoints(workdir, config)
+    run_ckpt.check_fits(lambda s: stages.model_and_optimizer(config, s),
+                        _example_batch(config), mesh)
     with distributed.main_process_first("data"):  # process 0 writes caches and tokenizer
         pipe = Pipeline(config.data, seed=config.seed, batch_size=config.batch_size,
                         process_index=jax.process_index(), process_count=jax.process_count(),
@@ -50,7 +54,6 @@ def train(config, workdir: str) -> dict:
     # ---- Model, optimizer, sharded state (restored if workdir has a checkpoint), steps.
     # A Pseudo-to-Real run has two stages; a checkpoint says which one it was saved in.
     example = dummy_batch(config.batch_size, pipe.num_patches, pipe.patch_dim, pipe.text_len)
-    run_ckpt = resume.RunCheckpoints(workdir, config)
     state, state_sh, start, stage_name = run_ckpt.initial_stage_state(
         lambda s: stages.model_and_optimizer(config, s), example, mesh)
     pipe.restore_counters(run_ckpt.meta.get("counters", {}))
@@ -171,6 +174,13 @@ def train(config, workdir: str) -> dict:
               f"wall {summary['wall_s']:.0f} s | {os.path.join(workdir, 'summary.json')}",
               flush=True)
     return summary
+
+
+def _example_batch(config):
+    """Zeros shaped like one global batch (what Pipeline will make), from the config alone."""
+    d = data_settings(config)
+    return dummy_batch(config.batch_size, (d["image_size"] // d["patch_size"]) ** 2,
+                       d["patch_size"] ** 2 * d["image_channels"], d["text_len"])
 
 
 def _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak) -> dict[str, float]:

@@ -64,6 +64,12 @@ class RunCheckpoints:
             lambda stage: (model, tx), example_batch, mesh)
         return state, shardings, start
 
+    def check_fits(self, model_and_optimizer, example_batch, mesh) -> None:
+        """Refuses (InputError) a newest checkpoint of another model shape, from metadata
+        and abstract shapes only: called before the data pipeline is built."""
+        self.ckpt.check_newest_fits(lambda stage: abstract_train_state(
+            *model_and_optimizer(stage), example_batch, mesh, self.config.seed)[0])
+
     def initial_stage_state(self, model_and_optimizer, example_batch, mesh):
         """(state, state_shardings, start_step, stage): restored, or fresh (+ init_from).
 
