@@ -25,8 +25,13 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt_cfg, total_steps: int,
+                   schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """AdamW on `schedule` (of the optimizer's own step count), by default
+    `learning_rate_schedule(opt_cfg, total_steps)`."""
+    if schedule is None:
+        schedule = learning_rate_schedule(opt_cfg, total_steps)
     return optax.chain(
         optax.clip_by_global_norm(opt_cfg.grad_clip_norm),
-        optax.adamw(learning_rate_schedule(opt_cfg, total_steps), b1=opt_cfg.b1, b2=opt_cfg.b2,
+        optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2,
                     weight_decay=opt_cfg.weight_decay, mask=_decay_mask))
