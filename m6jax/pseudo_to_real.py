@@ -59,7 +59,7 @@ LR_MODES = ("continue", "restart")
 
 
 def defaults() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(switch_step=0, optimizer="reinit",
+    return ml_collections.ConfigDict(dict(switch_step=0, optimizer="scaled",
                                           switch_warmup_steps=0, lr_schedule="continue",
                                           restart_warmup_steps=0))
 
