@@ -13,12 +13,14 @@ continues where it stopped). The runs, in order:
   then the best of those (fewest steps to scratch's final loss, then lowest final loss;
   or --best) repeated with each further seed beside scratch (`scratch_seed1`, ...);
   then the MoE pair (`moe_scratch`, `moe_<best>`), seed 0.
-Losses are the training loss (text cross-entropy) averaged over a trailing window of
---window steps: every run of one seed sees the same batches at the same step, so the
-curves compare like with like. Each run is compared with the scratch run of its own
-seed and model (dense or MoE): `steps_to_scratch_loss` is the first step whose trailing
-loss is at or below that scratch run's final trailing loss, `fraction_of_scratch_steps`
-that step over scratch's total steps.
+Losses are the training loss (text cross-entropy), per task averaged over a trailing
+window of --window steps and weighted by the data's task weights (`smoothed`): every run
+of one seed sees the same batches at the same step, so the curves compare like with
+like. Each run is compared with the scratch run of its own seed and model (dense or
+MoE): `steps_to_scratch_loss` is the first step whose loss is at or below that scratch
+run's final loss, `fraction_of_scratch_steps` that step over scratch's total steps, and
+`scratch_steps_to_final_loss` the other way round: the first step at which scratch was
+as low as this run's final loss (how far behind or ahead a run ends, in scratch's steps).
 
 `wall_s_to_scratch_loss` is modelled from step times *measured on this CPU*: the median
 logged step time of each stage of the run (Pseudo, Real; compiles, the delinking and
@@ -70,15 +72,25 @@ PAPER = ("M6-10T (Lin et al. 2021): Pseudo-to-Real converges about 7x faster at 
          "6% of the time.")
 COLUMNS = ["run", "switch_step", "optimizer_handoff", "seed", "final_loss",
            "steps_to_scratch_loss", "fraction_of_scratch_steps", "wall_s_to_scratch_loss",
+           "scratch_steps_to_final_loss",
            "eval_loss", "pseudo_step_ms", "real_step_ms", "train_s"]
 
 
-def smoothed(rows, window):
-    """[(step, trailing mean loss)] over logged rows within `window` steps."""
+def smoothed(rows, window, task_weights):
+    """[(step, task-balanced trailing loss)] over logged rows: per task, the mean of its
+    logged losses within `window` steps, then those means weighted by the data's task
+    weights (renormalised over the tasks present). A batch of 8 mixes tasks whose losses
+    differ 10x (captioning ~0.5, LM ~6), so the plain trailing mean of `loss` swings with
+    the batches' task mix by more than the runs differ; this does not."""
     out = []
     for i, r in enumerate(rows):
-        recent = [x["loss"] for x in rows[: i + 1] if x["step"] > r["step"] - window]
-        out.append((r["step"], sum(recent) / len(recent)))
+        recent = [x for x in rows[: i + 1] if x["step"] > r["step"] - window]
+        num = den = 0.0
+        for task, weight in task_weights.items():
+            losses = [x[f"loss/{task}"] for x in recent if f"loss/{task}" in x]
+            if losses and weight:
+                num, den = num + weight * sum(losses) / len(losses), den + weight
+        out.append((r["step"], num / den if den else r["loss"]))
     return out
 
 
@@ -136,7 +148,8 @@ class Ablation:
         with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
             rows = [json.loads(line) for line in f]
         self.runs[name] = dict(variant=variant, seed=seed, rows=rows, summary=summary,
-                               moe=variant.startswith("moe_"), config=c)
+                               moe=variant.startswith("moe_"), config=c,
+                               curve=smoothed(rows, FLAGS.window, dict(c.data.task_weights)))
 
     def scratch_of(self, r):
         return next(x for x in self.runs.values() if x["seed"] == r["seed"]
@@ -146,8 +159,7 @@ class Ablation:
         rows = []
         for name, r in self.runs.items():
             ref = self.scratch_of(r)
-            curve = smoothed(r["rows"], FLAGS.window)
-            target = smoothed(ref["rows"], FLAGS.window)[-1][1]
+            curve, target = r["curve"], ref["curve"][-1][1]
             step = first_reaching(curve, target)
             sec = r["config"].pseudo_to_real
             switch = int(sec.switch_step) if r["config"].model.share_layers else 0
@@ -158,6 +170,7 @@ class Ablation:
                 run=name, switch_step=switch, optimizer_handoff=handoff, seed=r["seed"],
                 final_loss=round(curve[-1][1], 4), steps_to_scratch_loss=step,
                 fraction_of_scratch_steps=round(step / ref["summary"]["total_steps"], 3),
+                scratch_steps_to_final_loss=first_reaching(ref["curve"], curve[-1][1]),
                 wall_s_to_scratch_loss=round(modelled_wall_s(step, switch, step_s), 1),
                 eval_loss=round(r["summary"]["eval_loss"], 4),
                 pseudo_step_ms=round(1000 * step_s["pseudo"], 1) if switch else math.nan,
@@ -200,7 +213,8 @@ def main(argv):
     _write(ab.table(), ab, partial=False, best=best)
 
 
-_REACHED = ("steps_to_scratch_loss", "fraction_of_scratch_steps", "wall_s_to_scratch_loss")
+_REACHED = ("steps_to_scratch_loss", "fraction_of_scratch_steps", "wall_s_to_scratch_loss",
+            "scratch_steps_to_final_loss")
 
 
 def _fmt(column, v):
@@ -225,8 +239,7 @@ def _write(rows, ab, partial, best=None):
     fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     by_name = {r["run"]: r for r in rows}
     for name, r in ab.runs.items():
-        curve = smoothed(r["rows"], FLAGS.window)
-        steps, loss = zip(*curve)
+        steps, loss = zip(*r["curve"])
         row = by_name[name]
         switch = row["switch_step"]
         handoff = row["optimizer_handoff"].split("+")[0]
@@ -244,18 +257,17 @@ def _write(rows, ab, partial, best=None):
             if r["moe"] and not switch:
                 kw["color"] = "gray"
             axes[1].plot(steps, loss, label=name, **kw)
-    targets = sorted({round(smoothed(ab.scratch_of(r)["rows"], FLAGS.window)[-1][1], 4)
-                      for r in ab.runs.values()})
+    targets = sorted({round(ab.scratch_of(r)["curve"][-1][1], 4) for r in ab.runs.values()})
     for ax, xlabel, title in zip(
             axes, ("step", "step", "modelled wall time (s, from CPU-measured step times)"),
             ("dense, seed 0: every switch x handoff", "seeds and the MoE pair",
              "dense, seed 0, vs CPU step-time model")):
         for t in targets:
             ax.axhline(t, color="gray", lw=0.6, ls=":")
-        lo = min(targets) - 0.4
-        ax.set_ylim(lo, lo + 3.0)
+        lo = min(targets) - 0.2
+        ax.set_ylim(lo, lo + 2.0)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"training loss ({FLAGS.window}-step trailing mean)")
+        ax.set_ylabel(f"training loss (task-balanced, {FLAGS.window}-step trailing)")
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=6, ncol=2)
     fig.suptitle(f"Pseudo-to-Real vs from scratch, {ablation_config.NUM_LAYERS} layers x "
