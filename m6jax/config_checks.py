@@ -180,6 +180,14 @@ def _check_pseudo_to_real(config) -> None:
     if sec.lr_schedule not in p2r.LR_MODES:
         raise ValueError(f"pseudo_to_real.lr_schedule={sec.lr_schedule!r} is not one of "
                          f"{', '.join(p2r.LR_MODES)}")
+    sw = p2r.switch_warmup_steps(config)
+    if sw < 0:
+        raise ValueError(f"pseudo_to_real.switch_warmup_steps={sw} must be >= 0 (0 = no "
+                         "re-warmup at the switch)")
+    if s and s + sw > config.total_steps:
+        raise ValueError(f"pseudo_to_real.switch_warmup_steps={sw} runs past total_steps="
+                         f"{config.total_steps} (switch_step={s}); make it at most "
+                         f"{config.total_steps - s}")
     w = int(sec.restart_warmup_steps)
     if s and sec.lr_schedule == "restart" and not 0 <= w < config.total_steps - s:
         raise ValueError(f"pseudo_to_real.restart_warmup_steps={w} must be in [0, total_steps"

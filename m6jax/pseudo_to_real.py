@@ -4,17 +4,43 @@ A run with `model.share_layers=True` starts as the Pseudo giant: the stack's blo
 parameters have no layer axis and every layer applies them. At
 `pseudo_to_real.switch_step` the state is *delinked*: each shared leaf is copied into
 every layer of the Real giant (a new leading `layers` axis), the optimizer state is
-re-initialised or its moments copied the same way, the result is re-sharded onto the
-Real layout and training goes on with a re-jitted step, in the same process. The stage
-is saved in each checkpoint's meta, so a run resumes on either side of the switch.
+handed over as `optimizer` says, the result is re-sharded onto the Real layout and
+training goes on with a re-jitted step, in the same process. The stage is saved in each
+checkpoint's meta, so a run resumes on either side of the switch.
 
 Config section `pseudo_to_real`:
   switch_step     step at which to delink (0 = never: a Pseudo run stays Pseudo)
-  optimizer       reinit: fresh AdamW moments for the Real model |
-                  copy: the shared moments copied to every layer
+  optimizer       scaled: the shared AdamW moments copied to every layer, the first
+                  divided by L and the second by L**2 (below) |
+                  copy: the shared moments copied to every layer unscaled |
+                  reinit: fresh AdamW moments (Adam's bias correction starts again)
+  switch_warmup_steps  0, or a linear learning-rate re-warmup over that many steps
+                  after the switch: the schedule is multiplied by min(1, (k + 1) / W) at
+                  the k-th Real step (k = 0 at switch_step); with any `optimizer`
   lr_schedule     continue: the schedule goes on as if nothing happened |
                   restart: a fresh warmup + cosine over the steps left after the switch
   restart_warmup_steps   warmup of the restarted schedule
+
+Why `scaled` divides by L and L**2. The Pseudo stack applies one weight w at L places
+(L = the length of the layer scan: `num_layers`, or `num_layers / moe.every` for an MoE
+stack, whose scanned unit is a group of `moe.every` layers with the MoE layer last), so
+its gradient is the sum of the L per-place gradients, g = sum_l g_l. AdamW keeps
+m = EMA(g) and v = EMA(g**2). Right after delinking every layer holds the same weights
+and sees a similar signal, so take g_l ~ g / L: the first moment of one layer is then
+EMA(g / L) = m / L, and its second moment EMA(g**2 / L**2) = v / L**2. The Adam step
+m / sqrt(v) is unchanged by the scaling, so the first Real step equals what `copy`
+would take; what changes is what follows. Under `copy` the new gradients are L times
+smaller than the moments they are averaged into: m forgets its inherited L-fold excess
+in ~1/(1 - b1) steps, v only in ~1/(1 - b2), and in between every update is about L
+times too small (b2 = 0.98: v still holds 0.98**100 * L**2 ~ 19x a layer's own at
+L = 12 after 100 steps). If the per-place gradients were uncorrelated, v's excess
+would be L, not L**2; the L**2 of the correlated case is what the switch starts from
+(identical weights). In an MoE stack the same share holds for every leaf of the scanned
+unit, the experts' and the router's included: each is applied once per unit, so L is
+the number of units, `num_layers / moe.every` (with every=2 and 12 layers, L = 6 for
+the attention, the dense MLP, the router and the experts alike). In code, L is simply
+the size of the `layers` axis the delinking adds to the leaf. Adam's step count (bias
+correction) is kept under copy and scaled, restarted under reinit.
 """
 from __future__ import annotations
 
@@ -28,13 +54,14 @@ import optax
 from m6jax.train import optim
 
 STAGE_PSEUDO, STAGE_REAL = "pseudo", "real"
-OPTIMIZER_MODES = ("reinit", "copy")
+OPTIMIZER_MODES = ("copy", "scaled", "reinit")
 LR_MODES = ("continue", "restart")
 
 
 def defaults() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(switch_step=0, optimizer="reinit",
-                                          lr_schedule="continue", restart_warmup_steps=0))
+    return ml_collections.ConfigDict(dict(switch_step=0, optimizer="scaled",
+                                          switch_warmup_steps=0, lr_schedule="continue",
+                                          restart_warmup_steps=0))
 
 
 def section(config) -> ml_collections.ConfigDict:
@@ -54,6 +81,11 @@ def stage_at(config, step: int) -> str:
         return STAGE_REAL
     s = switch_step(config)
     return STAGE_REAL if s is not None and step >= s else STAGE_PSEUDO
+
+
+def switch_warmup_steps(config) -> int:
+    """`pseudo_to_real.switch_warmup_steps` (0 for configs written before it)."""
+    return int(section(config).get("switch_warmup_steps", 0) or 0)
 
 
 def stage_config(config, stage: str):
@@ -76,33 +108,60 @@ def checkpoint_config(config, stage: str):
 
 
 def stage_optimizer(config, stage: str):
-    """(optax transform, lr schedule of the *global* step) for one stage of the run."""
+    """(optax transform, lr schedule of the *global* step) for one stage of the run.
+
+    The Real stage after a switch at step s may restart the schedule (`lr_schedule`:
+    the optimizer's schedule count then starts at 0 at step s) and may re-warm it up
+    (`switch_warmup_steps`: a linear ramp over the first Real steps, on top of either).
+    """
     s = switch_step(config)
-    restart = (stage == STAGE_REAL and s is not None
-               and section(config).lr_schedule == "restart")
-    if not restart:
-        return (optim.make_optimizer(config.optimizer, config.total_steps),
-                optim.learning_rate_schedule(config.optimizer, config.total_steps))
-    opt_cfg = copy.deepcopy(config.optimizer)
-    with opt_cfg.unlocked():
-        opt_cfg.warmup_steps = int(section(config).restart_warmup_steps)
-    steps_left = config.total_steps - s
-    schedule = optim.learning_rate_schedule(opt_cfg, steps_left)
-    return optim.make_optimizer(opt_cfg, steps_left), lambda step: schedule(step - s)
+    after_switch = stage == STAGE_REAL and s is not None
+    opt_cfg, horizon, offset = config.optimizer, config.total_steps, 0
+    if after_switch and section(config).lr_schedule == "restart":
+        opt_cfg = copy.deepcopy(config.optimizer)
+        with opt_cfg.unlocked():
+            opt_cfg.warmup_steps = int(section(config).restart_warmup_steps)
+        horizon, offset = config.total_steps - s, s
+    base = optim.learning_rate_schedule(opt_cfg, horizon)  # of the schedule's own count
+    warmup = switch_warmup_steps(config) if after_switch else 0
+
+    def schedule(count):  # count: the optimizer's schedule count = global step - offset
+        if not warmup:
+            return base(count)
+        ramp = jnp.clip((count + offset - s + 1) / warmup, 0.0, 1.0)
+        return base(count) * ramp
+
+    return optim.make_optimizer(opt_cfg, horizon, schedule), lambda step: schedule(step - offset)
 
 
-def delink_tree(shared_tree, real_abstract_tree):
+def delink_tree(shared_tree, real_abstract_tree, divide_by_layers_power: int = 0):
     """Copies each shared leaf into every layer: a leaf that has one dimension fewer than
-    its Real counterpart is broadcast along a new leading `layers` axis; other leaves
-    (embeddings, final norm, counters) are kept as they are."""
+    its Real counterpart is broadcast along a new leading `layers` axis of size L (and
+    divided by L**divide_by_layers_power: 1 for Adam's first moment, 2 for its second,
+    under `scaled`); other leaves (embeddings, final norm, counters) are kept as they are."""
     def leaf(x, target):
         if x.ndim + 1 == len(target.shape) and tuple(target.shape[1:]) == tuple(x.shape):
-            return jnp.broadcast_to(x[None], target.shape).astype(target.dtype)
+            y = jnp.broadcast_to(x[None], target.shape).astype(target.dtype)
+            if divide_by_layers_power:
+                y = y / jnp.asarray(target.shape[0] ** divide_by_layers_power, target.dtype)
+            return y
         if tuple(x.shape) != tuple(target.shape):
             raise ValueError(f"cannot delink a leaf of shape {x.shape} into {target.shape}: "
                              "the Pseudo and Real models differ in more than share_layers")
         return x
     return jax.tree.map(leaf, shared_tree, real_abstract_tree)
+
+
+def delink_opt_state(shared_opt_state, real_abstract_opt_state, scaled: bool):
+    """The shared optimizer state copied into every layer (`copy`), with AdamW's moments
+    divided by L and L**2 if `scaled` (the module docstring says why)."""
+    def node(s, target):
+        if scaled and isinstance(s, optax.ScaleByAdamState):
+            return s._replace(mu=delink_tree(s.mu, target.mu, 1),
+                              nu=delink_tree(s.nu, target.nu, 2))
+        return delink_tree(s, target)
+    return jax.tree.map(node, shared_opt_state, real_abstract_opt_state,
+                        is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
 
 
 def _set_counts(opt_state, adam_count=None, schedule_count=None):
@@ -130,17 +189,19 @@ def delink_state(state, config, real_tx, real_abstract_state, real_shardings):
     re-sharded onto `real_shardings`).
 
     Params are copied into every layer, so the Real model's outputs equal the Pseudo
-    model's at the switch. The optimizer state follows `pseudo_to_real.optimizer`;
-    with `reinit` Adam's bias correction starts afresh while the learning-rate schedule
-    count follows `pseudo_to_real.lr_schedule` (continue: the global step; restart: 0).
+    model's at the switch. The optimizer state follows `pseudo_to_real.optimizer`
+    (copy and scaled keep Adam's count; reinit starts its bias correction afresh); the
+    learning-rate schedule count follows `pseudo_to_real.lr_schedule` (continue: the
+    global step; restart: 0).
     """
     p2r = section(config)
     restart = p2r.lr_schedule == "restart"
 
     def delink(state):
         params = delink_tree(state.params, real_abstract_state.params)
-        if p2r.optimizer == "copy":
-            opt_state = delink_tree(state.opt_state, real_abstract_state.opt_state)
+        if p2r.optimizer in ("copy", "scaled"):
+            opt_state = delink_opt_state(state.opt_state, real_abstract_state.opt_state,
+                                         scaled=p2r.optimizer == "scaled")
             opt_state = _set_counts(opt_state, schedule_count=0 if restart else None)
         else:
             opt_state = _set_counts(real_tx.init(params),

@@ -21,8 +21,16 @@ def _run_until(*a, **k):
 
 
 SWITCH = 5  # checkpoints every 3 steps: 3 is Pseudo, 6 and 9 are Real
-P2R = ["--config.model.share_layers=True", f"--config.pseudo_to_real.switch_step={SWITCH}",
-       "--config.pseudo_to_real.optimizer=copy", "--config.keep_checkpoints=4"]
+BASE = ["--config.model.share_layers=True", f"--config.pseudo_to_real.switch_step={SWITCH}",
+        "--config.keep_checkpoints=4"]
+# Each optimizer handoff, the re-warmup on with two of them (the Real step 6 checkpoint is
+# then inside the ramp: its learning rate depends on the step it resumes at).
+HANDOFFS = {"scaled": ["--config.pseudo_to_real.optimizer=scaled",
+                       "--config.pseudo_to_real.switch_warmup_steps=3"],
+            "copy": ["--config.pseudo_to_real.optimizer=copy"],
+            "reinit": ["--config.pseudo_to_real.optimizer=reinit",
+                       "--config.pseudo_to_real.switch_warmup_steps=3"]}
+P2R = BASE + HANDOFFS["scaled"]  # the default suite's mode; the others run in the slow set
 
 
 def _meta(workdir, step):
@@ -34,7 +42,7 @@ def p2r_reference(tmp_path_factory, cache):  # noqa: F811
     workdir = tmp_path_factory.mktemp("p2r_reference")
     proc = _run(workdir, cache, P2R)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"pseudo-to-real: delinked at step {SWITCH}" in proc.stderr
+    assert f"pseudo-to-real: delinked at step {SWITCH} (optimizer scaled" in proc.stderr
     return workdir
 
 
@@ -44,6 +52,22 @@ def test_checkpoints_record_the_stage(p2r_reference):
     rows = _metrics(p2r_reference)
     assert [r["pseudo_stage"] for r in rows] == [1.0] * SWITCH + [0.0] * (10 - SWITCH)
     assert json.loads((p2r_reference / "summary.json").read_text())["stage"] == "real"
+
+
+@pytest.fixture(scope="module")
+def mode_references(tmp_path_factory, cache):  # noqa: F811
+    """{handoff: workdir of its uninterrupted run}, made on first use (slow tests only)."""
+    made = {}
+
+    def get(mode):
+        if mode not in made:
+            workdir = tmp_path_factory.mktemp(f"p2r_reference_{mode}")
+            proc = _run(workdir, cache, BASE + HANDOFFS[mode])
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert f"delinked at step {SWITCH} (optimizer {mode}" in proc.stderr
+            made[mode] = workdir
+        return made[mode]
+    return get
 
 
 @pytest.mark.parametrize("kill_after,resumed_from,stage", [
@@ -60,6 +84,23 @@ def test_killed_run_resumes_across_the_switch_bitwise(p2r_reference, cache, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from step {resumed_from}" in proc.stderr
     assert _losses(tmp_path) == _losses(p2r_reference)  # float equality of every loss
+
+
+@pytest.mark.slow  # three entry-point runs per case (~25 s each)
+@pytest.mark.parametrize("mode", ["copy", "reinit"])
+@pytest.mark.parametrize("kill_after,resumed_from,stage", [(4, 3, "pseudo"), (7, 6, "real")])
+def test_every_handoff_resumes_across_the_switch_bitwise(mode_references, cache, tmp_path,  # noqa: F811
+                                                         mode, kill_after, resumed_from, stage):
+    reference = mode_references(mode)
+    code, _, _ = _run_until(tmp_path, cache, logged_step=kill_after, sig=signal.SIGKILL,
+                            extra=BASE + HANDOFFS[mode])
+    assert code == -signal.SIGKILL
+    assert _steps(tmp_path)[-1] == resumed_from, "the kill landed too late or too early"
+    assert _meta(tmp_path, resumed_from)["stage"] == stage
+    proc = _run(tmp_path, cache, BASE + HANDOFFS[mode])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from step {resumed_from}" in proc.stderr
+    assert _losses(tmp_path) == _losses(reference)
 
 
 @pytest.mark.slow  # one more entry-point run (~25 s): the default suite stays under 15 min

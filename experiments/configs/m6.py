@@ -65,7 +65,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Pseudo-to-Real (M6-10T): with model.share_layers=True, delink at switch_step.
     c.pseudo_to_real = ml_collections.ConfigDict()
     c.pseudo_to_real.switch_step = 0  # 0 = never (a share_layers run stays Pseudo)
-    c.pseudo_to_real.optimizer = "reinit"  # reinit | copy (shared moments to every layer)
+    c.pseudo_to_real.optimizer = "scaled"  # scaled (moments / L, / L**2) | copy | reinit
+    c.pseudo_to_real.switch_warmup_steps = 0  # linear lr re-warmup over steps after the switch
     c.pseudo_to_real.lr_schedule = "continue"  # continue | restart (warmup + cosine again)
     c.pseudo_to_real.restart_warmup_steps = 0
 

@@ -48,7 +48,9 @@ def get_config(arg: str = "paper"):
         if arg != "paper_real":
             c.model.share_layers = True
         if arg == "paper":
-            c.pseudo_to_real.update(switch_step=c.total_steps // 10, optimizer="copy")
+            # `scaled`: the handoff the P2R ablation chose (BENCHMARKS.md); `copy` hands
+            # every layer moments ~L and ~L**2 too large and shrinks the first Real updates.
+            c.pseudo_to_real.update(switch_step=c.total_steps // 10, optimizer="scaled")
         return c
     if arg == "tiny":
         return ps.tiny_base(arg, moe=dict(MOE, num_experts=8), remat_policy="full")

@@ -52,11 +52,13 @@ class ClippedOptimizer(NamedTuple):
     max_norm: float
 
 
-def make_core(opt_cfg, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer without gradient clipping (elementwise per parameter)."""
-    name = opt_cfg.get("name", "adamw")
-    schedule = learning_rate_schedule(opt_cfg, total_steps)
-    if name == "adafactor":
+def make_core(opt_cfg, total_steps: int, schedule: optax.Schedule | None = None):
+    """The optimizer without gradient clipping (elementwise per parameter), on `schedule`
+    (of the optimizer's own step count), by default `learning_rate_schedule(opt_cfg,
+    total_steps)`."""
+    if schedule is None:
+        schedule = learning_rate_schedule(opt_cfg, total_steps)
+    if opt_cfg.get("name", "adamw") == "adafactor":
         return optax.adafactor(schedule, multiply_by_parameter_scale=False,
                                clipping_threshold=None, weight_decay_rate=opt_cfg.weight_decay,
                                weight_decay_mask=_decay_mask)
@@ -64,7 +66,8 @@ def make_core(opt_cfg, total_steps: int) -> optax.GradientTransformation:
                        weight_decay=opt_cfg.weight_decay, mask=_decay_mask)
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> ClippedOptimizer:
-    core = make_core(opt_cfg, total_steps)
+def make_optimizer(opt_cfg, total_steps: int,
+                   schedule: optax.Schedule | None = None) -> ClippedOptimizer:
+    core = make_core(opt_cfg, total_steps, schedule)
     chain = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), core)
     return ClippedOptimizer(chain.init, chain.update, core, float(opt_cfg.grad_clip_norm))

@@ -75,9 +75,10 @@ class Stage:
         with jax.set_mesh(self.mesh):
             real_state = p2r.delink_state(self.canonical(state), self.config, real_tx,
                                           abstract, shardings)
-        logging.info("pseudo-to-real: delinked at step %d (optimizer %s, lr schedule %s); "
-                     "%s -> %s parameters", int(jax.device_get(state.step)),
-                     p2r.section(self.config).optimizer, p2r.section(self.config).lr_schedule,
+        logging.info("pseudo-to-real: delinked at step %d (optimizer %s, lr schedule %s, "
+                     "switch warmup %d steps); %s -> %s parameters",
+                     int(jax.device_get(state.step)), p2r.section(self.config).optimizer,
+                     p2r.section(self.config).lr_schedule, p2r.switch_warmup_steps(self.config),
                      f"{_count(state.params):,}", f"{_count(real_state.params):,}")
         real = Stage(self.config, p2r.STAGE_REAL, self.mesh, shardings, pipe, tasks)
         with jax.set_mesh(self.mesh):
