@@ -73,7 +73,19 @@ PAPER = ("M6-10T (Lin et al. 2021): Pseudo-to-Real converges about 7x faster at 
 COLUMNS = ["run", "switch_step", "optimizer_handoff", "seed", "final_loss",
            "steps_to_scratch_loss", "fraction_of_scratch_steps", "wall_s_to_scratch_loss",
            "scratch_steps_to_final_loss",
-           "eval_loss", "pseudo_step_ms", "real_step_ms", "train_s"]
+           "eval_loss", "pseudo_step_ms", "real_step_ms", "train_s",
+           "planned_m6_10t_wall_s", "planned_m6_10t_wall_s_to_scratch_loss"]
+
+
+def planned_m6_10t_step_s():
+    """{stage: planned step seconds} of the paper's 10T model on its 512 GPUs (the dry
+    run's model: the Pseudo giant resident and compute-bound, the Real giant streaming
+    every layer from host memory): the wall-time regime the paper reports. Planned, not
+    measured."""
+    import m6_10t
+    from m6jax import plan
+    c = m6_10t.get_config("paper")
+    return {stage: plan.plan(c, stage=stage)["step_s"] for stage in ("pseudo", "real")}
 
 
 def smoothed(rows, window, task_weights):
@@ -122,6 +134,7 @@ class Ablation:
         self.workdir = workdir
         self.tokenizer = os.path.join(workdir, "tokenizer.model")  # trained once, shared
         self.runs = {}  # name -> dict(variant, seed, rows, summary)
+        self.planned = planned_m6_10t_step_s()
 
     def run(self, name, variant, seed):
         from m6jax.train.loop import train
@@ -175,7 +188,11 @@ class Ablation:
                 eval_loss=round(r["summary"]["eval_loss"], 4),
                 pseudo_step_ms=round(1000 * step_s["pseudo"], 1) if switch else math.nan,
                 real_step_ms=round(1000 * step_s["real"], 1),
-                train_s=round(r["summary"]["train_s"], 1)))
+                train_s=round(r["summary"]["train_s"], 1),
+                planned_m6_10t_wall_s=round(modelled_wall_s(len(curve) and curve[-1][0], switch,
+                                                            self.planned), 1),
+                planned_m6_10t_wall_s_to_scratch_loss=round(
+                    modelled_wall_s(step, switch, self.planned), 1)))
         return rows
 
 
@@ -214,7 +231,7 @@ def main(argv):
 
 
 _REACHED = ("steps_to_scratch_loss", "fraction_of_scratch_steps", "wall_s_to_scratch_loss",
-            "scratch_steps_to_final_loss")
+            "scratch_steps_to_final_loss", "planned_m6_10t_wall_s_to_scratch_loss")
 
 
 def _fmt(column, v):
@@ -286,7 +303,11 @@ def _write(rows, ab, partial, best=None):
             f"{'; PARTIAL: not every run has finished' if partial else ''}"
             f"{f'; best setting {best}' if best else ''}). wall_s_to_scratch_loss is "
             "modelled from CPU-measured step times (median per stage), not a GPU "
-            "measurement.")
+            "measurement. planned_m6_10t_* are the same step counts at the dry run's "
+            "planned step times of m6_10t on 512 GPUs (Pseudo stage "
+            f"{ab.planned['pseudo']:.2f} s, compute-bound; Real stage with every "
+            f"layer streamed {ab.planned['real']:.2f} s, transfer-bound): planned, "
+            "not measured.")
     with open(os.path.join(FLAGS.workdir, "p2r_ablation.md"), "w", encoding="utf-8") as f:
         f.write(f"Paper: {PAPER}\n\n{note}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
