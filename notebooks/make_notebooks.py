@@ -408,7 +408,7 @@ on with independent layers. The paper reports that this converges much faster fo
 
 This notebook trains, on the same batches, the Real model from scratch and
 Pseudo-to-Real runs with one or two switch points
-(`experiments/configs/p2r_ablation.py`: 8 layers of width 96), compares their loss by
+(`experiments/configs/p2r_ablation.py`: 12 layers of width 64), compares their loss by
 step and by training wall time, and checks that at the switch every layer is a copy of
 the shared block. `experiments/p2r_ablation.py` is the full-length version.
 '''),
@@ -416,8 +416,9 @@ the shared block. `experiments/p2r_ablation.py` is the full-length version.
         md(r'''
 ## Parameters
 
-For a real comparison use `STEPS = 300`, `SWITCH_STEPS = [30, 75]`, `OVERRIDES = {}`
-(the settings of `experiments/p2r_ablation.py`: 8 layers of width 96, batch 16).
+For a real comparison use `STEPS = 1000`, `SWITCH_STEPS = [100, 300]`, `OVERRIDES = {}`
+(the settings of `experiments/p2r_ablation.py`: 12 layers of width 64, batch 8, the
+`scaled` optimizer handoff).
 '''),
         code(r'''
 STEPS = 60
