@@ -32,9 +32,10 @@ DENSE_ARGS = [
     f"--config.checkpoint_every={EVERY}", "--config.keep_checkpoints=3",
 ]
 # This file's runs: the same with MoE layers, dropout and router jitter on.
-ARGS = [a for a in DENSE_ARGS if not a.startswith("--config=")] + [
-    "--config=experiments/configs/m6_moe.py:tiny", "--config.model.dropout_rate=0.1",
-    "--config.model.moe.jitter=0.1"]
+# --config must come before its overrides (ml_collections reads them in argv order).
+ARGS = ["--config=experiments/configs/m6_moe.py:tiny"] + [
+    a for a in DENSE_ARGS if not a.startswith("--config=")] + [
+    "--config.model.dropout_rate=0.1", "--config.model.moe.jitter=0.1"]
 
 
 @pytest.fixture(scope="module")
