@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from m6jax import pseudo_to_real as p2r
-from m6jax.model.block import Segments, is_segments
+from m6jax.model.block import Segments, fetch, is_segments
 from m6jax.model.moe import moe_config
 
 HOST = "pinned_host"
@@ -223,8 +223,6 @@ class OffloadPlan:
         weights and state, brought onto the device whole."""
         if not self.active or self.streamed:
             return stored
-        fetch = lambda x: (jax.device_put(x, jax.memory.Space.Device)
-                           if jax.typeof(x).memory_space == jax.memory.Space.Host else x)
         return self._map(lambda part, x: fetch(x), stored)
 
     # ---- Jitted conversions for the loop (restore, save, evaluate).
@@ -244,11 +242,3 @@ class OffloadPlan:
         if not self.on_host("params") and not self.streamed:
             return stored.params
         return self.to_canonical(stored).params
-
-
-def memory_kinds(tree) -> dict[str, str]:
-    """'path' -> memory kind of each array (for tests and the memory benchmark)."""
-    out = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out[jax.tree_util.keystr(path)] = x.sharding.memory_kind
-    return out

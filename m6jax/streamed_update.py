@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from m6jax.model.block import Segments, is_segments
+from m6jax.model.block import Segments, fetch, is_segments, on_host
 
 
 def _is_mirror(node) -> bool:
@@ -47,25 +47,17 @@ def _join(rest, layers):
     return out
 
 
-def _fetch(x):
-    if jax.typeof(x).memory_space == jax.memory.Space.Host:
-        return jax.device_put(x, jax.memory.Space.Device)
-    return x
-
-
 def _send_like(x, like):
     """`x` placed in the memory space of `like` (host results go back to the host)."""
-    if like is not None and jax.typeof(like).memory_space == jax.memory.Space.Host:
-        return jax.device_put(x, jax.memory.Space.Host)
-    return x
+    return jax.device_put(x, jax.memory.Space.Host) if like is not None and on_host(like) else x
 
 
 def _part(tree, i):
     return jax.tree.map(lambda s: s.parts[i] if is_segments(s) else s, tree, is_leaf=is_segments)
 
 
-def _on_host(tree) -> bool:
-    return any(jax.typeof(x).memory_space == jax.memory.Space.Host for x in jax.tree.leaves(tree))
+def _any_on_host(tree) -> bool:
+    return any(on_host(x) for x in jax.tree.leaves(tree))
 
 
 def global_norm(grads) -> jax.Array:
@@ -73,9 +65,9 @@ def global_norm(grads) -> jax.Array:
     total = jnp.zeros((), jnp.float32)
     for leaf in jax.tree.leaves(grads, is_leaf=is_segments):
         for x in (leaf.parts if is_segments(leaf) else (leaf,)):
-            if jax.typeof(x).memory_space == jax.memory.Space.Host:
+            if on_host(x):
                 def add(acc, unit):
-                    return acc + jnp.sum(jnp.square(_fetch(unit).astype(jnp.float32))), None
+                    return acc + jnp.sum(jnp.square(fetch(unit).astype(jnp.float32))), None
                 total = total + jax.lax.scan(add, jnp.zeros((), jnp.float32), x)[0]
             else:
                 total = total + jnp.sum(jnp.square(x.astype(jnp.float32)))
@@ -114,7 +106,7 @@ def update(tx, grads, opt_state, params, grad_norm, finite):
 
         def body(_, xs):
             g_u, units_u, p_u = xs
-            g_d, units_d, p_d = jax.tree.map(_fetch, (g_u, units_u, p_u))
+            g_d, units_d, p_d = jax.tree.map(fetch, (g_u, units_u, p_u))
             merged = [d if u else x for d, x, u in zip(units_d, flat, per_unit)]
             new_p, new_vals = step(g_d, jax.tree.unflatten(vals_def, merged), p_d)
             new_units = [_send_like(n, x) if u else None
@@ -132,7 +124,7 @@ def update(tx, grads, opt_state, params, grad_norm, finite):
     for i in range(num_parts):
         g, p, vals = _part(g_layers, i), _part(p_layers, i), _part(layers, i)
         unit_vals = [x for x, u in zip(jax.tree.leaves(vals), per_unit) if u]
-        new_p, new_vals = (streamed if _on_host((g, p, unit_vals)) else step)(g, vals, p)
+        new_p, new_vals = (streamed if _any_on_host((g, p, unit_vals)) else step)(g, vals, p)
         new_p_parts.append(new_p)
         new_parts.append(jax.tree.leaves(new_vals))
 

@@ -208,12 +208,20 @@ class Stack(nn.Module):
         return x, ys
 
 
+def on_host(x) -> bool:
+    """Inside jit: whether `x` lives in host memory (its aval's memory space)."""
+    return jax.typeof(x).memory_space == jax.memory.Space.Host
+
+
+def fetch(x):
+    """An array in host memory -> its device copy; device arrays pass through."""
+    return jax.device_put(x, jax.memory.Space.Device) if on_host(x) else x
+
+
 def _to_device(w):
-    """A unit's weight in host memory -> its device copy (named: never saved for the
-    backward pass, which fetches it again); device-resident weights pass through."""
-    if jax.typeof(w).memory_space != jax.memory.Space.Host:
-        return w
-    return checkpoint_name(jax.device_put(w, jax.memory.Space.Device), "streamed_weights")
+    """A unit's weight -> its device copy, named so that it is never saved for the
+    backward pass (which fetches it again)."""
+    return checkpoint_name(fetch(w), "streamed_weights") if on_host(w) else w
 
 
 def scan_units(unit: nn.Module, layers, x, args, remat_policy: str, rng=None, sow=False):
