@@ -15,8 +15,8 @@ import sys
 EXIT_BAD_INPUT = 2
 # Our code: the package and the entry points. INFO lines from anywhere else (Orbax's ~40
 # per checkpoint, JAX's backend probe) are dropped unless --verbosity is given.
-_OWN_CODE = (os.path.dirname(os.path.abspath(__file__)),
-             os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+_OWN_CODE = (os.path.dirname(os.path.realpath(__file__)),
+             os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
                           "experiments"))
 
 
@@ -111,7 +111,8 @@ def verbose() -> bool:
 
 class _OwnInfo(logging.Filter):
     def filter(self, record):
-        return record.levelno >= logging.WARNING or record.pathname.startswith(_OWN_CODE)
+        return (record.levelno >= logging.WARNING
+                or os.path.realpath(record.pathname).startswith(_OWN_CODE))
 
 
 class _Short(logging.Formatter):
