@@ -20,7 +20,9 @@ setup(
         # jax[cuda12] pulls the jax-cuda12-plugin/pjrt of the same jax version.
         "cuda12": ["jax[cuda12]>=0.10.2,<0.11"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        # `tensorboard --logdir DIR` (the runs write event files with tensorboardX).
+        "tensorboard": ["tensorboard>=2.18,<3"],
         "dev": ["pytest>=8,<10", "pyyaml>=6,<7", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6",
-                "ipykernel>=6.29,<8"],
+                "ipykernel>=6.29,<8", "tensorboard>=2.18,<3"],
     },
 )

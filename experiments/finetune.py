@@ -34,7 +34,7 @@ def main(argv):
     import jax  # imported after flag parsing, so XLA flags from the caller apply
 
     from m6jax import sharding
-    from m6jax.config_checks import validate_config
+    from m6jax.config_checks import clamp_warmup, validate_config
     from m6jax.data import validate_data_config
     from m6jax.errors import InputError
     from m6jax.finetune import caption, pretrained, retrieval, sentiment
@@ -44,13 +44,19 @@ def main(argv):
     ft = _CONFIG.value
     try:  # refuse a bad config or init_from with one clear line, before compiling
         validate_finetune_config(ft)
+        notice = clamp_warmup(ft)
+        if notice:
+            logging.info(notice)
         source = pretrained.resolve(ft.init_from)
         config = pretrained.run_config(ft, source)
         validate_config(config, jax.device_count())
         validate_data_config(config)
     except ValueError as e:
         cli.refuse(f"config error: {e}")
-    logging.info("fine-tune %s from %s; run config:\n%s", ft.task, source.step_dir, config)
+    if cli.verbose():
+        logging.info("fine-tune %s from %s; run config:\n%s", ft.task, source.step_dir, config)
+    else:
+        logging.info("fine-tune %s from %s (%s)", ft.task, source.step_dir, cli.config_line(sys.argv))
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
 

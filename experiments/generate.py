@@ -40,6 +40,8 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Outputs per image/prompt 
 _NUM_DIGITS = flags.DEFINE_integer("num_digits", 8, "Held-out digits to caption.")
 _INVERT = flags.DEFINE_enum("invert", "auto", ["auto", "yes", "no"],
                             "Invert --image (auto: if its mean is above 0.5).")
+_SHOW_INPUT = flags.DEFINE_string("show_input", "", "Write the image grid(s) the model "
+                                  "receives (after resizing, greying, inverting) to this PNG.")
 
 
 def load_image_patches(path: str, data_cfg, invert: str):
@@ -59,6 +61,34 @@ def load_image_patches(path: str, data_cfg, invert: str):
     return images.patchify(image, data_cfg.patch_size).astype(np.float32)
 
 
+def write_input_png(path: str, patches, data_cfg, scale: int = 8) -> None:
+    """The model's view of each image (patches -> pixels, nearest-neighbour enlarged
+    `scale` x so an 8x8 grid is visible), side by side in one PNG."""
+    import numpy as np
+    from PIL import Image
+    size, p, ch = data_cfg.image_size, data_cfg.patch_size, data_cfg.image_channels
+    g = size // p
+    imgs = patches.reshape(-1, g, g, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(-1, size, size, ch)
+    row = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=0.5) for im in imgs], 1)
+    row = np.repeat(np.repeat(np.clip(row, 0, 1), scale, 0), scale, 1)
+    pixels = (row * 255).round().astype(np.uint8)
+    Image.fromarray(pixels[..., 0] if ch == 1 else pixels).save(path)
+    print(f"model input ({len(imgs)} image(s), {size}x{size}x{ch}, shown {scale}x): {path}")
+
+
+def _caption_lang(langs: set[str] | None) -> str:
+    """--lang, which must be a language the run's captions have (`langs`; None = the
+    shipped digits, captioned in both): a caption prompt in a language the model never
+    saw captioned comes out in the other one. Without --lang, the run's only language."""
+    if langs is None or _LANG.value in langs or not langs:
+        return _LANG.value
+    if not _LANG.present:
+        print(f"--lang={sorted(langs)[0]}: this run's captions are all {sorted(langs)[0]}")
+        return sorted(langs)[0]
+    cli.refuse(f"flag error: --lang={_LANG.value}: this run's captions (data.image_text_files) "
+               f"are all {', '.join(sorted(langs))}; use --lang={sorted(langs)[0]}")
+
+
 def _check_flags():
     """Flag values that make no decoding, refused before JAX is imported."""
     if _IMAGE.value and _PROMPT.value:
@@ -75,6 +105,9 @@ def _check_flags():
             (_LENGTH_PENALTY, _LENGTH_PENALTY.value >= 0, ">= 0")):
         if not ok:
             cli.refuse(f"flag error: --{flag.name}={flag.value} must be {want}")
+    if _STRATEGY.value == "beam" and _NUM_SAMPLES.value > _BEAM_SIZE.value:
+        cli.refuse(f"flag error: --num_samples={_NUM_SAMPLES.value} with --strategy=beam prints "
+                   f"the best beams, at most --beam_size={_BEAM_SIZE.value}; raise --beam_size")
     if _IMAGE.value:
         if not os.path.isfile(_IMAGE.value):
             cli.refuse(f"flag error: --image={_IMAGE.value}: no such file")
@@ -125,22 +158,33 @@ def main(argv):
         image_mask = np.zeros((1, num_patches), bool)
         max_new = _MAX_NEW.value or d.text_len - len(prompt) + 1
     else:
-        prompt, num_prefix = [tok.caption_id, tok.lang_id(_LANG.value)], None
-        if _IMAGE.value:
-            patches = load_image_patches(_IMAGE.value, d, _INVERT.value)[None]
-        else:
+        pipe = None
+        if not _IMAGE.value or d.image_text_files:  # the run's data: held-out images, languages
             from m6jax.data import Pipeline
             from m6jax.errors import InputError
             try:
                 pipe = Pipeline(d, seed=config.seed, batch_size=1, workdir=workdir)
+            except InputError as e:
+                cli.refuse(f"input error: {e}")
+        lang = _caption_lang(pipe.caption_langs() if d.image_text_files else None)
+        prompt, num_prefix = [tok.caption_id, tok.lang_id(lang)], None
+        if _IMAGE.value:
+            patches = load_image_patches(_IMAGE.value, d, _INVERT.value)[None]
+        else:
+            try:
                 patches, _, labels = pipe.caption_eval_set()
             except InputError as e:
                 cli.refuse(f"input error: {e}")
             patches, labels = patches[:_NUM_DIGITS.value], labels[:_NUM_DIGITS.value]
         image_mask = np.ones(patches.shape[:2], bool)
         max_new = _MAX_NEW.value or min(16, d.text_len - len(prompt) + 1)
+    if _SHOW_INPUT.value and not _PROMPT.value:
+        write_input_png(_SHOW_INPUT.value, patches, d)
     reps = _NUM_SAMPLES.value
-    patches, image_mask = np.repeat(patches, reps, 0), np.repeat(image_mask, reps, 0)
+    # Beam search returns its `reps` best beams per row; the other strategies draw `reps`
+    # times from repeated rows.
+    rows = 1 if _STRATEGY.value == "beam" else reps
+    patches, image_mask = np.repeat(patches, rows, 0), np.repeat(image_mask, rows, 0)
     prompts = np.repeat(np.asarray(prompt, np.int32)[None], len(patches), 0)
 
     try:
@@ -148,7 +192,8 @@ def main(argv):
             model, mesh, param_sh, len(prompt), max_new, tok.eos_id, tok.pad_id,
             strategy=_STRATEGY.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
             top_p=_TOP_P.value, beam_size=_BEAM_SIZE.value,
-            length_penalty=_LENGTH_PENALTY.value, num_prefix=num_prefix)
+            length_penalty=_LENGTH_PENALTY.value, num_prefix=num_prefix,
+            num_beams_returned=reps if _STRATEGY.value == "beam" else 1)
     except ValueError as e:
         cli.refuse(f"flag error: {e}")
     (patches, image_mask, prompts), n = generate.pad_rows(
@@ -156,7 +201,8 @@ def main(argv):
     b = sharding.shard_full_batch(mesh, dict(p=patches, m=image_mask, t=prompts))
     with jax.set_mesh(mesh):
         tokens = np.asarray(jax.device_get(decode(params, b["p"], b["m"], b["t"],
-                                                  jax.random.key(_SEED.value))))[:n]
+                                                  jax.random.key(_SEED.value))))
+    tokens = tokens[:n * (reps // rows)]
     texts = [tok.decode(row.tolist()) for row in tokens]
 
     # ---- Print.
@@ -167,7 +213,7 @@ def main(argv):
         if _PROMPT.value:
             print(f"{_PROMPT.value}|{text}")
         elif labels is not None:
-            print(f"digit {labels[k]}: {text}")
+            print(f"digit {labels[k]}: {text}" if labels[k] >= 0 else f"held-out {k}: {text}")
         else:
             print(f"{os.path.basename(_IMAGE.value)}: {text}")
 

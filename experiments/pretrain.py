@@ -52,18 +52,24 @@ def main(argv):
     import jax  # imported after flag parsing, so XLA flags from the caller apply
 
     from m6jax import offload
-    from m6jax.config_checks import validate_config
+    from m6jax.config_checks import clamp_warmup, validate_config
     from m6jax.data import validate_data_config
     from m6jax.errors import InputError
     from m6jax.train.loop import train
     config = _CONFIG.value
+    notice = clamp_warmup(config)
+    if notice:
+        logging.info(notice)
     try:  # refuse a bad config with one clear line, before anything is built
         validate_config(config, jax.device_count())
         validate_data_config(config)
         offload.check(config, jax.devices())
     except ValueError as e:
         cli.refuse(f"config error: {e}")
-    logging.info("config:\n%s", config)
+    if cli.verbose():
+        logging.info("config:\n%s", config)
+    else:
+        logging.info("%s (--verbosity=0 prints every field)", cli.config_line(sys.argv))
     from m6jax.train.resume import NonFiniteLoss, Preempted
     try:
         train(config, workdir)

@@ -362,7 +362,6 @@ def load_params(path: str, abstract_params):
         out = ckptr.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
             item={"params": abstract_params}, restore_args={"params": restore_args},
             partial_restore=True))
-    logging.info("init_from: loaded params from %s", path)
     return out["params"]
 
 

@@ -7,11 +7,17 @@ load, and exits 1 for a bad flag value.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 
 EXIT_BAD_INPUT = 2
+# Our code: the package and the entry points. INFO lines from anywhere else (Orbax's ~40
+# per checkpoint, JAX's backend probe) are dropped unless --verbosity is given.
+_OWN_CODE = (os.path.dirname(os.path.realpath(__file__)),
+             os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))),
+                          "experiments"))
 
 
 def refuse(message: str):
@@ -60,7 +66,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     from absl import flags
     _check_config_file(argv)
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        if not verbose():
+            quiet_logs()
+        return rest
     except AttributeError as e:
         _refuse_unknown_field(e, argv)
     except Exception as e:  # noqa: BLE001 (flags.Error, a config file's own ValueError, ...)
@@ -92,3 +101,36 @@ def check_workdir(path: str, flag: str = "--workdir") -> str:
         refuse(f"flag error: {flag}={path}: {parent} is not writable; give a writable "
                "directory")
     return path
+
+
+def verbose() -> bool:
+    """True when the user set --verbosity (or -v): then every library's lines are shown."""
+    from absl import flags
+    return "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present
+
+
+class _OwnInfo(logging.Filter):
+    def filter(self, record):
+        return (record.levelno >= logging.WARNING
+                or os.path.realpath(record.pathname).startswith(_OWN_CODE))
+
+
+class _Short(logging.Formatter):
+    def format(self, record):
+        prefix = "" if record.levelno < logging.WARNING else record.levelname.lower() + ": "
+        return f"{self.formatTime(record, '%H:%M:%S')} {prefix}{record.getMessage()}"
+
+
+def quiet_logs():
+    """One short line per log call of ours; other libraries' INFO lines dropped."""
+    from absl import logging as absl_logging
+    handler = absl_logging.get_absl_handler()
+    handler.addFilter(_OwnInfo())
+    handler.setFormatter(_Short())
+
+
+def config_line(argv) -> str:
+    """`config: FILE:VARIANT with a=1, b=2`: the command's config in one line."""
+    config = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "default")
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    return f"config: {config}" + (f" with {', '.join(overrides)}" if overrides else "")

@@ -11,6 +11,17 @@ _DTYPES = ("float32", "bfloat16")
 NONFINITE_POLICIES = ("skip", "stop")
 
 
+def clamp_warmup(config) -> str | None:
+    """A short run (total_steps <= optimizer.warmup_steps) gets a tenth of its steps as
+    warmup instead of an error; returns the one-line notice, or None if nothing changed."""
+    o, total = config.optimizer, int(config.total_steps)
+    if total <= 0 or int(o.warmup_steps) < total:
+        return None
+    old, o.warmup_steps = int(o.warmup_steps), total // 10
+    return (f"optimizer.warmup_steps={old} clamped to {o.warmup_steps} (a tenth of "
+            f"total_steps={total}); --config.optimizer.warmup_steps=N sets it")
+
+
 def validate_config(config, num_devices: int) -> tuple[int, ...]:
     """Checks model, mesh, batch and optimizer fields; returns the resolved mesh shape."""
     m = config.model

@@ -63,7 +63,7 @@ def make_decoder(model, mesh, param_shardings, prompt_len: int, max_new: int, eo
                  pad_id: int = 0, *, strategy: str = "greedy", temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, beam_size: int = 4,
                  length_penalty: float = 0.6, num_prefix: int | None = None,
-                 return_logits: bool = False):
+                 return_logits: bool = False, num_beams_returned: int = 1):
     """KV-cache decoding. Returns `decode(params, patches, image_mask, prompt, rng=None)`.
 
     Inputs as for `make_greedy_decoder`; all rows share `prompt_len` (decode prompts of
@@ -77,7 +77,8 @@ def make_decoder(model, mesh, param_shardings, prompt_len: int, max_new: int, eo
               PRNG key, default key(0); on several processes a global, replicated one)
               fixes the draws; temperature 0 = greedy
       beam    `beam_size` beams, GNMT length penalty alpha=`length_penalty` (see
-              m6jax/decoding/beam.py); the best beam's tokens
+              m6jax/decoding/beam.py); the best beam's tokens, or the
+              `num_beams_returned` best of each row (rows b * n + rank, [B * n, max_new])
     max_new may reach text_len - prompt_len + 1: the last token is predicted, never fed.
     """
     text_len = model.text_len
@@ -88,6 +89,10 @@ def make_decoder(model, mesh, param_shardings, prompt_len: int, max_new: int, eo
         raise ValueError(f"max_new={max_new} with a {prompt_len}-token prompt must lie in "
                          f"[1, {text_len - prompt_len + 1}] (data.text_len={text_len}); "
                          "lower max_new or raise data.text_len")
+    if strategy == "beam" and not 1 <= num_beams_returned <= beam_size:
+        raise ValueError(f"--num_samples={num_beams_returned} with --strategy=beam must lie in "
+                         f"[1, --beam_size={beam_size}]: beam search keeps beam_size "
+                         "hypotheses; raise --beam_size")
     if not 0 <= num_prefix <= prompt_len:
         raise ValueError(f"num_prefix={num_prefix} must lie in [0, prompt_len={prompt_len}]")
     dmodel = cache_lib.decode_model(model)
@@ -101,7 +106,7 @@ def make_decoder(model, mesh, param_shardings, prompt_len: int, max_new: int, eo
             logits, cache = cache_lib.prefill(dmodel, params, rep(patches), rep(image_mask),
                                               rep(prompt), num_prefix)
             tokens, _ = beam.beam_search(step_fn(params), logits, cache, beam_size, max_new,
-                                         eos_id, pad_id, length_penalty)
+                                         eos_id, pad_id, length_penalty, num_beams_returned)
             return tokens
         logits, cache = cache_lib.prefill(dmodel, params, patches, image_mask, prompt, num_prefix)
         choose = sampling.chooser(strategy, temperature, top_k, top_p)

@@ -80,7 +80,7 @@ def configure(config):
     """The parameters cell's values applied to a config from experiments/configs."""
     config.total_steps = STEPS
     config.log_every = LOG_EVERY
-    config.eval_every = 10 * STEPS  # no mid-run eval: the final one only
+    config.eval_every = max(1, STEPS // 3)  # two mid-run held-out evals (eval.jsonl)
     config.optimizer.warmup_steps = min(config.optimizer.warmup_steps, STEPS // 5)
     config.num_caption_samples = 0  # the notebook shows captions itself
     if TOKENIZER:
@@ -89,12 +89,24 @@ def configure(config):
     return config
 
 
-def read_metrics(workdir):
-    """metrics.jsonl as {key: np.array over logged steps} (nan where a key is absent)."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+def read_metrics(workdir, name="metrics.jsonl"):
+    """metrics.jsonl (or eval.jsonl) as {key: np.array over logged steps} (nan where a key
+    is absent)."""
+    with open(os.path.join(workdir, name), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     keys = sorted({k for r in rows for k in r})
     return {k: np.array([r.get(k, np.nan) for r in rows], float) for k in keys}
+
+
+def smoothed(steps, values, weight=0.8):
+    """(steps, exponential moving average) over the points where `values` exists: a task
+    absent from a logged step's batch leaves no gap, and one step's noise is damped."""
+    ok = np.isfinite(values)
+    out, avg = [], None
+    for v in values[ok]:
+        avg = v if avg is None else weight * avg + (1 - weight) * v
+        out.append(avg)
+    return steps[ok], np.array(out)
 
 
 def load_trained(config, workdir, stage="real", step=None, pipe=None):
@@ -172,19 +184,23 @@ print(f"{summary['num_params']:,} parameters | eval loss {summary['initial_eval_
 ## Loss curves
 
 `loss` is the step's text cross-entropy over all target tokens; `loss/<task>` the same
-over one task's tokens. Captioning is the easiest task (a few dozen distinct captions);
-`lm` and `denoise` on Chinese prose stay far higher.
+over one task's tokens. One step's loss is noisy (its batch mixes tasks at random), so
+the curves are exponential moving averages over the logged steps, each task's over the
+steps whose batch had it; the red points are the held-out eval loss (`eval.jsonl`).
+Captioning is the easiest task (a few dozen distinct captions); `lm` and `denoise` on
+Chinese prose stay far higher.
 '''),
         code(r'''
-m = read_metrics(WORKDIR)
+m, ev = read_metrics(WORKDIR), read_metrics(WORKDIR, "eval.jsonl")
 fig, ax = plt.subplots(figsize=(7, 4))
-ax.plot(m["step"], m["loss"], "k-", lw=2, label="loss (all tasks)")
+ax.plot(*smoothed(m["step"], m["loss"]), "k-", lw=2, label="train loss (all tasks, smoothed)")
 for key in [k for k in m if k.startswith("loss/")]:
-    ax.plot(m["step"], m[key], "--", label=key)
+    ax.plot(*smoothed(m["step"], m[key]), "--", label=f"train {key}")
+ax.plot(ev["step"], ev["eval_loss"], "ro-", ms=5, label="held-out eval loss")
 ax.set_xlabel("step")
-ax.set_ylabel("training loss (nats / token)")
+ax.set_ylabel("loss (nats / token)")
 ax.legend(fontsize=8)
-ax.set_title("tiny M6 training loss")
+ax.set_title("tiny M6 loss (exponential moving average, weight 0.8)")
 plt.show()
 '''),
         md(r'''
@@ -201,11 +217,14 @@ raise `STEPS`.
 import textwrap
 
 from m6jax.train import stages
+from m6jax.train.evaluation import across_classes
 
 params, mesh, shardings, pipe = load_trained(config, WORKDIR)
 evaluator = stages.Stage(config, "real", mesh, shardings, pipe, list(pipe.task_names)).evaluator
 patches, image_mask, labels = pipe.caption_eval_set()
-n = min(NUM_IMAGES, len(labels))
+shown_rows = across_classes(labels, NUM_IMAGES)  # one digit of each class in turn
+patches, image_mask, labels = patches[shown_rows], image_mask[shown_rows], labels[shown_rows]
+n = len(labels)
 captions = {lang: evaluator.captions(params, patches[:n], image_mask[:n], lang)
             for lang in ("en", "zh")}
 
@@ -240,7 +259,7 @@ loop measures it on all held-out digits, both languages (`summary.json`).
         code(r'''
 shown = np.mean([pipe.caption_class(captions[lang][i], lang) == labels[i]
                  for lang in ("en", "zh") for i in range(n)])
-print(f"caption accuracy, all {len(labels)} held-out digits: {summary['caption_accuracy']:.1%} "
+print(f"caption accuracy, all held-out digits: {summary['caption_accuracy']:.1%} "
       f"(en {summary['caption_accuracy_en']:.1%}, zh {summary['caption_accuracy_zh']:.1%}); "
       f"on the {n} shown: {shown:.1%}")
 '''),

@@ -140,6 +140,17 @@ def test_beam_of_width_one_is_greedy(dense):
     np.testing.assert_array_equal(beam, greedy)
 
 
+def test_beam_returns_its_n_best_distinct_beams(dense):
+    """--strategy=beam --num_samples=3 prints 3 different hypotheses per input (it printed
+    the best one 3 times), the first being what beam search alone returns."""
+    best = _run(dense, _decoder(dense, strategy="beam", beam_size=3))
+    top3 = _run(dense, _decoder(dense, strategy="beam", beam_size=3, num_beams_returned=3))
+    assert top3.shape == (3 * B, MAX_NEW)
+    np.testing.assert_array_equal(top3[::3], best)
+    for row in range(B):
+        assert len({tuple(t) for t in top3[3 * row:3 * row + 3]}) == 3, row
+
+
 @pytest.mark.slow
 def test_beam_search_scores_at_least_greedy(dense):
     """The best of 3 beams (no length penalty) is at least as likely as the greedy path."""

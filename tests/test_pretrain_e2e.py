@@ -79,3 +79,27 @@ def test_bad_config_fails_before_compiling(tmp_path):
     assert proc.returncode != 0
     assert "model.num_heads=6 does not divide model.emb_dim=32" in proc.stderr
     assert not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_the_run_prints_a_line_per_event_and_no_library_info(two_runs):
+    """The quickstart printed 238 absl/Orbax INFO lines of 576 (about 40 a checkpoint)."""
+    proc = two_runs[0][1]
+    lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
+    assert not [l for l in lines if "orbax" in l.lower() or "backend 'tpu'" in l], lines
+    progress = [l for l in lines if l.startswith("step ")]
+    assert len(progress) == 4  # 8 steps, logged every 2
+    for kept in ("parameters", "initial eval loss", "checkpoint: saving step 8", "images: grey"):
+        assert any(kept in l for l in lines), kept
+    # config, mesh, images, model, peak, initial eval, mid-run eval, checkpoint; then the
+    # caption header, 2 captions and the final line.
+    assert len(lines) - len(progress) <= 13, lines
+
+
+def test_rerunning_a_finished_run_keeps_its_summary(two_runs, tmp_path):
+    workdir = two_runs[0][0]
+    before = (workdir / "summary.json").read_text(encoding="utf-8")
+    proc = _pretrain(workdir, tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "run already complete at step 8" in proc.stdout
+    assert (workdir / "summary.json").read_text(encoding="utf-8") == before
+    json.loads(before, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))

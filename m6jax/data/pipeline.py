@@ -22,7 +22,7 @@ import os
 import numpy as np
 from absl import logging
 
-from m6jax.data import captions, corpora, images, sources, tasks
+from m6jax.data import captions, corpora, describe, images, sources, tasks
 from m6jax.data import tokenizer as tokenizer_lib
 from m6jax.data.config import (IMAGE_TEXT_SUFFIXES, TASK_NAMES, TEXT_SUFFIXES, data_settings,
                                expand_globs, task_probabilities)
@@ -73,6 +73,15 @@ class Pipeline:
             path, s["vocab_size"], self._tokenizer_texts,
             lambda: self.images.all_captions(tokenizer_lib.CAPTION_LINES * 10))
         self._eval_examples = None
+
+    def log_image_notice(self) -> None:
+        """Logs what the first image-text record's image becomes (see data.describe)."""
+        rec = self.images.parts[0][0]
+        channels, hw = describe.source_image_info(rec["image"], self.images.base_dirs[0])
+        line, warning = describe.image_notice(channels, hw, self.settings)
+        logging.info(line)
+        if warning:
+            logging.warning(warning)
 
     def _tokenizer_texts(self):
         train = self.text.train
@@ -222,6 +231,26 @@ class Pipeline:
         patches = np.stack([images.patchify(r[0], self.patch_size) for r in records])
         labels = np.array([r[3] for r in records], np.int32)
         return patches, np.ones(patches.shape[:2], bool), labels
+
+    def heldout_captions(self) -> list[list[tuple[str, str]]]:
+        """(caption, lang) pairs of each usable held-out record, in caption_eval_set order."""
+        records = [r for r in map(self._image_record, self.images.heldout) if r is not None]
+        return [list(zip(r[1], r[2])) for r in records]
+
+    def caption_langs(self, limit: int = 2000) -> set[str]:
+        """Languages among the captions of the first `limit` records of each image-text
+        file (the caption and lang fields only: no image is decoded)."""
+        langs = set()
+        for ds in self.images.parts:
+            rows = ds[:limit]
+            for i, raw in enumerate(rows["caption"]):
+                caps = [raw] if isinstance(raw, str) else list(raw or [])
+                lang = rows["lang"][i] if "lang" in rows else None
+                if lang is None:
+                    langs.update(captions.detect_lang(c) for c in caps if isinstance(c, str))
+                else:
+                    langs.update([lang] if isinstance(lang, str) else lang)
+        return langs & set(captions.LANGS)
 
     def caption_prompt(self, lang: str) -> list[int]:
         """Prefix tokens that ask for a caption in `lang` ('zh' or 'en')."""

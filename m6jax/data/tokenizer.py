@@ -6,6 +6,9 @@ Ids: pad=0, unk=1, bos=2, eos=3, then <caption>=4, <denoise>=5, <lm>=6, <mask>=7
 import collections
 import io
 import os
+import re
+
+from absl import logging
 
 import numpy as np
 import sentencepiece as spm
@@ -49,6 +52,8 @@ class Tokenizer:
             i = int(i)
             if i == EOS_ID:
                 break
+            if i >= self.vocab_size:  # a model row above a capped tokenizer's pieces
+                i = UNK_ID
             if i not in (PAD_ID, BOS_ID):
                 out.append(i)
         return self.sp.decode(out)
@@ -63,10 +68,19 @@ def load_or_train(path: str, vocab_size: int, texts, captions) -> Tokenizer:
     if not os.path.exists(path):
         train(path, vocab_size, texts(), captions())
     tok = Tokenizer(path)
-    if tok.vocab_size != vocab_size:
+    if tok.vocab_size != vocab_size and _capped_from(path) != vocab_size:
         raise ValueError(f"tokenizer {path} has {tok.vocab_size} pieces but data.vocab_size="
                          f"{vocab_size}; delete the file or set data.tokenizer_path")
     return tok
+
+
+def _capped_from(path: str) -> int | None:
+    """The data.vocab_size a capped tokenizer was asked for (see `train`), or None."""
+    try:
+        with open(path + ".capped", encoding="utf-8") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def train(path: str, vocab_size: int, texts: list[str], captions: list[str]) -> None:
@@ -84,11 +98,26 @@ def train(path: str, vocab_size: int, texts: list[str], captions: list[str]) -> 
     lines += unique_caps * max(1, CAPTION_LINES // max(1, len(unique_caps)))
     lines = _drop_rare_chars(lines, keep=(vocab_size - NUM_RESERVED) * 2 // 3)
     model = io.BytesIO()
+    pieces = vocab_size
     try:
-        _train_bpe(lines, vocab_size, model)
-    except RuntimeError as e:  # e.g. a small corpus cannot fill the vocabulary
-        raise ValueError(f"data.vocab_size={vocab_size}: sentencepiece training failed: {e}") from e
+        _train_bpe(lines, pieces, model)
+    except RuntimeError as e:
+        # A small corpus cannot fill the vocabulary: learn what it has, and keep the
+        # model's vocab_size rows (the ids above the tokenizer's are never produced).
+        most = re.search(r"value <= (\d+)", str(e))
+        if not most or int(most.group(1)) < NUM_RESERVED + 1:
+            raise ValueError(f"data.vocab_size={vocab_size}: sentencepiece training failed: "
+                             f"{e}") from e
+        pieces, model = int(most.group(1)), io.BytesIO()
+        _train_bpe(lines, pieces, model)
+        logging.warning("tokenizer: this corpus supports %d pieces, not data.vocab_size=%d; "
+                        "trained %d (the model's extra rows stay unused; "
+                        "--config.data.vocab_size=%d matches it)", pieces, vocab_size, pieces,
+                        pieces)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if pieces != vocab_size:
+        with open(path + ".capped", "w", encoding="utf-8") as f:
+            f.write(str(vocab_size))
     tmp = f"{path}.tmp{os.getpid()}"  # rename so concurrent hosts never read half a file
     with open(tmp, "wb") as f:
         f.write(model.getvalue())

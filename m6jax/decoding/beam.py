@@ -24,8 +24,11 @@ def gnmt_penalty(length, alpha: float):
 
 
 def beam_search(step_fn, logits0, cache, beam_size: int, max_new: int, eos_id: int,
-                pad_id: int, length_penalty: float = 0.6):
-    """Returns (tokens i32 [B, max_new] of the best beam, its normalised score f32 [B]).
+                pad_id: int, length_penalty: float = 0.6, num_return: int = 1):
+    """Returns (tokens i32 [B, max_new] of the best beam, its normalised score f32 [B]);
+    with `num_return` = n > 1 the n best beams of each row, best first, as rows
+    b * n + rank: tokens [B * n, max_new], scores [B * n]. Beams are distinct hypotheses
+    (a finished one only extends with pad), so the n rows are n different outputs.
 
     logits0 f32 [B * W, V] and `cache` come from a prefill of each row repeated W times
     (rows b * W + w); `step_fn(cache, tokens [B * W]) -> (logits [B * W, V], cache)`.
@@ -74,6 +77,12 @@ def beam_search(step_fn, logits0, cache, beam_size: int, max_new: int, eos_id: i
     carry = (jnp.asarray(1, jnp.int32), logp, length, finished, seqs, cache, tok)
     _, logp, length, _, seqs, _, _ = jax.lax.while_loop(cond, body, carry)
     score = logp / gnmt_penalty(length, length_penalty)                   # [B, W]
-    best = jnp.argmax(score, axis=1)
-    return (jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0],
-            jnp.take_along_axis(score, best[:, None], axis=1)[:, 0])
+    if num_return == 1:
+        best = jnp.argmax(score, axis=1)
+        return (jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0],
+                jnp.take_along_axis(score, best[:, None], axis=1)[:, 0])
+    if not 1 <= num_return <= w:
+        raise ValueError(f"num_return={num_return} must lie in [1, beam_size={w}]")
+    top, rank = jax.lax.top_k(score, num_return)                          # [B, n]
+    return (jnp.take_along_axis(seqs, rank[..., None], axis=1).reshape(b * num_return, -1),
+            top.reshape(b * num_return))

@@ -50,12 +50,15 @@ def train(config, workdir: str) -> dict:
                         process_index=jax.process_index(), process_count=jax.process_count(),
                         workdir=workdir)
     tasks = list(pipe.task_names)
+    pipe.log_image_notice()  # what the images become; a warning if colour or size is lost
 
     # ---- Model, optimizer, sharded state (restored if workdir has a checkpoint), steps.
     # A Pseudo-to-Real run has two stages; a checkpoint says which one it was saved in.
     example = dummy_batch(config.batch_size, pipe.num_patches, pipe.patch_dim, pipe.text_len)
     state, state_sh, start, stage_name = run_ckpt.initial_stage_state(
         lambda s: stages.model_and_optimizer(config, s), example, mesh)
+    if start >= config.total_steps and _summary_exists(workdir):
+        return _already_complete(workdir, start, main, run_ckpt)
     pipe.restore_counters(run_ckpt.meta.get("counters", {}))
     stage = stages.Stage(config, stage_name, mesh, state_sh, pipe, tasks)
     with jax.set_mesh(mesh):
@@ -151,29 +154,60 @@ def train(config, workdir: str) -> dict:
         **{k: v for k, v in final_eval.items() if k != "eval_loss"},
         **{k.replace("eval_loss", "initial_eval_loss"): v for k, v in initial_eval.items()
            if k != "eval_loss"},
-        caption_accuracy=captions["caption_accuracy"],
-        caption_accuracy_en=captions["caption_accuracy_en"],
-        caption_accuracy_zh=captions["caption_accuracy_zh"],
+        **{k: v for k, v in captions.items() if k.startswith("caption_")},
         tokens_per_s=step_tokens / step_s, step_ms=1000 * step_s,
         mfu=step_flops / step_s / peak, peak_flops=peak, peak_flops_source=peak_src,
         num_params=num_params, num_devices=len(devices), mesh=dict(mesh.shape),
         stage=stage.name, pseudo_to_real_switch_step=p2r.switch_step(config), train_s=train_s,
         wall_s=time.time() - t_start, **moe_metrics.summary(m, writer.last))
-    writer.write(config.total_steps, {k: summary[k] for k in
-                                      ("eval_loss", "caption_accuracy")}, jsonl=False)
+    writer.write(config.total_steps, {k: summary[k] for k in ("eval_loss", "caption_accuracy")
+                                      if summary[k] is not None}, jsonl=False)
     writer.close()
     if main:
         with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, ensure_ascii=False)
-        print("\nGenerated captions (held-out digits):")
+            json.dump(_strict(summary), f, indent=2, ensure_ascii=False, allow_nan=False)
+        labelled = summary["caption_accuracy"] is not None
+        print("\nGenerated captions (held-out digits):" if labelled else
+              "\nGenerated captions (held-out records, reference -> generated):")
         for line in captions["examples"][: config.num_caption_samples]:
             print("  " + line)
-        print(f"\ncaption accuracy {summary['caption_accuracy']:.1%} | eval loss "
+        accuracy = (f"caption accuracy {summary['caption_accuracy']:.1%}" if labelled else
+                    "caption accuracy n/a (no digit labels; caption overlap F1 "
+                    f"{summary['caption_overlap_f1']:.2f})")
+        print(f"\n{accuracy} | eval loss "
               f"{summary['initial_eval_loss']:.3f} -> {summary['eval_loss']:.3f} | "
               f"{summary['tokens_per_s']:,.0f} tok/s | mfu {summary['mfu']:.1%} | "
               f"wall {summary['wall_s']:.0f} s | {os.path.join(workdir, 'summary.json')}",
               flush=True)
     return summary
+
+
+def _summary_exists(workdir) -> bool:
+    return os.path.exists(os.path.join(workdir, "summary.json"))
+
+
+def _already_complete(workdir, step, main, run_ckpt) -> dict:
+    """A rerun of a finished run: nothing to train, and the first run's measured figures
+    (throughput, wall time) stay in summary.json rather than being overwritten."""
+    run_ckpt.close()
+    path = os.path.join(workdir, "summary.json")
+    with open(path, encoding="utf-8") as f:
+        summary = json.load(f)
+    if main:
+        print(f"run already complete at step {step}: {path} kept; use another --workdir "
+              "or a larger --config.total_steps to train further", flush=True)
+    return summary
+
+
+def _strict(tree):
+    """NaN/inf -> None (JSON null): summary.json stays strict JSON."""
+    if isinstance(tree, dict):
+        return {k: _strict(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_strict(v) for v in tree]
+    if isinstance(tree, float) and not np.isfinite(tree):
+        return None
+    return tree
 
 
 def _example_batch(config):

@@ -34,24 +34,24 @@ class MetricsWriter:
                  resume_step: int = 0):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.jsonl")
+        self.eval_path = os.path.join(workdir, "eval.jsonl")  # held-out evals: a few rows
         self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            kept = _lines_up_to(self.path, resume_step) if resume_step else []
-            self._jsonl = open(self.path, "w", encoding="utf-8")
-            self._jsonl.writelines(kept)
-            self._jsonl.flush()
+            self._jsonl, self._eval = (_reopen(p, resume_step) for p in (self.path, self.eval_path))
             if tensorboard:
                 from tensorboardX import SummaryWriter
                 self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float], jsonl: bool = True):
+        """A metrics.jsonl line (`jsonl`) or, for held-out evaluations, an eval.jsonl
+        line; TensorBoard gets both."""
         if not self.enabled:
             return
         clean = {k: float(v) for k, v in scalars.items()}
-        if jsonl:
-            self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-            self._jsonl.flush()
+        out = self._jsonl if jsonl else self._eval
+        out.write(json.dumps({"step": int(step), **clean}) + "\n")
+        out.flush()
         if self._tb is not None:
             for k, v in clean.items():
                 self._tb.add_scalar(k, v, step)
@@ -80,8 +80,18 @@ class MetricsWriter:
     def close(self):
         if self.enabled:
             self._jsonl.close()
+            self._eval.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _reopen(path: str, resume_step: int):
+    """`path` opened for writing, keeping its lines of steps <= resume_step."""
+    kept = _lines_up_to(path, resume_step) if resume_step else []
+    f = open(path, "w", encoding="utf-8")
+    f.writelines(kept)
+    f.flush()
+    return f
 
 
 def _lines_up_to(path: str, step: int) -> list[str]:

@@ -102,6 +102,7 @@ class RunCheckpoints:
         """Params of `init_from`; a Pseudo checkpoint is delinked into a Real model."""
         src = checkpoint.read_meta(self.config.init_from).get("stage", checkpoint.STAGE_DEFAULT)
         if src == stage:
+            logging.info("init_from: params from %s", self.config.init_from)
             return checkpoint.load_params(self.config.init_from, abstract(stage)[0].params)
         if src == p2r.STAGE_PSEUDO and stage == p2r.STAGE_REAL:
             shared = checkpoint.load_params(self.config.init_from,
