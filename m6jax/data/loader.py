@@ -127,6 +127,8 @@ class Loader:
             assert step == self.step, (step, self.step)
         self.wait_s += time.perf_counter() - t0
         self.step += 1
+        if self.step >= self.stop:
+            self.close()  # the workers are done: end their processes now
         return batch
 
     def state(self) -> dict:

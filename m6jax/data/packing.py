@@ -90,3 +90,11 @@ def pad_fraction(batch) -> float:
     """Share of the [image | text] slots that hold no real token."""
     real = batch["image_mask"].sum() + batch["text_mask"].sum()
     return 1.0 - float(real) / (batch["image_mask"].size + batch["text_mask"].size)
+
+
+def real_token_scalars(m, step_s: float, step_tokens: int, step_flops: float, peak: float):
+    """tokens_per_s and mfu of a logged step counting only its real (non-pad) slots, and
+    its pad_fraction; `m` holds the step's `real_tokens` (losses.text_loss)."""
+    real = float(m["real_tokens"])
+    return dict(tokens_per_s=real / step_s, mfu=step_flops * real / step_tokens / step_s / peak,
+                pad_fraction=1.0 - real / step_tokens)

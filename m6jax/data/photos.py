@@ -65,3 +65,22 @@ def photo_folder(out_dir: str, copies: int = 1, ext: str = "") -> str:
     with open(captions, "w", encoding="utf-8") as f:
         f.writelines(lines)
     return captions
+
+
+def photo_shards(cache_dir: str | None = None, fmt: str = "webdataset", per_shard: int = 5) -> str:
+    """The photos as shards under `cache_dir`/photos (written once); returns their glob."""
+    from m6jax.data import shards
+    from m6jax.data.pipeline import default_cache_dir
+    root = os.path.join(cache_dir or default_cache_dir(), "photos")
+    ext = "tar" if fmt == "webdataset" else "parquet"
+    out = os.path.join(root, fmt)
+    if not os.path.isdir(out) or not any(f.endswith(ext) for f in os.listdir(out)):
+        captions = photo_folder(os.path.join(root, "folder"))
+        records = shards.read_captions(captions, os.path.dirname(captions))
+        tmp = f"{out}.tmp{os.getpid()}"
+        shards.write_shards(records, tmp, fmt, per_shard)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another host's rename won; its shards are the same
+            shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.join(out, f"shard-*.{ext}")
