@@ -15,7 +15,8 @@ STEPS = 8
 ARGS = ["--config=experiments/configs/m6.py:photos", f"--config.total_steps={STEPS}",
         "--config.log_every=1", "--config.data.image_size=64", "--config.data.vocab_size=300",
         "--config.data.eval_examples=8", "--config.num_caption_samples=1",
-        "--config.peak_tflops_per_device=1", "--config.mesh.data=2"]
+        "--config.peak_tflops_per_device=1", "--config.mesh.data=2",
+        "--config.optimizer.warmup_steps=2"]
 
 pytestmark = pytest.mark.slow
 
