@@ -167,3 +167,15 @@ def test_workers_resumed_mid_run_give_bitwise_the_batches_of_an_uninterrupted_ru
     for a, b in zip(got, straight[3:]):
         assert_equal_batches(a, b)
     assert "segment_ids" in got[0]
+
+
+def test_lossless_webp_and_png_bytes_decode_to_the_same_pixels():
+    import io
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 60, 3), np.uint8)
+    encoded = {}
+    for fmt, kw in (("PNG", {}), ("WEBP", {"lossless": True})):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format=fmt, **kw)
+        encoded[fmt] = images.load_image(buf.getvalue(), "", 32, 3)
+    np.testing.assert_array_equal(encoded["WEBP"], encoded["PNG"])
+    assert encoded["PNG"].shape == (32, 32, 3)
