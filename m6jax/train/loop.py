@@ -15,9 +15,9 @@ from m6jax import pseudo_to_real as p2r
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
 from m6jax.data.config import data_settings
+from m6jax.data.packing import real_token_scalars
 from m6jax.train import moe_metrics, resume, stages
 from m6jax.train.metrics import MetricsWriter, Progress, task_losses
-from m6jax.data.packing import real_token_scalars
 from m6jax.train.profile import StepProfiler
 from m6jax.train.stages import build_model  # noqa: F401 (the public place to build an M6)
 from m6jax.train.state import dummy_batch
