@@ -69,6 +69,12 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
                          f"mesh.expert={shards}")
 
     validate_moe(config, sizes)
+    validate_image_encoder(config, sizes)
+    from m6jax.train.profile import parse_profile_steps
+    window = parse_profile_steps(config.get("profile_steps", ""))
+    if window and window[1] > config.total_steps:
+        raise ValueError(f"config.profile_steps={config.profile_steps!r} ends after "
+                         f"total_steps={config.total_steps}")
 
     for f in ("total_steps", "log_every", "eval_every"):
         if int(config[f]) <= 0:
@@ -203,3 +209,26 @@ def _check_pseudo_to_real(config) -> None:
     if s and sec.lr_schedule == "restart" and not 0 <= w < config.total_steps - s:
         raise ValueError(f"pseudo_to_real.restart_warmup_steps={w} must be in [0, total_steps"
                          f" - switch_step = {config.total_steps - s})")
+
+
+IMAGE_ENCODERS = ("patches", "resnet")
+
+
+def validate_image_encoder(config, sizes) -> None:
+    """model.image_encoder and the ResNet's widths against the data and the mesh."""
+    m = config.model
+    encoder = m.get("image_encoder", "patches")
+    if encoder not in IMAGE_ENCODERS:
+        raise ValueError(f"model.image_encoder={encoder!r} is not one of {', '.join(IMAGE_ENCODERS)}")
+    if encoder != "resnet":
+        return
+    p = int(config.data.get("patch_size", 2))
+    if p & (p - 1):
+        raise ValueError(f"model.image_encoder='resnet' downsamples by 2 per stage: "
+                         f"data.patch_size={p} must be a power of 2")
+    width = int(m.get("resnet_width", 32))
+    if width <= 0 or width % sizes["fsdp"]:
+        raise ValueError(f"model.resnet_width={width} must be positive and divisible by "
+                         f"mesh.fsdp={sizes['fsdp']} (its channels shard like embed)")
+    if int(m.get("resnet_blocks", 1)) <= 0:
+        raise ValueError(f"model.resnet_blocks={m.resnet_blocks} must be positive")

@@ -6,6 +6,8 @@ Variants (`--config=experiments/configs/m6.py:VARIANT`):
   base   M6-base-like shape (ours: the paper's exact width/depth are not at hand).
   cpu_hour  the largest model this 2-core CPU trains in about an hour on the shipped
          data: more text (lm and denoise) and longer texts, so continuations read as Chinese.
+  photos 224x224 RGB: scikit-image's sample photographs with our captions, written once
+         as webdataset shards, a ResNet patch grid, 2 loader workers, packed text.
 """
 import copy
 import os
@@ -28,6 +30,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval_every = 500
     c.peak_tflops_per_device = 0.0  # 0 = measure (CPU) or look up (GPU/TPU)
     c.num_caption_samples = 4  # captions printed at the end
+    c.profile_steps = ""  # "A,B": jax.profiler trace of steps A..B into WORKDIR/tensorboard
 
     # Checkpoints (WORKDIR/checkpoints): rerunning the same command resumes. A final
     # checkpoint is always written, and one when SIGTERM arrives.
@@ -63,6 +66,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.remat_policy = "none"
     c.model.tie_embeddings = True
     c.model.share_layers = False  # True: the Pseudo giant (one block's weights at every layer)
+    c.model.image_encoder = "patches"  # patches (linear) | resnet (CNN grid, model/resnet.py)
+    c.model.resnet_width = 32  # resnet: channels of the first stage, doubling per stage
+    c.model.resnet_blocks = 1  # resnet: residual blocks per stage
 
     # Pseudo-to-Real (M6-10T): with model.share_layers=True, delink at switch_step.
     c.pseudo_to_real = ml_collections.ConfigDict()
@@ -124,7 +130,27 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.log_every = 50
         c.optimizer.learning_rate = 1e-3
         c.optimizer.warmup_steps = 100
+    elif c.variant == "photos":
+        photos(c)
     else:
         raise ValueError(f"unknown variant {arg!r} of experiments/configs/m6.py; "
-                         "use one of tiny, small, base, cpu_hour")
+                         "use one of tiny, small, base, cpu_hour, photos")
     return c
+
+
+def photos(c: ml_collections.ConfigDict) -> None:
+    """The 224px RGB photo-caption config (real photographs that ship in scikit-image).
+
+    The shards are written on first use under $M6JAX_CACHE (default ~/.cache/m6jax).
+    """
+    from m6jax.data import photos as photos_lib
+    c.data.image_text_files = photos_lib.photo_shards()
+    c.data.update(image_size=224, image_channels=3, patch_size=16, num_workers=2, pack=True)
+    c.data.task_weights = ml_collections.ConfigDict(dict(caption=0.5, lm=0.5))
+    c.model.update(image_encoder="resnet", resnet_width=16, num_layers=2)
+    c.batch_size = 8
+    c.total_steps = 60
+    c.log_every = 10
+    c.eval_every = 1000
+    c.checkpoint_every = 0
+    c.optimizer.warmup_steps = 10

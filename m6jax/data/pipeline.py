@@ -16,16 +16,19 @@ Batch (B = batch_size // process_count, P = num_patches, T = text_len):
   targets         int32   [B, T]   s[1:], 0-padded
   loss_mask       float32 [B, T]   1 where targets[i] is part of target + eos
   task_id         int32   [B]      index into TASK_NAMES
+With data.pack, rows hold several examples and three more arrays (see packing.py).
+`loader.Loader` runs `batch` in worker processes and prefetches onto the devices.
 """
 import os
 
 import numpy as np
 from absl import logging
 
-from m6jax.data import captions, corpora, describe, images, sources, tasks
+from m6jax.data import captions, corpora, describe, images, packing, sources, tasks
+from m6jax.data import loader as loader_lib
 from m6jax.data import tokenizer as tokenizer_lib
-from m6jax.data.config import (IMAGE_TEXT_SUFFIXES, TASK_NAMES, TEXT_SUFFIXES, data_settings,
-                               expand_globs, task_probabilities)
+from m6jax.data.config import (TASK_NAMES, TEXT_SUFFIXES, data_settings, expand_globs,
+                               image_text_suffixes, task_probabilities)
 from m6jax.errors import InputError
 
 _MAX_DRAWS = 100  # redraws for an example whose text tokenizes to nothing
@@ -53,6 +56,7 @@ class Pipeline:
         self.num_skipped = 0  # examples redrawn because their text was empty
         # Image-text rows found unusable when drawn (a set: a row drawn twice counts once).
         self.bad_image_rows: set[int] = set()
+        self.bad_messages: dict[int, str] = {}  # row -> why (file and record named)
         self._last_bad = ""
 
         cache_dir = cache_dir or default_cache_dir()
@@ -60,13 +64,14 @@ class Pipeline:
         # The user's files first: a bad one is refused before the shipped corpora load.
         text_files = text_files and expand_globs(text_files, "data.text_files", TEXT_SUFFIXES)
         image_files = image_files and expand_globs(image_files, "data.image_text_files",
-                                                   IMAGE_TEXT_SUFFIXES)
+                                                   image_text_suffixes(s))
         if not text_files or not image_files:
             shipped_text, shipped_images = corpora.shipped_corpora(cache_dir)
             text_files, image_files = text_files or shipped_text, image_files or shipped_images
         self.text = sources.TextSource(text_files, cache_dir, s["max_text_chars"])
         self.images = sources.ImageTextSource(image_files, cache_dir, s["image_size"], s["image_channels"],
-                                              s["max_text_chars"])
+                                              s["max_text_chars"], s["image_text_format"],
+                                              process_index, process_count)
 
         path = s["tokenizer_path"] or os.path.join(workdir, "tokenizer.model")
         self.tokenizer = tokenizer_lib.load_or_train(
@@ -76,8 +81,11 @@ class Pipeline:
 
     def log_image_notice(self) -> None:
         """Logs what the first image-text record's image becomes (see data.describe)."""
-        rec = self.images.parts[0][0]
-        channels, hw = describe.source_image_info(rec["image"], self.images.base_dirs[0])
+        try:
+            image = self.images.parts[0].row(0)["image"]
+            channels, hw = describe.source_image_info(image, self.images.base_dirs[0])
+        except (OSError, ValueError, KeyError, TypeError):  # a bad first record: counted later
+            return
         line, warning = describe.image_notice(channels, hw, self.settings)
         logging.info(line)
         if warning:
@@ -93,6 +101,9 @@ class Pipeline:
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This host's rows of the global batch for `step` (a pure function of seed, step
         and the row's global index, so independent of the number of processes)."""
+        if self.settings["pack"]:
+            return packing.pack_examples(packing.packed_rows(self, step), self.text_len,
+                                         self.num_patches, self.patch_dim, self.tokenizer.eos_id)
         first = self.process_index * self.batch_size
         task_ids, examples = [], []
         for row in range(first, first + self.batch_size):
@@ -104,6 +115,10 @@ class Pipeline:
 
     def iterator(self, step: int = 0) -> "DataIterator":
         return DataIterator(self, step)
+
+    def loader(self, start: int, stop: int, place=None) -> "loader_lib.Loader":
+        """Batches of steps start..stop-1 from data.num_workers processes, prefetched."""
+        return loader_lib.Loader(self, start, stop, place)
 
     def counters(self) -> dict:
         """Bad-data counts so far: `bad_records` = texts refused at load + bad image rows."""
@@ -117,24 +132,25 @@ class Pipeline:
         self.bad_image_rows |= set(counters.get("bad_image_rows", []))
         self.num_skipped = max(self.num_skipped, int(counters.get("skipped_empty_examples", 0)))
 
-    def _image_record(self, row):
-        """`images.record(row)`, or None (counted, logged once) if the record is bad."""
+    def _image_record(self, row, rng=None):
+        """`images.record(row, rng)`, or None (counted, logged once) if the record is bad."""
         try:
-            return self.images.record(row)
+            return self.images.record(row, rng)
         except sources.BadRecord as e:
             if row not in self.bad_image_rows:
                 logging.warning("skipping bad image-text record: %s", e)
+                self.bad_messages[int(row)] = str(e)
             self.bad_image_rows.add(int(row))
             self._last_bad = str(e)
             return None
 
-    def _train_example(self, task, rng):
-        budget = tasks.target_budget(task, self.text_len)
+    def _train_example(self, task, rng, text_len=None):
+        budget = tasks.target_budget(task, text_len or self.text_len)
         for _ in range(_MAX_DRAWS):
             patches, lang = None, None
             if task in tasks.IMAGE_TASKS:
-                row = self.images.train[rng.integers(len(self.images.train))]
-                record = self._image_record(row)
+                row = self.images.host_train[rng.integers(len(self.images.host_train))]
+                record = self._image_record(row, rng)
                 if record is None:
                     continue  # a redraw from the same rng: order stays a function of the step
                 image, caps, langs, _ = record
@@ -237,15 +253,18 @@ class Pipeline:
         records = [r for r in map(self._image_record, self.images.heldout) if r is not None]
         return [list(zip(r[1], r[2])) for r in records]
 
-    def caption_langs(self, limit: int = 2000) -> set[str]:
+    def caption_langs(self, limit: int = 500) -> set[str]:
         """Languages among the captions of the first `limit` records of each image-text
-        file (the caption and lang fields only: no image is decoded)."""
+        file (no image is decoded)."""
         langs = set()
-        for ds in self.images.parts:
-            rows = ds[:limit]
-            for i, raw in enumerate(rows["caption"]):
+        for part in self.images.parts:
+            for i in range(min(limit, len(part))):
+                try:
+                    rec = part.row(i)
+                except (OSError, ValueError, KeyError):
+                    continue
+                raw, lang = rec.get("caption"), rec.get("lang")
                 caps = [raw] if isinstance(raw, str) else list(raw or [])
-                lang = rows["lang"][i] if "lang" in rows else None
                 if lang is None:
                     langs.update(captions.detect_lang(c) for c in caps if isinstance(c, str))
                 else:

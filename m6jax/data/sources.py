@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 from absl import logging
 
-from m6jax.data import captions, images
+from m6jax.data import captions, formats, images
 from m6jax.data.config import expand_globs  # noqa: F401 (where it used to live)
 from m6jax.errors import InputError
 
@@ -142,24 +142,40 @@ def _iter_column(ds, column, chunk=10_000):
 
 
 class ImageTextSource:
-    """Image-caption records; each file is loaded on its own so schemas may differ."""
+    """Image-caption records; each file is loaded on its own so schemas may differ.
+
+    `files` may mix the four layouts of `formats.py` (`fmt` forces one). With several
+    processes and at least as many files, process i trains only on the files i, i + n,
+    ... (`host_train`): hosts read disjoint shards that together cover the data. With
+    fewer files every host draws from all of them, so the global batch stays a function
+    of the step alone. Held-out rows always span all files (every host builds the same
+    eval set).
+    """
 
     def __init__(self, files: list[str], cache_dir: str, image_size: int, channels: int,
-                 max_chars: int = 20_000):
+                 max_chars: int = 20_000, fmt: str = "", process_index: int = 0,
+                 process_count: int = 1):
         self.image_size, self.channels, self.max_chars = image_size, channels, max_chars
         self.files, self.parts, self.base_dirs, sizes = list(files), [], [], []
         self.num_malformed = 0  # JSON lines that are not a record: counted, never sampled
         for f in files:
-            ds, malformed = _load(_BUILDERS[os.path.splitext(f)[1]], [f], cache_dir,
-                                  "data.image_text_files")
-            self.num_malformed += malformed
-            missing = {"image", "caption"} - set(ds.column_names)
-            if missing:
-                raise InputError(f"data.image_text_files: {f} lacks field(s) {sorted(missing)}; "
-                                 "each record needs 'image' and 'caption'")
-            self.parts.append(ds)
+            kind = formats.format_of(f, fmt)
+            if kind == "webdataset":
+                part = formats.TarShard(f)
+            elif kind == "folder":
+                part = formats.CaptionsFile(f)
+            else:
+                ds, malformed = _load(_BUILDERS[".parquet" if kind == "parquet" else ".jsonl"],
+                                      [f], cache_dir, "data.image_text_files")
+                self.num_malformed += malformed
+                missing = {"image", "caption"} - set(ds.column_names)
+                if missing:
+                    raise InputError(f"data.image_text_files: {f} lacks field(s) {sorted(missing)}; "
+                                     "each record needs 'image' and 'caption'")
+                part = formats.TableFile(ds)
+            self.parts.append(part)
             self.base_dirs.append(os.path.dirname(os.path.abspath(f)))
-            sizes.append(len(ds))
+            sizes.append(len(part))
         self.offsets = np.cumsum([0] + sizes)
         n = int(self.offsets[-1])
         perm = np.random.default_rng(0).permutation(n)
@@ -168,6 +184,13 @@ class ImageTextSource:
         if not len(self.train) or not len(self.heldout):
             raise InputError(f"data.image_text_files: {n} records in {', '.join(files)} cannot "
                              "fill both splits (20% is held out); add more")
+        self.host_files = host_shards(len(files), process_index, process_count)
+        part_of_train = np.searchsorted(self.offsets, self.train, side="right") - 1
+        self.host_train = self.train[np.isin(part_of_train, self.host_files)]
+        if not len(self.host_train):
+            raise InputError(f"data.image_text_files: process {process_index} of {process_count} "
+                             f"got files {[files[i] for i in self.host_files]} with no training "
+                             "record; write more, evenly filled shards")
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -175,27 +198,28 @@ class ImageTextSource:
     def all_captions(self, limit: int) -> list[str]:
         """Up to `limit` captions in file order (for tokenizer training)."""
         out = []
-        for ds in self.parts:
-            for _, batch in _iter_column(ds, "caption"):
-                for caps in batch:
-                    out += [caps] if isinstance(caps, str) else list(caps)
+        for part in self.parts:
+            for caps in part.captions():
+                out += [caps] if isinstance(caps, str) else [c for c in caps or [] if isinstance(c, str)]
                 if len(out) >= limit:
                     return out[:limit]
         return out
 
-    def record(self, row: int):
+    def record(self, row: int, rng: np.random.Generator | None = None):
         """Row -> (image [S, S, C] float32, captions list[str], langs list[str], label int).
 
-        Raises BadRecord (naming file and row) for an unreadable image or malformed fields.
+        `rng` draws the training crop of an encoded image (None: centre crop). Raises
+        BadRecord (naming file, row and why) for an unreadable or missing image, an
+        empty caption or other malformed fields.
         """
         part = int(np.searchsorted(self.offsets, row, side="right")) - 1
         index = int(row - self.offsets[part])
         try:
-            return self._parse(self.parts[part][index], self.base_dirs[part])
+            return self._parse(self.parts[part].row(index), self.base_dirs[part], rng)
         except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
             raise BadRecord(f"{self.files[part]} record {index}: {type(e).__name__}: {e}") from e
 
-    def _parse(self, rec, base_dir):
+    def _parse(self, rec, base_dir, rng):
         if rec["image"] is None:
             raise ValueError("no image")
         raw = rec["caption"]
@@ -211,6 +235,14 @@ class ImageTextSource:
             langs = [langs] * len(caps)
         if len(langs) != len(caps) or not set(langs) <= set(captions.LANGS):
             raise ValueError(f"lang {rec.get('lang')!r} does not match the captions")
-        image = images.load_image(rec["image"], base_dir, self.image_size, self.channels)
+        image = images.load_image(rec["image"], base_dir, self.image_size, self.channels, rng)
         label = rec.get("label")
         return image, caps, list(langs), -1 if label is None else int(label)
+
+
+def host_shards(num_files: int, process_index: int, process_count: int) -> list[int]:
+    """Indices of the files process `process_index` trains on: every `process_count`-th
+    from its own index when there are enough files to go round, else all of them."""
+    if process_count > 1 and num_files >= process_count:
+        return list(range(process_index, num_files, process_count))
+    return list(range(num_files))

@@ -11,6 +11,7 @@ from m6jax.model.block import Stack
 from m6jax.model.layers import constrain, dense_init, layer_norm
 from m6jax.model.masks import prefix_lm_mask
 from m6jax.model.moe import moe_config
+from m6jax.model.resnet import ResNetEncoder
 
 _EMB_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -54,11 +55,15 @@ class M6(nn.Module):
         step = self.decode and "patches" not in batch
 
         if not step:
-            # Image: linear projection of flattened patches + row/column position.
-            img = nn.Dense(cfg.emb_dim, dtype=dtype, kernel_init=dense_init(("patch", "embed")),
-                           bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                  ("norm",)),
-                           name="patch_proj")(batch["patches"].astype(dtype))
+            # Image: one embedding per patch (a linear projection, or the ResNet's grid)
+            # + row/column position.
+            if cfg.get("image_encoder", "patches") == "resnet":
+                img = ResNetEncoder(cfg, self.image_grid, dtype, name="resnet")(batch["patches"])
+            else:
+                img = nn.Dense(cfg.emb_dim, dtype=dtype, kernel_init=dense_init(("patch", "embed")),
+                               bias_init=nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                      ("norm",)),
+                               name="patch_proj")(batch["patches"].astype(dtype))
             pos_init = nn.with_logical_partitioning(_EMB_INIT, (None, "embed"))
             rows = self.param("patch_row_emb", pos_init, (self.image_grid, cfg.emb_dim))
             cols = self.param("patch_col_emb", pos_init, (self.image_grid, cfg.emb_dim))
@@ -82,7 +87,9 @@ class M6(nn.Module):
             pos = index.value
             txt = txt + jax.lax.dynamic_slice_in_dim(txt_pos, pos, 1).astype(dtype)
         else:
-            txt = txt + txt_pos[: txt.shape[1]].astype(dtype)
+            # A packed row restarts positions at each example (data.pack).
+            txt = txt + (txt_pos[batch["text_positions"]] if "text_positions" in batch
+                         else txt_pos[: txt.shape[1]]).astype(dtype)
 
         # Modality embedding: 0 = image, 1 = text.
         modality = self.param("modality_emb",
@@ -101,7 +108,8 @@ class M6(nn.Module):
             cached = tuple(v.value for v in kv_vars)
             mask = key_valid.value[:, None, None, :]                 # [B, 1, 1, L]: filled
         else:
-            mask = prefix_lm_mask(batch["image_mask"], batch["text_mask"], batch["text_is_prefix"])
+            mask = prefix_lm_mask(batch["image_mask"], batch["text_mask"], batch["text_is_prefix"],
+                                  batch.get("segment_ids"))
         # MoE capacity in a prefill is that of a whole P + text_len sequence, the group
         # the uncached decoder routes; a one-token step gets >= 1 slot per expert.
         capacity_tokens = num_patches + self.text_len if self.decode and not step else 0

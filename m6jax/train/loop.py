@@ -15,8 +15,10 @@ from m6jax import pseudo_to_real as p2r
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
 from m6jax.data.config import data_settings
+from m6jax.data.packing import real_token_scalars
 from m6jax.train import moe_metrics, resume, stages
 from m6jax.train.metrics import MetricsWriter, Progress, task_losses
+from m6jax.train.profile import StepProfiler
 from m6jax.train.stages import build_model  # noqa: F401 (the public place to build an M6)
 from m6jax.train.state import dummy_batch
 
@@ -95,15 +97,18 @@ def train(config, workdir: str) -> dict:
     train_s = float(run_ckpt.meta.get("train_s", 0.0))
     t_train = time.time()
     m = None
+    batches = pipe.loader(start, config.total_steps,  # workers + device prefetch
+                          lambda s, b: sharding.global_batch(mesh, resume.apply_test_hooks(s, b)))
+    profiler = StepProfiler(config, workdir, start)
     with jax.set_mesh(mesh), writer.closed_on_error():
         for step in range(start, config.total_steps):
             if p2r.stage_at(config, step) != stage.name:  # the Pseudo-to-Real switch
                 state, stage = stage.next_stage(state, example, pipe, tasks)
                 num_params = flops.count_params(state.params)
                 t_mark = None  # the re-jitted step compiles: time from its end again
-            batch = sharding.global_batch(mesh, resume.apply_test_hooks(step + 1, pipe.batch(step)))
-            state, metrics = stage.train_step(state, batch)
+            state, metrics = stage.train_step(state, next(batches))
             done = step + 1
+            profiler.after_step(done, metrics)
             if t_mark is None:  # the first step includes compilation: time from its end
                 jax.block_until_ready(metrics)
                 t_mark, steps_at_mark = time.time(), done
@@ -118,6 +123,7 @@ def train(config, workdir: str) -> dict:
                 else:
                     step_s = now - progress.t0
                 scalars = _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak)
+                scalars.update(real_token_scalars(m, step_s, step_tokens, step_flops, peak))
                 scalars["train_s"] = train_s + time.time() - t_train
                 scalars["pseudo_stage"] = float(stage.name == p2r.STAGE_PSEUDO)
                 scalars.update(moe_metrics.scalars(m))

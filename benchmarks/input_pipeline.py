@@ -1,0 +1,170 @@
+r"""Input-pipeline throughput at 224x224 RGB and the data stall of a short training run.
+
+  python benchmarks/input_pipeline.py --json=/tmp/input_pipeline.json
+
+In one process: scikit-image's photos (re-encoded as JPEG, --copies of each) written as
+webdataset and parquet shards; `images_per_s` and `batches_per_s` of the loader for each
+format with 0 and 2 worker processes (caption rows only, so one image per row; timed
+after each worker's first batch, which pays its start); then the `m6.py:photos` config
+(224 px, ResNet patch grid, packed text) trained for --steps steps from webdataset
+shards, with `step_s` (median step after compilation) and `stall_fraction` = time the
+loop waited for data / (wait + step time), for 0 and 2 workers. Last, the images/s a GPU
+step of the planned size (m6.py:base at 224 px, patch 16) would need, from its FLOPs at
+an assumed MFU of a stated peak (no GPU is measured here).
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_string("json", "", "write the results here")
+flags.DEFINE_string("data_dir", "", "where to write shards and the tokenizer ('' = a temp dir)")
+flags.DEFINE_integer("copies", 5, "copies of each of the 20 photos (records = 20 x copies)")
+flags.DEFINE_integer("batch_size", 16, "rows per batch in the throughput part")
+flags.DEFINE_integer("batches", 16, "timed batches per format and worker count (after "
+                     "one per worker, which pay the workers' start)")
+flags.DEFINE_integer("steps", 14, "training steps per stall measurement (2 warm-up)")
+flags.DEFINE_list("workers", ["0", "2"], "worker counts")
+flags.DEFINE_float("gpu_peak_tflops", 989.0, "peak of the planned GPU (H100/H200 dense bf16)")
+flags.DEFINE_float("gpu_mfu", 0.4, "assumed MFU of the planned GPU step")
+FLAGS = flags.FLAGS
+
+
+def _throughput(config, data_dir, num_workers):
+    from m6jax.data import Pipeline
+    from m6jax.data.loader import Loader
+    c = config.data
+    pipe = Pipeline(c, seed=0, batch_size=FLAGS.batch_size, workdir=data_dir)
+    warm = 1 + num_workers  # every worker's start-up and first batch
+    loader = Loader(pipe, 0, FLAGS.batches + warm, num_workers=num_workers)
+    t_start = time.perf_counter()
+    for _ in range(warm):
+        next(loader)
+    first_s = time.perf_counter() - t_start
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.batches):
+        next(loader)
+    dt = time.perf_counter() - t0
+    return dict(images_per_s=FLAGS.batches * FLAGS.batch_size / dt, batches_per_s=FLAGS.batches / dt,
+                first_batch_s=first_s)
+
+
+def _training_stall(config, data_dir, num_workers):
+    """(median step_s, stall_fraction, pad_fraction) of --steps steps of `config`."""
+    import jax
+    import numpy as np
+
+    from m6jax import sharding
+    from m6jax.data import Pipeline
+    from m6jax.train import stages
+    from m6jax.train.state import create_train_state, dummy_batch
+    from m6jax.train.step import make_train_step
+    config.data.num_workers = num_workers
+    mesh = sharding.make_mesh(config.mesh)
+    pipe = Pipeline(config.data, seed=0, batch_size=config.batch_size, workdir=data_dir)
+    model, tx = stages.model_and_optimizer(config, "real")
+    example = dummy_batch(config.batch_size, pipe.num_patches, pipe.patch_dim, pipe.text_len)
+    state, sh = create_train_state(model, tx, example, mesh, 0)
+    step = make_train_step(model, tx, mesh, sh, len(pipe.task_names))
+    loader = pipe.loader(0, FLAGS.steps, lambda s, b: sharding.global_batch(mesh, b))
+    waits, steps, pads = [], [], []
+    with jax.set_mesh(mesh):
+        for i in range(FLAGS.steps):
+            w0 = loader.wait_s
+            batch = next(loader)
+            t1 = time.perf_counter()
+            state, m = step(state, batch)
+            jax.block_until_ready(m)
+            if i >= 2:  # after compilation and the workers' start
+                waits.append(loader.wait_s - w0)
+                steps.append(time.perf_counter() - t1)
+                slots = config.batch_size * (pipe.num_patches + pipe.text_len)
+                pads.append(1.0 - float(m["real_tokens"]) / slots)
+    return (float(np.median(steps)), sum(waits) / (sum(waits) + sum(steps)),
+            float(np.mean(pads)))
+
+
+def main(_):
+    import jax
+    import ml_collections
+
+    from configs import m6 as m6_config
+    from m6jax import flops
+    from m6jax.data import photos, shards
+
+    data_dir = FLAGS.data_dir or tempfile.mkdtemp(prefix="m6_input_")
+    captions = photos.photo_folder(os.path.join(data_dir, "jpg"), copies=FLAGS.copies, ext=".jpg")
+    records = shards.read_captions(captions, os.path.dirname(captions))
+    globs = {}
+    for fmt, ext in (("webdataset", "tar"), ("parquet", "parquet")):
+        out = os.path.join(data_dir, fmt)
+        if not os.path.isdir(out):
+            shards.write_shards(records, out, fmt, per_shard=20)
+        globs[fmt] = os.path.join(out, f"shard-*.{ext}")
+
+    def photos_config(fmt):
+        c = m6_config.get_config("photos")
+        c.data.image_text_files = globs[fmt]
+        return c
+
+    load = os.getloadavg()
+    result = dict(image_size=224, channels=3, records=len(records), batch_size=FLAGS.batch_size,
+                  load_avg_1min_at_start=load[0], images_per_s={}, batches_per_s={})
+    for fmt in globs:
+        for w in map(int, FLAGS.workers):
+            c = photos_config(fmt)
+            c.data.task_weights = ml_collections.ConfigDict(dict(caption=1.0))
+            c.data.pack = False
+            r = _throughput(c, data_dir, w)
+            key = f"{fmt}_{w}_workers"
+            result["images_per_s"][key] = r["images_per_s"]
+            result["batches_per_s"][key] = r["batches_per_s"]
+            print(f"{key}: {r['images_per_s']:.1f} images/s, {r['batches_per_s']:.2f} batches/s "
+                  f"(first batch {r['first_batch_s']:.1f} s)", flush=True)
+
+    c = photos_config("webdataset")
+    stall = {}
+    for w in map(int, FLAGS.workers):
+        step_s, stall[w], pad = _training_stall(photos_config("webdataset"), data_dir, w)
+        result[f"step_s_{w}_workers"] = step_s
+        print(f"m6.py:photos, {w} workers: step {step_s:.3f} s, stall {stall[w]:.1%}, "
+              f"pad fraction {pad:.1%}", flush=True)
+    default_workers = c.data.num_workers
+    result.update(config="m6.py:photos", config_batch_size=c.batch_size,
+                  config_num_workers=default_workers,
+                  step_s=result[f"step_s_{default_workers}_workers"],
+                  stall_fraction=stall[default_workers],
+                  stall_fraction_by_workers={str(k): v for k, v in stall.items()},
+                  train_images_per_s_needed_here=c.batch_size / result[f"step_s_{default_workers}_workers"])
+
+    # What a GPU step of the planned size would ask of the input pipeline.
+    base = m6_config.get_config("base")
+    patches, patch_dim = (224 // 16) ** 2, 16 * 16 * 3
+    step_flops = flops.train_flops_per_sequence(base.model, patches, patch_dim,
+                                                base.data.text_len) * base.batch_size
+    gpu_step_s = step_flops / (FLAGS.gpu_peak_tflops * 1e12 * FLAGS.gpu_mfu)
+    result["gpu_planned"] = dict(
+        config="m6.py:base at 224 px, patch 16", batch_size=base.batch_size,
+        step_tflop=step_flops / 1e12, assumed_peak_tflops=FLAGS.gpu_peak_tflops,
+        assumed_mfu=FLAGS.gpu_mfu, step_s=gpu_step_s,
+        images_per_s_needed=base.batch_size / gpu_step_s)
+    print(f"a GPU step of m6.py:base at 224 px ({step_flops / 1e12:.1f} TFLOP, batch "
+          f"{base.batch_size}) at {FLAGS.gpu_mfu:.0%} of {FLAGS.gpu_peak_tflops:.0f} TFLOP/s takes "
+          f"{gpu_step_s * 1e3:.0f} ms and needs {base.batch_size / gpu_step_s:,.0f} images/s",
+          flush=True)
+    result["device"] = jax.devices()[0].device_kind
+    result["load_avg_1min_at_end"] = os.getloadavg()[0]
+    print(json.dumps(result, indent=2))
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
