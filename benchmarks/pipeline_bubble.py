@@ -5,18 +5,17 @@ r"""The pipeline bubble, (S - 1) / (R M + S - 1), against measured step times on
 
 On fake CPU devices all stages share the machine's cores, so a stage idle in the bubble
 is not idle here: the SPMD loop computes every stage at every iteration (garbage in the
-bubble, discarded). The stack's work in a pipelined step is then R M + S - 1
-iterations of S chunks of one microbatch, against R M of them without the bubble: at a
-fixed global batch, step time = t0 + W (R M + S - 1) / (R M), with t0 the rest of the
-step (embeddings, logits, update) and W the bubble-free stack. A least-squares fit of
-t0 and W over the fill-drain schedules (R = 1) gives `measured_bubble` = 1 - W / (t - t0) per schedule,
-against `formula_bubble`; `fit_residual` says how well the time follows the formula (for R > 1,
-a prediction: those steps also reshuffle the chunks' weights between stages).
-`per_iteration_ms` = (t - t0) / (R M + S - 1). The plain step (the same devices as data
-parallelism) is timed alongside for reference (`vs_plain` = t / t_plain): it does
-other redundant work (the update on replicated params), so it is no bubble baseline.
-Timings interleave every variant in rounds (median over rounds), so a shared machine's
-load hits them alike. On real accelerators the bubble is idle time instead.
+bubble, discarded): a pipelined step does R M + S - 1 iterations of S chunks of
+U / (S R) units for one microbatch, against the R M iterations' worth of work of the
+same step without a pipeline, so t_pipe / t_plain = 1 / (1 - bubble) if an iteration's
+work costs what the plain step pays for it. The plain step runs on the same devices as
+data parallelism (`mesh.data` = devices) with the same global batch = M x
+`--microbatch_size` rows, so each device's matmuls have the rows a stage's microbatch
+has (microbatch_size / (devices / S) examples): the comparison holds the matmul sizes
+fixed. `measured_bubble` = 1 - t_plain / t_pipe against `formula_bubble`;
+`per_iteration_ms` = t_pipe / (R M + S - 1). Timings interleave every variant in rounds
+(median over rounds), so a shared machine's load hits them alike. On real accelerators
+the bubble is idle time instead; the fraction is the same.
 """
 import json
 import os
@@ -36,7 +35,7 @@ flags.DEFINE_list("schedules", ["4x1", "8x1", "16x1", "4x2"],
 flags.DEFINE_integer("emb_dim", 128, "model width")
 flags.DEFINE_integer("num_layers", 8, "layers")
 flags.DEFINE_integer("text_len", 48, "text tokens (plus 16 image patches)")
-flags.DEFINE_integer("batch_size", 64, "global batch")
+flags.DEFINE_integer("microbatch_size", 8, "global rows per microbatch")
 flags.DEFINE_integer("rounds", 5, "timing rounds; each times every variant `steps` times")
 flags.DEFINE_integer("steps", 3, "steps per variant per round")
 flags.DEFINE_string("json", "", "write the results here")
@@ -59,9 +58,9 @@ def main(_):
 
     from m6jax.train.step import make_train_step
 
-    grid, patch_dim, t, b = 4, 4, FLAGS.text_len, FLAGS.batch_size
+    grid, patch_dim, t = 4, 4, FLAGS.text_len
 
-    def build(stage, microbatches, repeats):
+    def build(stage, microbatches, repeats, b):
         c = m6_config.get_config("tiny")
         c.model.update(emb_dim=FLAGS.emb_dim, num_heads=4, mlp_dim=4 * FLAGS.emb_dim,
                        num_layers=FLAGS.num_layers)
@@ -89,10 +88,13 @@ def main(_):
         return dict(step=step, state=state, batch=batch, mesh=mesh,
                     schedule=pipeline.from_config(c))
 
-    variants = {"plain": build(1, 1, 1)}
+    variants = {}
     for s in FLAGS.schedules:
         m, r = (int(x) for x in s.split("x"))
-        variants[f"M{m}_R{r}"] = build(FLAGS.stages, m, r)
+        variants[f"M{m}_R{r}"] = build(FLAGS.stages, m, r, m * FLAGS.microbatch_size)
+        if f"plain_B{m * FLAGS.microbatch_size}" not in variants:
+            variants[f"plain_B{m * FLAGS.microbatch_size}"] = build(1, 1, 1,
+                                                                   m * FLAGS.microbatch_size)
     times = {k: [] for k in variants}
     for _ in range(FLAGS.rounds):
         for k, v in variants.items():
@@ -102,35 +104,27 @@ def main(_):
                     v["state"], metrics = v["step"](v["state"], v["batch"])
                 jax.block_until_ready(metrics)
             times[k].append((time.perf_counter() - t0) / FLAGS.steps)
-    plain = float(np.median(times["plain"]))
-    names = [k for k in variants if k != "plain"]
+    names = [k for k in variants if not k.startswith("plain")]
     scheds = [variants[k]["schedule"] for k in names]
     step_s = np.array([float(np.median(times[k])) for k in names])
-    factor = np.array([s.iterations / (s.repeats * s.microbatches) for s in scheds])
-    # Fit on the fill-drain schedules; a circular one (same formula) is then a prediction.
-    fit = np.array([s.repeats == 1 for s in scheds])
-    (t0, w), *_ = np.linalg.lstsq(np.stack([np.ones(fit.sum()), factor[fit]], 1), step_s[fit],
-                                  rcond=None)
     rows = []
-    for k, sched, t_s, f in zip(names, scheds, step_s, factor):
+    for k, sched, t_s in zip(names, scheds, step_s):
+        b = sched.microbatches * FLAGS.microbatch_size
+        plain = float(np.median(times[f"plain_B{b}"]))
         rows.append(dict(name=k, stages=sched.stages, microbatches=sched.microbatches,
-                         repeats=sched.repeats, iterations=sched.iterations,
-                         formula_bubble=sched.bubble, measured_bubble=1.0 - w / (t_s - t0),
-                         step_ms=1000 * t_s, fit_residual=float((t0 + w * f - t_s) / t_s),
-                         per_iteration_ms=1000 * (t_s - t0) / sched.iterations,
-                         vs_plain=t_s / plain))
-    out = dict(plain_step_ms=1000 * plain, fit_t0_ms=1000 * t0, fit_stack_ms=1000 * w,
-               devices=FLAGS.devices, batch_size=b,
+                         repeats=sched.repeats, iterations=sched.iterations, batch_size=b,
+                         formula_bubble=sched.bubble, measured_bubble=1.0 - plain / t_s,
+                         step_ms=1000 * t_s, plain_step_ms=1000 * plain,
+                         per_iteration_ms=1000 * t_s / sched.iterations))
+    out = dict(devices=FLAGS.devices, microbatch_size=FLAGS.microbatch_size,
                num_layers=FLAGS.num_layers, emb_dim=FLAGS.emb_dim, rounds=FLAGS.rounds,
                load_average=os.getloadavg(), schedules=rows)
-    print(f"plain step (data={FLAGS.devices}): {1000 * plain:.1f} ms; fit: rest of the step "
-          f"{1000 * t0:.1f} ms + bubble-free stack {1000 * w:.1f} ms")
-    print(f"{'schedule':<10} {'iters':>5} {'formula':>8} {'measured':>9} {'step ms':>8} "
-          f"{'ms/iter':>8} {'residual':>9} {'vs plain':>9}")
+    print(f"{'schedule':<10} {'batch':>5} {'iters':>5} {'formula':>8} {'measured':>9} "
+          f"{'step ms':>8} {'plain ms':>9} {'ms/iter':>8}")
     for r in rows:
-        print(f"{r['name']:<10} {r['iterations']:>5} {r['formula_bubble']:>8.1%} "
-              f"{r['measured_bubble']:>9.1%} {r['step_ms']:>8.1f} {r['per_iteration_ms']:>8.2f} "
-              f"{r['fit_residual']:>9.1%} {r['vs_plain']:>9.2f}")
+        print(f"{r['name']:<10} {r['batch_size']:>5} {r['iterations']:>5} "
+              f"{r['formula_bubble']:>8.1%} {r['measured_bubble']:>9.1%} {r['step_ms']:>8.1f} "
+              f"{r['plain_step_ms']:>9.1f} {r['per_iteration_ms']:>8.2f}")
     if FLAGS.json:
         with open(FLAGS.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=2)

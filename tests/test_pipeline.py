@@ -18,7 +18,7 @@ from m6jax.train.losses import text_loss
 from m6jax.train.state import create_train_state, dummy_batch
 from m6jax.checkpoint import Checkpointer
 from m6jax.train.state import abstract_train_state
-from m6jax.train.step import _accumulate, make_train_step
+from m6jax.train.step import _accumulate, make_eval_step, make_train_step
 
 
 def pipe_config(mesh, microbatches=1, repeats=1, layers=4, batch=8, moe=None, accum=1):
@@ -128,23 +128,56 @@ def test_stages_hold_their_own_chunk_and_pass_activations_by_collective_permute(
     assert sharding.per_device_bytes(layers) == (total - norms) // 4 + norms // 2
     pairs = collective_permute_pairs(run["hlo"])
     assert next_stage_pairs(2, 8) in [set(p) for p in pairs]
-    # FSDP gathers a stage's chunk inside its stage group (2 devices); nothing gathers
-    # over the stage axis, so no device ever holds another stage's weights.
-    for groups in re.findall(r"all-gather\(.*?replica_groups=(.*?), (?:dimensions|use_global)",
-                             run["hlo"]):
-        assert _group_size(groups) <= 2, groups
+    # FSDP gathers a stage's chunk inside its stage group; no gather of the stack's
+    # weights spans stages, so no device ever holds another stage's chunk.
+    gathers = [line for line in run["hlo"].splitlines() if " all-gather(" in line]
+    stack = [line for line in gathers if "/stack/" in line]
+    assert stack   # the FSDP gathers are there to be checked
+    for line in stack:
+        groups = replica_groups(line)
+        assert all(len({d // 4 for d in g}) == 1 for g in groups), line[:300]
 
 
-def _group_size(groups: str) -> int:
-    """Devices per replica group in an HLO `replica_groups=` (explicit or iota form)."""
-    m = re.match(r"\[(\d+),(\d+)\]<=", groups)
+def _iota(dims, perm):
+    ids = np.arange(int(np.prod(dims))).reshape(dims)
+    return ids.transpose(perm) if perm else ids
+
+
+def _ints(text):
+    return [int(x) for x in text.split(",") if x]
+
+
+def replica_groups(line: str) -> list[list[int]]:
+    """The device groups of one HLO collective's `replica_groups=` (the iota forms XLA
+    prints: `[G,N]<=[dims]T(perm)`, `mesh[...] device_ids=(...) {axes}`, or explicit)."""
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
     if m:
-        return int(m.group(2))
-    m = re.match(r"mesh\[(.*?)\].*\{(.*?)\}$", groups)
-    if m:  # mesh['axis_0'=2,'axis_1'=4] ... {'axis_1'}: the product of the named axes
-        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-        return int(np.prod([int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2))]))
-    return len(re.match(r"\{\{([\d,]*)\}", groups).group(1).split(","))
+        perm = _ints(m.group(4)) if m.group(4) else None
+        return _iota(_ints(m.group(3)), perm).reshape(int(m.group(1)), int(m.group(2))).tolist()
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\]"
+                  r"(?:T\(([\d,]+)\))?\))? \{([^}]*)\}", line)
+    if m:
+        axes = re.findall(r"'(\w+)'=(\d+)", m.group(1))
+        names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
+        if m.group(2):
+            perm = _ints(m.group(3)) if m.group(3) else None
+            ids = _iota(_ints(m.group(2)), perm).reshape(sizes)
+        else:
+            ids = np.arange(int(np.prod(sizes))).reshape(sizes)
+        grouped = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(4))]
+        rest = [i for i in range(len(names)) if i not in grouped]
+        n = int(np.prod([sizes[i] for i in grouped]))
+        return ids.transpose(rest + grouped).reshape(-1, n).tolist()
+    m = re.search(r"replica_groups=\{((?:\{[\d,]*\},?)+)\}", line)
+    return [_ints(g) for g in re.findall(r"\{([\d,]*)\}", m.group(1))]
+
+
+def test_replica_groups_parse_the_iota_forms():
+    assert replica_groups("replica_groups=[4,2]<=[8], dims") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert replica_groups("replica_groups=[4,2]<=[2,4]T(1,0), d")[0] == [0, 4]
+    line = "replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_0'}, d"
+    assert replica_groups(line)[:2] == [[0, 1], [2, 3]]
+    assert replica_groups("replica_groups={{0,2},{1,3}}, d") == [[0, 2], [1, 3]]
 
 
 @pytest.mark.slow
@@ -155,6 +188,14 @@ def test_stage4_data2_equals_the_no_pipeline_step(devices, reference):
     assert sharding.per_device_bytes(layers) * 4 == sum(x.nbytes for x in jax.tree.leaves(layers))
     assert next_stage_pairs(4, 8) in [set(p) for p in collective_permute_pairs(run["hlo"])]
     assert "all-gather" not in run["hlo"]   # data parallel inside a stage: nothing to gather
+    # Evaluation runs the schedule too: a plain scan would gather the whole stack.
+    c = pipe_config(dict(stage=4, data=2), microbatches=4)
+    mesh = run["mesh"]
+    eval_step = make_eval_step(stages.build_model(c), mesh, jax.tree.map(
+        lambda x: x.sharding, run["state"].params), NUM_TASKS)
+    with jax.set_mesh(mesh):
+        batch = sharding.global_batch(mesh, synthetic_batch(8))
+        assert "all-gather" not in eval_step.lower(run["state"].params, batch).compile().as_text()
 
 
 @pytest.mark.slow

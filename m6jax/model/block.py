@@ -146,7 +146,7 @@ class Stack(nn.Module):
     training: bool = False
     decode: bool = False
     capacity_tokens: int = 0   # decode: MoE capacity group size (0 = the call's length)
-    pipeline: pipeline_lib.Schedule | None = None  # training runs it when it is active
+    pipeline: pipeline_lib.Schedule | None = None  # train/eval run it when it is active
 
     @nn.compact
     def __call__(self, x, mask, route=None, cached=None):
@@ -172,7 +172,7 @@ class Stack(nn.Module):
                 cached = tuple(c.reshape(c.shape[0], length, every, *c.shape[2:]) for c in cached)
             args = (route, cached)
             in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if cached is None else 1)
-        if self._pipelined():
+        if self._pipelined(x):
             return self._pipeline(block(*ctor, parent=None), length, x, (mask, *args))
         streamed = self._streamed_layers()
         if streamed is not None:
@@ -193,9 +193,11 @@ class Stack(nn.Module):
             out = tuple(o.reshape(o.shape[0], cfg.num_layers, *o.shape[3:]) for o in out)
         return x, out
 
-    def _pipelined(self) -> bool:
-        return (self.pipeline is not None and self.pipeline.active and self.training
-                and not self.decode and not self.is_initializing())
+    def _pipelined(self, x) -> bool:
+        """Training and evaluation run the schedule (a plain scan over stage-sharded
+        layers would gather the whole stack onto every device); decoding does not."""
+        return (self.pipeline is not None and self.pipeline.active and not self.decode
+                and not self.is_initializing() and x.shape[0] % self.pipeline.microbatches == 0)
 
     def _pipeline(self, unit, units, x, args):
         """The stack as `self.pipeline`'s schedule: each stage runs `scan_units` on its chunk."""

@@ -32,7 +32,7 @@ class M6(nn.Module):
     deterministic: bool = True
     training: bool = False  # the train step sets it: MoE capacity factor and router jitter
     decode: bool = False
-    pipeline: Any = None  # an m6jax.pipeline.Schedule: the stack's schedule in training
+    pipeline: Any = None  # an m6jax.pipeline.Schedule: the stack in training and evaluation
 
     @nn.compact
     def __call__(self, batch):
