@@ -50,7 +50,8 @@ def abstract_state(config, seed: int = 0):
 
 
 def abstract_mesh(mesh_shape) -> AbstractMesh:
-    return AbstractMesh(tuple(mesh_shape), sharding.MESH_AXES,
+    mesh_shape = tuple(mesh_shape) + (1,) * (len(sharding.MESH_AXES) - len(mesh_shape))
+    return AbstractMesh(mesh_shape, sharding.MESH_AXES,
                         axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
 
 

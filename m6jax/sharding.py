@@ -92,16 +92,24 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
                          axis_types=(AxisType.Auto,) * len(_DEVICE_ORDER), devices=devices)
 
 
+def rules_for(mesh) -> tuple[tuple[str, Any], ...]:
+    """The rules table for `mesh`: without pipeline stages the `stage` entries replicate,
+    so a stage=1 run's shardings (and their specs) are exactly those of a mesh without it."""
+    if mesh.shape.get("stage", 1) > 1:
+        return LOGICAL_AXIS_RULES
+    return tuple((name, None if axes == "stage" else axes) for name, axes in LOGICAL_AXIS_RULES)
+
+
 def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
     """NamedSharding for one array annotated with logical axis names."""
-    spec = nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules_for(mesh))
     return NamedSharding(mesh, spec)
 
 
 def tree_shardings(mesh: Mesh, abstract_boxed_tree) -> Any:
     """Shardings for a pytree whose leaves carry flax logical-partitioning boxes."""
     specs = nn.get_partition_spec(abstract_boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules_for(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
