@@ -91,6 +91,13 @@ def _table(r) -> str:
         + (f"   ({_gib(r['per_node_host_bytes']).strip()} per node of "
            f"{r['host_memory_gb_per_node']} GiB)" if r["per_node_host_bytes"] else ""),
     ]
+    pp = r.get("pipeline")
+    if pp:
+        lines.append(f"pipeline       {pp['stages']} stages x {pp['repeats']} repeats, "
+                     f"{pp['microbatches']} microbatches, bubble {pp['bubble']:.1%}; per stage "
+                     f"{pp['layers_per_stage']} layers, {_gib(pp['stack_params_bytes_per_stage']).strip()}"
+                     f" of stack params; {_gib(pp['microbatch_activations_in_flight_bytes']).strip()}"
+                     " of microbatch activations in flight per device")
     if r["transfer_s_per_step"] is not None and r["compute_s_per_step"] is not None:
         hide = r["transfer_s_per_step"] <= r["compute_s_per_step"]
         lines.append(f"per step       {r['transfer_bytes_per_step'] / 2**30:,.1f} GiB host<->device: "

@@ -75,6 +75,7 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
     if window and window[1] > config.total_steps:
         raise ValueError(f"config.profile_steps={config.profile_steps!r} ends after "
                          f"total_steps={config.total_steps}")
+    _check_pipeline(config, sizes, shards)
 
     for f in ("total_steps", "log_every", "eval_every"):
         if int(config[f]) <= 0:
@@ -157,6 +158,32 @@ def validate_moe(config, mesh_sizes: dict[str, int]) -> None:
     if e % mesh_sizes["expert"]:
         raise ValueError(f"mesh.expert={mesh_sizes['expert']} does not divide "
                          f"model.moe.num_experts={e}")
+
+
+def _check_pipeline(config, sizes: dict[str, int], shards: int) -> None:
+    from m6jax import offload, pipeline
+    from m6jax.model.moe import moe_config
+    m, stages = config.model, sizes["stage"]
+    moe = moe_config(m)
+    units = m.num_layers // int(moe.every) if moe is not None else m.num_layers
+    pipeline.validate(config, stages, units)
+    if stages == 1:
+        return
+    mb = pipeline.section(config)["microbatches"]
+    accum = int(config.optimizer.get("grad_accum_steps", 1))
+    rows = config.batch_size // accum
+    if rows % (mb * shards):
+        raise ValueError(f"batch_size={config.batch_size} (/ optimizer.grad_accum_steps={accum})"
+                         f" is not divisible by pipeline.microbatches={mb} x the {shards} batch "
+                         "shards (mesh.data*mesh.fsdp*mesh.expert): each microbatch is split "
+                         "over the batch shards")
+    if config.get("offload") and (offload.parse_layers(config.offload.param_layers, m.num_layers,
+                                                       "offload.param_layers") or
+                                  offload.parse_layers(config.offload.optimizer_layers,
+                                                       m.num_layers, "offload.optimizer_layers")):
+        raise ValueError(f"mesh.stage={stages} with offload.param_layers/optimizer_layers: "
+                         "pipeline stages over a host-offloaded stack are not built; set "
+                         "mesh.stage=1 or offload.*_layers='none'")
 
 
 def _check_checkpointing(config) -> None:

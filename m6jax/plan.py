@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
-from m6jax import flops, offload, sharding
+from m6jax import flops, offload, pipeline, sharding
 from m6jax import pseudo_to_real as p2r
 from m6jax.model import M6
 from m6jax.model.moe import moe_config
@@ -50,7 +50,8 @@ def abstract_state(config, seed: int = 0):
 
 
 def abstract_mesh(mesh_shape) -> AbstractMesh:
-    return AbstractMesh(tuple(mesh_shape), sharding.MESH_AXES,
+    mesh_shape = tuple(mesh_shape) + (1,) * (len(sharding.MESH_AXES) - len(mesh_shape))
+    return AbstractMesh(mesh_shape, sharding.MESH_AXES,
                         axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
 
 
@@ -158,7 +159,33 @@ def activation_bytes(config, mesh_shape) -> int:
     gathered = 0.0
     if sizes["fsdp"] > 1:
         gathered = (4 * d * d + 2 * d * m.mlp_dim) / tp * (c + 4)
+    sched = pipeline.from_config(config)
+    if sched.active:
+        return int(pipeline_activations(config, b, saved, everything, c * s * d)["total"]
+                   + b * logits + gathered)
     return int(b * (m.num_layers * saved + _WORKING_SETS * everything + logits) + gathered)
+
+
+def pipeline_activations(config, b, saved, everything, layer_input) -> dict[str, float]:
+    """Per-device activation bytes of the stack under a pipeline schedule (per example
+    terms as in `activation_bytes`, b examples per device in the step's batch).
+
+    A stage holds num_layers / stage layers. Its microbatch (b / microbatches examples)
+    runs one chunk of num_layers / (stage x repeats) layers per iteration; the backward
+    pass needs each of the R M + S - 1 iterations' saved values: with
+    `pipeline.remat_stage` only the stage's input (the chunk is recomputed), else what
+    the remat policy keeps for every layer of the chunk. On top: one chunk's backward
+    working set, and the M-microbatch buffer the last stage writes into (and its gradient).
+    """
+    sched, m = pipeline.from_config(config), config.model
+    mb = b / sched.microbatches
+    chunk_layers = m.num_layers / (sched.stages * sched.repeats)
+    per_iteration = layer_input if sched.remat_stage else chunk_layers * saved
+    in_flight = sched.iterations * mb * per_iteration
+    working = mb * (chunk_layers * saved + _WORKING_SETS * everything)
+    buffers = 2 * b * layer_input
+    return dict(in_flight=in_flight, working=working, buffers=buffers,
+                total=in_flight + working + buffers)
 
 
 # The streamed units in flight on the device at once: the one being computed and the
@@ -222,6 +249,7 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
                              "(see experiments/configs/paper_scale.py) or pass mesh_shape")
         mesh_shape = validate_config(config, num_devices)
     mesh_shape = tuple(int(x) for x in mesh_shape)
+    mesh_shape += (1,) * (len(sharding.MESH_AXES) - len(mesh_shape))  # no stage given: 1
     # A Pseudo-to-Real run must fit in both stages; the Real one is the larger.
     stage = stage or p2r.stage_at(config, config.total_steps - 1)
     config = p2r.stage_config(config, stage)
@@ -260,11 +288,37 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
                              if hw["host_device_gb_per_s"] else None),
         compute_s_per_step=(step_flops / n / (float(hw["device_tflops"]) * 1e12)
                             if hw["device_tflops"] else None),
-        fits=fits)
+        fits=fits, pipeline=_pipeline_plan(config, mesh_shape, abstract))
     out = result
+    if out["compute_s_per_step"] is not None:  # stages idle in the bubble
+        out["compute_s_per_step"] /= 1.0 - pipeline.from_config(config).bubble
     t, c = out["transfer_s_per_step"], out["compute_s_per_step"]
     out["step_s"] = max(t, c) if t is not None and c is not None else None
     return out
+
+
+def _pipeline_plan(config, mesh_shape, abstract) -> dict[str, Any] | None:
+    """The stage axis: schedule, bubble, per-stage params and microbatch activations."""
+    sched = pipeline.from_config(config)
+    if not sched.active:
+        return None
+    m, sizes = config.model, dict(zip(sharding.MESH_AXES, mesh_shape))
+    p, _, t = sequence_shape(config)
+    accum = int(config.optimizer.get("grad_accum_steps", 1))
+    b = config.batch_size / accum / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
+    layer_input = jnp.dtype(m.dtype).itemsize * (p + t) * m.emb_dim
+    acts = pipeline_activations(config, b, 0.0, 0.0, layer_input)
+    # A stage's params: its chunk of the stack (what its stage group holds in all); a
+    # Pseudo stack's shared block is on every stage.
+    stack = nn.meta.unbox(abstract.params["stack"])
+    per_stage = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(stack))
+    per_stage /= 1 if m.share_layers else sched.stages
+    return dict(stages=sched.stages, repeats=sched.repeats, microbatches=sched.microbatches,
+                iterations=sched.iterations, bubble=sched.bubble,
+                layers_per_stage=m.num_layers // sched.stages,
+                stack_params_bytes_per_stage=int(per_stage),
+                microbatch_examples_per_device=b / sched.microbatches,
+                microbatch_activations_in_flight_bytes=int(acts["in_flight"]))
 
 
 def overflow(result) -> str | None:

@@ -1,7 +1,8 @@
 """Device mesh from the config and the one table mapping logical axes onto mesh axes.
 
 Model code names only logical axes (`embed`, `heads`, `mlp`, `batch`, ...); this file is
-the single place where they meet the mesh axes `data`, `fsdp`, `tensor`, `expert`.
+the single place where they meet the mesh axes `data`, `fsdp`, `tensor`, `expert` and
+`stage` (pipeline: the stacked layers' unit axis, see m6jax/pipeline.py).
 All mesh axes are `AxisType.Auto`: GSPMD propagates shardings from the parameter and
 activation annotations (see README, "Design").
 """
@@ -15,7 +16,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "stage")
+# The device mesh's axis order, slowest-varying first: pipeline stages, whose traffic is
+# one microbatch's activations per iteration, span hosts before data parallelism does.
+_DEVICE_ORDER = ("stage", "data", "fsdp", "tensor", "expert")
 
 # Logical axis -> mesh axes. Parameters shard over `fsdp` on their embed dimension
 # (ZeRO-3) and over `tensor` on heads / mlp columns / vocab (Megatron); activations
@@ -30,15 +34,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("expert", "expert"),
-    ("layers", None),
+    ("layers", "stage"),   # the stacked units: stage s holds its contiguous chunk
+    ("stage", "stage"),    # pipeline activations [stages, microbatch, ...]
     ("norm", None),
     ("patch", None),
 )
 
 
 def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-    """Sizes of (data, fsdp, tensor, expert); one of them may be -1 (the rest)."""
-    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    """Sizes of (data, fsdp, tensor, expert, stage); one of them may be -1 (the rest).
+    A config without `stage` (written before pipelines) has stage 1."""
+    sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
     free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
     for a, s in zip(MESH_AXES, sizes):
         if s == 0 or s < -1:
@@ -79,23 +85,31 @@ def run_layout(saved_mesh, num_devices: int) -> dict[str, int]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor, expert) mesh over `devices` (default: all devices)."""
+    """A (stage, data, fsdp, tensor, expert) mesh over `devices` (default: all devices)."""
     devices = list(devices) if devices is not None else jax.devices()
-    shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    sizes = dict(zip(MESH_AXES, resolve_mesh_shape(mesh_cfg, len(devices))))
+    return jax.make_mesh(tuple(sizes[a] for a in _DEVICE_ORDER), _DEVICE_ORDER,
+                         axis_types=(AxisType.Auto,) * len(_DEVICE_ORDER), devices=devices)
+
+
+def rules_for(mesh) -> tuple[tuple[str, Any], ...]:
+    """The rules table for `mesh`: without pipeline stages the `stage` entries replicate,
+    so a stage=1 run's shardings (and their specs) are exactly those of a mesh without it."""
+    if mesh.shape.get("stage", 1) > 1:
+        return LOGICAL_AXIS_RULES
+    return tuple((name, None if axes == "stage" else axes) for name, axes in LOGICAL_AXIS_RULES)
 
 
 def logical_sharding(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
     """NamedSharding for one array annotated with logical axis names."""
-    spec = nn.logical_to_mesh_axes(tuple(logical_axes), LOGICAL_AXIS_RULES)
+    spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules_for(mesh))
     return NamedSharding(mesh, spec)
 
 
 def tree_shardings(mesh: Mesh, abstract_boxed_tree) -> Any:
     """Shardings for a pytree whose leaves carry flax logical-partitioning boxes."""
     specs = nn.get_partition_spec(abstract_boxed_tree)
-    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules_for(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -174,7 +174,7 @@ def test_same_command_with_another_mesh_resumes_onto_it(reference, cache, tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 6" in proc.stderr
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 1}
+    assert summary["mesh"] == {"data": 2, "fsdp": 1, "tensor": 2, "expert": 1, "stage": 1}
     got, want = _losses(workdir), _losses(reference)
     assert [s for s, _ in got] == [s for s, _ in want]
     np.testing.assert_allclose([l for _, l in got], [l for _, l in want], rtol=1e-5)

@@ -6,7 +6,7 @@ from m6jax.config_checks import validate_config
 
 
 def test_valid_tiny_config_passes():
-    assert validate_config(tiny_config(data=-1), 8) == (8, 1, 1, 1)
+    assert validate_config(tiny_config(data=-1), 8) == (8, 1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -47,7 +47,7 @@ def _moe_config():
 
 
 def test_valid_moe_config_passes():
-    assert validate_config(_moe_config(), 8) == (8, 1, 1, 1)
+    assert validate_config(_moe_config(), 8) == (8, 1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -59,7 +59,7 @@ def test_two_processes_give_the_same_eval_loss_as_one(runs):
     (one, _), (two, _) = runs
     a, b = (json.loads((w / "summary.json").read_text(encoding="utf-8")) for w in (one, two))
     assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-6)
-    assert b["num_devices"] == 8 and b["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert b["num_devices"] == 8 and b["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1, "stage": 1}
 
 
 def test_only_process_0_prints_progress_and_logs_name_their_process(runs):

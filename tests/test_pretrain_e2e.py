@@ -54,7 +54,7 @@ def test_summary_json_has_the_contract_keys(two_runs):
                 "wall_s", "total_steps"):
         assert key in summary, key
     assert summary["total_steps"] == 8
-    assert summary["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 1}
+    assert summary["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 1, "stage": 1}
     # The fraction of the 359 held-out digits (20% of 1,797) whose greedy caption names the
     # right class, per language; the headline number is the mean of the two.
     en, zh = summary["caption_accuracy_en"], summary["caption_accuracy_zh"]

@@ -51,7 +51,7 @@ def fsdp_tensor_run(tmp_path_factory, devices):
 def test_generate_loads_an_fsdp_tensor_run_in_its_layout(fsdp_tensor_run, devices):
     workdir, _, state, shardings = fsdp_tensor_run
     _, _, mesh, params, param_sh, _ = load_run(str(workdir), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1, "stage": 1}
     assert _specs(param_sh) == _specs(shardings.params)
     assert jax.tree.map(lambda x: tuple(x.sharding.spec), params) == _specs(shardings.params)
     per_device = sharding.per_device_bytes(params)
@@ -104,7 +104,7 @@ def test_generate_loads_an_expert_parallel_run_in_its_layout(tmp_path, devices):
     config.model.moe = moe_section(num_experts=8, every=2)
     state, shardings = _train_and_save(tmp_path, config, devices)
     _, _, mesh, params, _, _ = load_run(str(tmp_path), devices)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 4}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "tensor": 1, "expert": 4, "stage": 1}
     assert jax.tree.map(lambda x: tuple(x.sharding.spec), params) == _specs(shardings.params)
     wi = [x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
           if "wi" in jax.tree_util.keystr(p) and x.ndim == 4]

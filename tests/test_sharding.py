@@ -50,9 +50,9 @@ def test_tensor_axis_splits_heads_and_mlp(devices):
 
 
 def test_mesh_minus_one_takes_remaining_devices(devices):
-    assert sharding.resolve_mesh_shape(dict(data=2, fsdp=-1, tensor=2, expert=1), 8) == (2, 2, 2, 1)
+    assert sharding.resolve_mesh_shape(dict(data=2, fsdp=-1, tensor=2, expert=1), 8) == (2, 2, 2, 1, 1)
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, expert=1), devices)
-    assert dict(mesh.shape) == dict(data=8, fsdp=1, tensor=1, expert=1)
+    assert dict(mesh.shape) == dict(data=8, fsdp=1, tensor=1, expert=1, stage=1)
 
 
 def test_global_batch_is_split_over_batch_axes(devices):

@@ -41,7 +41,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.init_from = ""  # a checkpoint to take params from (fine-tuning); '' = fresh init
     c.nonfinite_policy = "skip"  # non-finite loss/grads: skip (count, no update) | stop
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, stage=1))
+
+    # Pipeline parallelism over mesh.stage (m6jax/pipeline.py): the batch in microbatches
+    # (a multiple of mesh.stage), the stack in stage x repeats chunks (repeats > 1: the
+    # circular schedule); bubble = (stage - 1) / (repeats * microbatches + stage - 1).
+    c.pipeline = ml_collections.ConfigDict(dict(microbatches=1, repeats=1, remat_stage=True))
 
     # The data fields and their defaults live in one place, m6jax/data/config.py (what
     # each means is documented there); this family changes only these three.

@@ -7,7 +7,8 @@ memory) run `scan_units`: a plain `jax.lax.scan` over each segment of units that
 one Block functionally, bringing a host unit's weights onto the device inside the
 rematerialised body, so only the unit being computed is resident (forward and backward;
 its gradient goes back to host memory as the unit's backward ends, by the transpose of
-that `device_put`). The unit function is also what a pipeline stage would run.
+that `device_put`). With a pipeline schedule (`m6jax.pipeline`, mesh.stage > 1) training
+runs the same `scan_units` once per stage and iteration, over that stage's chunk of units.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from m6jax import pipeline as pipeline_lib
 from m6jax.model.attention import SelfAttention
 from m6jax.model.layers import constrain, layer_norm
 from m6jax.model.mlp import Mlp
@@ -144,6 +146,7 @@ class Stack(nn.Module):
     training: bool = False
     decode: bool = False
     capacity_tokens: int = 0   # decode: MoE capacity group size (0 = the call's length)
+    pipeline: pipeline_lib.Schedule | None = None  # train/eval run it when it is active
 
     @nn.compact
     def __call__(self, x, mask, route=None, cached=None):
@@ -169,6 +172,8 @@ class Stack(nn.Module):
                 cached = tuple(c.reshape(c.shape[0], length, every, *c.shape[2:]) for c in cached)
             args = (route, cached)
             in_axes = (nn.broadcast, nn.broadcast, nn.broadcast if cached is None else 1)
+        if self._pipelined(x):
+            return self._pipeline(block(*ctor, parent=None), length, x, (mask, *args))
         streamed = self._streamed_layers()
         if streamed is not None:
             return self._scan_units(block(*ctor, parent=None), streamed, x, (mask, *args))
@@ -187,6 +192,30 @@ class Stack(nn.Module):
         if self.decode and every > 1:                 # [B, units, every, S, ...] -> layers
             out = tuple(o.reshape(o.shape[0], cfg.num_layers, *o.shape[3:]) for o in out)
         return x, out
+
+    def _pipelined(self, x) -> bool:
+        """Training and evaluation run the schedule (a plain scan over stage-sharded
+        layers would gather the whole stack onto every device); decoding does not."""
+        return (self.pipeline is not None and self.pipeline.active and not self.decode
+                and not self.is_initializing() and x.shape[0] % self.pipeline.microbatches == 0)
+
+    def _pipeline(self, unit, units, x, args):
+        """The stack as `self.pipeline`'s schedule: each stage runs `scan_units` on its chunk."""
+        rng = self.make_rng("dropout") if self.has_rng("dropout") else None
+        layers = self.variables["params"]["layers"]
+        shared = bool(self.cfg.share_layers)
+        chunk_units = units // (self.pipeline.stages * self.pipeline.repeats)
+
+        def stage_fn(params, x, args, chunk, microbatch):
+            key = None if rng is None else jax.random.fold_in(jax.random.fold_in(rng, microbatch),
+                                                              chunk)
+            stacked = params if shared else jax.tree.map(lambda p: Segments((p,)), params)
+            x, ys, _ = scan_units(unit, stacked, x, args, self.cfg.remat_policy, key,
+                                  shared_units=chunk_units if shared else 0)
+            return x, ys
+
+        return pipeline_lib.run(stage_fn, layers, x, args, self.pipeline, constrain,
+                                shared_units=units if shared else 0)
 
     def _streamed_layers(self):
         """The stacked block params if the offload plan stores them as `Segments`."""
@@ -224,11 +253,13 @@ def _to_device(w):
     return checkpoint_name(fetch(w), "streamed_weights") if on_host(w) else w
 
 
-def scan_units(unit: nn.Module, layers, x, args, remat_policy: str, rng=None, sow=False):
+def scan_units(unit: nn.Module, layers, x, args, remat_policy: str, rng=None, sow=False,
+               shared_units: int = 0):
     """Applies the scanned unit (a Block or BlockGroup) once per unit of `layers`.
 
     layers: the stack's params, each leaf `Segments` of [n_i, ...] parts (the same runs
-    for every leaf). x: [B, S, D]; args: what each unit takes after x (mask, route...).
+    for every leaf), or with `shared_units` = n one unit's params applied n times (a
+    Pseudo stack). x: [B, S, D]; args: what each unit takes after x (mask, route...).
     A unit in host memory is copied to the device inside its rematerialised body, so
     the forward and the recomputed backward hold one unit's weights at a time.
     Returns (x, per-unit outputs stacked along axis 0, sown intermediates or {}).
@@ -251,6 +282,10 @@ def scan_units(unit: nn.Module, layers, x, args, remat_policy: str, rng=None, so
         (x, out), inter = apply_unit(x, params, index, args)
         return x, (out, inter)
 
+    if shared_units:
+        x, (out, inter) = jax.lax.scan(lambda x, i: body(x, (layers, i)), x,
+                                       jnp.arange(shared_units))
+        return x, out, inter
     num_parts = len(jax.tree.leaves(layers, is_leaf=is_segments)[0].parts)
     start, ys = 0, []
     for i in range(num_parts):

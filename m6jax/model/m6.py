@@ -33,6 +33,7 @@ class M6(nn.Module):
     deterministic: bool = True
     training: bool = False  # the train step sets it: MoE capacity factor and router jitter
     decode: bool = False
+    pipeline: Any = None  # an m6jax.pipeline.Schedule: the stack in training and evaluation
 
     @nn.compact
     def __call__(self, batch):
@@ -114,7 +115,7 @@ class M6(nn.Module):
         # the uncached decoder routes; a one-token step gets >= 1 slot per expert.
         capacity_tokens = num_patches + self.text_len if self.decode and not step else 0
         stack = Stack(cfg, dtype, self.deterministic, self.training, self.decode,
-                      capacity_tokens, name="stack")
+                      capacity_tokens, self.pipeline, name="stack")
         # ys: MoE metrics (training, eval) or this call's keys/values (decode).
         if moe_config(cfg) is None:
             x, ys = stack(x, mask, None, cached)

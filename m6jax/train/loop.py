@@ -11,6 +11,7 @@ from absl import logging
 
 from m6jax import distributed, flops, sharding
 from m6jax import offload as offload_lib
+from m6jax import pipeline
 from m6jax import pseudo_to_real as p2r
 from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
@@ -80,6 +81,8 @@ def train(config, workdir: str) -> dict:
     step_tokens = config.batch_size * (pipe.num_patches + pipe.text_len)
     logging.info("peak %.1f TFLOP/s (%s); %.2f GFLOP per step", peak / 1e12, peak_src,
                  step_flops / 1e9)
+    if main and pipeline.from_config(config).active:
+        print(pipeline.from_config(config).describe(), flush=True)
 
     writer = MetricsWriter(workdir, enabled=main, resume_step=start)
     initial_eval = run_ckpt.meta.get("initial_eval") or stage.evaluator.losses(stage.params(state))
@@ -165,6 +168,7 @@ def train(config, workdir: str) -> dict:
         mfu=step_flops / step_s / peak, peak_flops=peak, peak_flops_source=peak_src,
         num_params=num_params, num_devices=len(devices), mesh=dict(mesh.shape),
         stage=stage.name, pseudo_to_real_switch_step=p2r.switch_step(config), train_s=train_s,
+        pipeline_bubble=pipeline.from_config(config).bubble,
         wall_s=time.time() - t_start, **moe_metrics.summary(m, writer.last))
     writer.write(config.total_steps, {k: summary[k] for k in ("eval_loss", "caption_accuracy")
                                       if summary[k] is not None}, jsonl=False)
