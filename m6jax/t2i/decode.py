@@ -50,9 +50,11 @@ def _with_uncond(prompt, uncond, scale):
 
 
 def make_ar_decoder(model, vocab: CodeVocab, *, temperature: float = 1.0, top_k: int = 0,
-                    top_p: float = 1.0, guidance_scale: float = 1.0, uncond_prompt=None):
+                    top_p: float = 1.0, guidance_scale: float = 1.0, uncond_prompt=None,
+                    return_logits: bool = False):
     """`decode(params, prompt [B, Lp], key) -> codes [B, N]` with the KV cache (jitted).
-    `uncond_prompt` [Lp] is needed when guidance_scale != 1."""
+    `uncond_prompt` [Lp] is needed when guidance_scale != 1. With return_logits also the
+    (guided) code logits f32 [B, N, K] each code was drawn from."""
     dmodel = cache_lib.decode_model(model)
     n, lo, hi = vocab.num_codes, vocab.offset, vocab.offset + vocab.codebook_size
     num_patches = model.image_grid ** 2
@@ -66,19 +68,22 @@ def make_ar_decoder(model, vocab: CodeVocab, *, temperature: float = 1.0, top_k:
                                           rows, rows.shape[1])
 
         def body(i, carry):
-            codes, cache, logits = carry
-            code = _choose(_guided(logits[:, lo:hi], b, guidance_scale), jax.random.fold_in(key, i),
-                           temperature, top_k, top_p)
+            codes, seen, cache, logits = carry
+            guided = _guided(logits[:, lo:hi], b, guidance_scale)
+            code = _choose(guided, jax.random.fold_in(key, i), temperature, top_k, top_p)
             codes = codes.at[:, i].set(code)
+            if return_logits:
+                seen = seen.at[:, i].set(guided)
             feed = jnp.tile(code + lo, r // b)
             logits, cache = cache_lib.step(dmodel, params, cache, feed)
-            return codes, cache, logits
+            return codes, seen, cache, logits
 
         codes = jnp.zeros((b, n), jnp.int32)
+        seen = jnp.zeros((b, n if return_logits else 0, hi - lo), jnp.float32)
         # The last step's logits (code N + 1, i.e. eos) are computed and unused: one
         # extra step keeps the loop uniform.
-        codes, _, _ = jax.lax.fori_loop(0, n, body, (codes, cache, logits))
-        return codes
+        codes, seen, _, _ = jax.lax.fori_loop(0, n, body, (codes, seen, cache, logits))
+        return (codes, seen) if return_logits else codes
 
     return jax.jit(decode)
 
@@ -90,7 +95,7 @@ def _patch_dim(params) -> int:
 
 def make_uncached_ar_decoder(model, vocab: CodeVocab, *, temperature: float = 1.0,
                              top_k: int = 0, top_p: float = 1.0, guidance_scale: float = 1.0,
-                             uncond_prompt=None):
+                             uncond_prompt=None, return_logits: bool = False):
     """The reference for `make_ar_decoder`: the whole sequence recomputed for every code
     (prefix bidirectional, codes causal, as in training); same call, same draws."""
     n, lo, hi = vocab.num_codes, vocab.offset, vocab.offset + vocab.codebook_size
@@ -104,7 +109,7 @@ def make_uncached_ar_decoder(model, vocab: CodeVocab, *, temperature: float = 1.
         pos = jnp.arange(text_len)[None]
 
         def body(i, carry):
-            codes, tokens = carry
+            codes, seen, tokens = carry
             batch = dict(patches=jnp.zeros((r, num_patches, _patch_dim(params)), jnp.float32),
                          image_mask=jnp.zeros((r, num_patches), bool), text_tokens=tokens,
                          text_mask=jnp.broadcast_to(pos < lp + i, (r, text_len)),
@@ -112,14 +117,17 @@ def make_uncached_ar_decoder(model, vocab: CodeVocab, *, temperature: float = 1.
             with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
                 logits = model.apply({"params": params}, batch)
             last = jax.lax.dynamic_index_in_dim(logits, lp + i - 1, 1, keepdims=False)
-            code = _choose(_guided(last[:, lo:hi], b, guidance_scale), jax.random.fold_in(key, i),
-                           temperature, top_k, top_p)
+            guided = _guided(last[:, lo:hi], b, guidance_scale)
+            code = _choose(guided, jax.random.fold_in(key, i), temperature, top_k, top_p)
             tokens = jax.lax.dynamic_update_slice_in_dim(
                 tokens, jnp.tile(code + lo, r // b)[:, None], lp + i, axis=1)
-            return codes.at[:, i].set(code), tokens
+            if return_logits:
+                seen = seen.at[:, i].set(guided)
+            return codes.at[:, i].set(code), seen, tokens
 
-        codes, _ = jax.lax.fori_loop(0, n, body, (jnp.zeros((b, n), jnp.int32), tokens))
-        return codes
+        seen = jnp.zeros((b, n if return_logits else 0, hi - lo), jnp.float32)
+        codes, seen, _ = jax.lax.fori_loop(0, n, body, (jnp.zeros((b, n), jnp.int32), seen, tokens))
+        return (codes, seen) if return_logits else codes
 
     return jax.jit(decode)
 
