@@ -45,10 +45,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.vocab_size = vocab + c.t2i.get_ref("codebook_size") + 3
     # Evaluation at the end of pretraining (summary.json: t2i_accuracy, t2i_accuracy_mask).
     c.t2i.eval_samples_per_digit = 16
-    c.t2i.temperature = 1.0  # autoregressive sampling
+    c.t2i.temperature = 0.7  # autoregressive sampling
     c.t2i.top_k = 0
     c.t2i.top_p = 1.0
-    c.t2i.guidance_scale = 2.0  # classifier-free guidance, both decoders (1 = off)
+    c.t2i.guidance_scale = 3.0  # classifier-free guidance, both decoders (1 = off)
     c.t2i.mask_steps = 8  # MaskGIT parallel steps
     c.t2i.mask_temperature = 1.0  # code sampling in each parallel step
     c.t2i.choice_temperature = 4.5  # MaskGIT's noise on which codes to keep, annealed to 0
@@ -65,9 +65,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if variant == "tiny":
         # [16 patches | 80 text slots] = 96 positions: prompt 16 + 64 codes.
         c.data.text_len = 80
-        c.total_steps = 600
+        c.total_steps = 1200
         c.eval_every = 100_000  # only the final evaluation
-        c.checkpoint_every = 300
+        c.checkpoint_every = 400
     else:
         c.data.text_len = 2 + 16 + 256  # 16 x 16 codes (a 64 px tokenizer, f4)
         c.model.sparse_block_size = 64
