@@ -57,7 +57,7 @@ def prompt_tokens(code_examples, texts, langs, masked: bool) -> np.ndarray:
 class DigitClassifier:
     """RBF SVM on the flattened tokenizer-size images of the training split."""
 
-    def __init__(self, images, pipe):
+    def __init__(self, images):
         from sklearn.svm import SVC
         train, held = images.train, images.heldout
         y_train, y_held = images.labels(train), images.labels(held)
@@ -112,7 +112,7 @@ def evaluate(config, model, mesh, params, pipe, workdir: str | None = None, seed
     ce = pipe.t2i
     per_digit = int(config.t2i.eval_samples_per_digit)
     texts, langs, labels = digit_prompt_texts(per_digit)
-    classifier = DigitClassifier(ce.images, pipe)
+    classifier = DigitClassifier(ce.images)
     decoders = make_decoders(config, model, ce)
     out = dict(t2i_classifier_accuracy=classifier.heldout_accuracy)
     key = jax.random.key(seed)
