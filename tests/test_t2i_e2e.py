@@ -64,7 +64,7 @@ def test_t2i_summary_has_the_numbers(runs):
               "t2i_baseline_nearest_caption", "t2i_s_per_image", "t2i_s_per_image_mask"):
         assert np.isfinite(s[k]), k
     assert s["t2i_classifier_accuracy"] > 0.9  # the judge itself is good
-    assert s["t2i_baseline_nearest_caption"] > 0.9 and s["t2i_baseline_random_codes"] < 0.5
+    assert s["t2i_baseline_nearest_caption"] >= 0.8 and s["t2i_baseline_random_codes"] < 0.5
     assert (t2i_dir / "t2i_grid.png").exists() and (t2i_dir / "t2i_grid_mask.png").exists()
 
 
