@@ -5,6 +5,8 @@ r"""Generate with a trained M6: captions of images or continuations of text (KV 
   python experiments/generate.py --workdir=/tmp/m6 --prompt="今天天气" --strategy=sample \
       --temperature=0.8 --top_p=0.9 --num_samples=3
   python experiments/generate.py --workdir=/tmp/m6 --strategy=beam --beam_size=4
+  python experiments/generate.py --workdir=/tmp/t2i --text=画一个数字七 --out=grid.png \
+      --strategy=mask --num_samples=16     # a text-to-image run (configs/m6_t2i.py)
 
 Reads the config stored with the newest checkpoint of --workdir, its params and the
 run's tokenizer. --image: any PNG/JPEG, converted to grayscale, resized to
@@ -26,7 +28,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A pretraining run's --workdir."
 flags.mark_flags_as_required(["workdir"])
 _IMAGE = flags.DEFINE_string("image", "", "Image file to caption.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text to continue (text only).")
-_STRATEGY = flags.DEFINE_enum("strategy", "greedy", ["greedy", "sample", "beam"], "Decoding.")
+_STRATEGY = flags.DEFINE_enum("strategy", "greedy", ["greedy", "sample", "beam", "mask"],
+                              "Decoding (mask: parallel MaskGIT decoding, --text only).")
 _LANG = flags.DEFINE_enum("lang", "en", ["en", "zh"], "Caption language.")
 _MAX_NEW = flags.DEFINE_integer("max_new", 0, "New tokens; 0 = 16 for captions, as many as "
                                 "fit data.text_len for --prompt.")
@@ -38,6 +41,13 @@ _LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 0.6, "GNMT alpha for beam
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Outputs per image/prompt (sampling).")
 _NUM_DIGITS = flags.DEFINE_integer("num_digits", 8, "Held-out digits to caption.")
+# Text-to-image (m6jax/t2i/cli.py).
+_TEXT = flags.DEFINE_string("text", "", "Prompt to draw (a text-to-image run); needs --out.")
+_OUT = flags.DEFINE_string("out", "", "PNG file for the grid of --text images.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", -1.0, "Classifier-free guidance for --text "
+                               "(1 = off; < 0 = the run's t2i.guidance_scale).")
+_MASK_STEPS = flags.DEFINE_integer("mask_steps", 0, "Parallel steps of --strategy=mask "
+                                   "(0 = the run's t2i.mask_steps).")
 _INVERT = flags.DEFINE_enum("invert", "auto", ["auto", "yes", "no"],
                             "Invert --image (auto: if its mean is above 0.5).")
 _SHOW_INPUT = flags.DEFINE_string("show_input", "", "Write the image grid(s) the model "
@@ -91,6 +101,12 @@ def _caption_lang(langs: set[str] | None) -> str:
 
 def _check_flags():
     """Flag values that make no decoding, refused before JAX is imported."""
+    if _TEXT.value and (_IMAGE.value or _PROMPT.value or not _OUT.value
+                        or _STRATEGY.value == "beam"):
+        cli.refuse("flag error: --text draws images: give it with --out=PATH.png, without "
+                   "--image/--prompt, and --strategy greedy, sample or mask")
+    if _STRATEGY.value == "mask" and not _TEXT.value:
+        cli.refuse("flag error: --strategy=mask decodes image codes: use it with --text")
     if _IMAGE.value and _PROMPT.value:
         cli.refuse("flag error: give --image (caption it) or --prompt (continue the text), "
                    "not both")
@@ -135,6 +151,13 @@ def main(argv):
     from m6jax.decoding.run import load_run
 
     workdir = os.path.abspath(_WORKDIR.value)
+    if _TEXT.value:
+        from m6jax.t2i.cli import generate_images
+        generate_images(workdir, _TEXT.value, _OUT.value, _STRATEGY.value, _NUM_SAMPLES.value,
+                        temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                        guidance_scale=_GUIDANCE.value, mask_steps=_MASK_STEPS.value,
+                        seed=_SEED.value)
+        return
     try:
         config, model, mesh, params, param_sh, step_dir = load_run(workdir)
     except ValueError as e:

@@ -47,7 +47,12 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
                          f"{', '.join(ACTIVATIONS)}")
     if not 0.0 <= m.dropout_rate < 1.0:
         raise ValueError(f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
-    if m.vocab_size != config.data.vocab_size:
+    from m6jax.model import sparse
+    from m6jax.t2i import vocab as t2i_vocab
+    sparse.validate(config)
+    if t2i_vocab.enabled(config):  # image codes appended: vocab_size is text + codes
+        t2i_vocab.validate(config)
+    elif m.vocab_size != config.data.vocab_size:
         raise ValueError(f"model.vocab_size={m.vocab_size} differs from data.vocab_size="
                          f"{config.data.vocab_size}; set data.vocab_size (both follow it)")
 

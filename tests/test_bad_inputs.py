@@ -169,7 +169,7 @@ def _cases(files, run, broken, out):
                                  "--temperature=-1.0 must be >= 0 (0 = greedy)"),
         "generate_top_k": (GENERATE, [f"--workdir={run}", "--top_k=-5"], "--top_k=-5 must be >= 0"),
         "generate_strategy": (GENERATE, [f"--workdir={run}", "--strategy=nucleus"],
-                              "flag --strategy=nucleus: value should be one of <greedy|sample|beam>"),
+                              "flag --strategy=nucleus: value should be one of <greedy|sample|beam|mask>"),
         "generate_image_missing": (GENERATE, [f"--workdir={run}", f"--image={files / 'no.png'}"],
                                    f"--image={files / 'no.png'}: no such file"),
         "generate_image_unreadable": (GENERATE, [f"--workdir={run}",

@@ -20,6 +20,8 @@ PARAMETERS = {
     "quickstart.ipynb": dict(STEPS=4, LOG_EVERY=2, NUM_IMAGES=4, OVERRIDES=SMALL_MODEL),
     "moe_routing.ipynb": dict(STEPS=4, LOG_EVERY=2, EVAL_BATCHES=1, OVERRIDES=SMALL_MODEL),
     "pseudo_to_real.ipynb": dict(STEPS=6, LOG_EVERY=2, SWITCH_STEPS=[3], OVERRIDES=SMALL_MODEL),
+    "text_to_image.ipynb": dict(VQ_STEPS=20, T2I_STEPS=4, SAMPLES_PER_DIGIT=2,
+                                OVERRIDES=SMALL_MODEL),
 }
 
 
@@ -50,7 +52,8 @@ def inject_parameters(nb, values: dict):
 # pseudo_to_real (two trainings, each with its final eval and caption decoding) run with
 # the slow tests, which keeps the default suite under 15 minutes.
 CASES = ["quickstart.ipynb", pytest.param("moe_routing.ipynb", marks=pytest.mark.slow),
-         pytest.param("pseudo_to_real.ipynb", marks=pytest.mark.slow)]
+         pytest.param("pseudo_to_real.ipynb", marks=pytest.mark.slow),
+         pytest.param("text_to_image.ipynb", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name", CASES)

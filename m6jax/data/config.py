@@ -13,7 +13,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 IMAGE_TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar", ".tsv")
 IMAGE_TEXT_FORMATS = ("", "jsonl", "parquet", "webdataset", "folder")
 
-TASK_NAMES = ("caption", "caption_denoise", "denoise", "lm")
+TASK_NAMES = ("caption", "caption_denoise", "denoise", "lm", "text_to_image", "text_to_image_mask")
 
 DEFAULTS = {
     "text_len": 64,
@@ -41,6 +41,10 @@ DEFAULTS = {
     # A text or caption longer than this many characters is counted as a bad record
     # and never sampled (a runaway line, e.g. a whole file without newlines).
     "max_text_chars": 20_000,
+    # Text-to-image (m6jax/t2i): the image tokenizer's workdir (experiments/train_vq.py),
+    # and the share of examples whose caption is dropped (classifier-free guidance).
+    "vq_from": "",
+    "caption_dropout": 0.0,
 }
 
 # The shortest text_len that leaves room for [task, lang] + a 1-token source and a
@@ -137,7 +141,9 @@ def _check(s: dict) -> None:
         raise ValueError(f"data.noise_density={s['noise_density']} must be in (0, 1)")
     if not s["mean_span"] >= 1:
         raise ValueError(f"data.mean_span={s['mean_span']} must be >= 1")
-    for field in ("tokenizer_path", "text_files", "image_text_files"):
+    if not 0.0 <= s["caption_dropout"] < 1.0:
+        raise ValueError(f"data.caption_dropout={s['caption_dropout']} must be in [0, 1)")
+    for field in ("tokenizer_path", "text_files", "image_text_files", "vq_from"):
         if not isinstance(s[field], str):
             raise ValueError(f"data.{field}={s[field]!r} must be a string ('' for the default)")
     if s["image_text_format"] not in IMAGE_TEXT_FORMATS:

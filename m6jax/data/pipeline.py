@@ -78,6 +78,8 @@ class Pipeline:
             path, s["vocab_size"], self._tokenizer_texts,
             lambda: self.images.all_captions(tokenizer_lib.CAPTION_LINES * 10))
         self._eval_examples = None
+        from m6jax.t2i.data import for_pipeline  # None unless a text_to_image task is weighted
+        self.t2i = for_pipeline(self, image_files, cache_dir)
 
     def log_image_notice(self) -> None:
         """Logs what the first image-text record's image becomes (see data.describe)."""
@@ -145,6 +147,8 @@ class Pipeline:
             return None
 
     def _train_example(self, task, rng, text_len=None):
+        if task in tasks.T2I_TASKS:
+            return self.t2i.example(task, rng)
         budget = tasks.target_budget(task, text_len or self.text_len)
         for _ in range(_MAX_DRAWS):
             patches, lang = None, None
@@ -176,7 +180,9 @@ class Pipeline:
                          "check data.text_files / data.image_text_files")
 
     def _collate(self, examples, task_ids, loss_weights=None):
-        rows = [tasks.pack(p, t, self.tokenizer.eos_id, self.text_len) for p, t, _ in examples]
+        # text_to_image examples arrive packed (their own layout: m6jax/t2i/data.py).
+        rows = [p if isinstance(p, dict) else tasks.pack(p, t, self.tokenizer.eos_id, self.text_len)
+                for p, t, _ in examples]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
         batch["patches"] = np.zeros((len(examples), self.num_patches, self.patch_dim), np.float32)
         batch["image_mask"] = np.zeros((len(examples), self.num_patches), bool)

@@ -1,10 +1,12 @@
-"""The four pretraining tasks: token-level construction of one example.
+"""The pretraining tasks: token-level construction of one example.
 
 Every example is prefix + target + [eos] in `text_len` slots:
   caption          prefix [<caption>, lang]                      target caption
   caption_denoise  prefix [<denoise>, lang, corrupted caption]   target caption
   denoise          prefix [<denoise>, corrupted text]            target text
   lm               prefix [<lm>]                                 target text
+  text_to_image(_mask)  prefix [<image>, lang, caption]       target image codes
+                       (built in m6jax/t2i/data.py; codes appended to the vocabulary)
 Denoising replaces random spans (~noise_density of tokens, mean length mean_span)
 with one <mask> each, T5-style.
 """
@@ -12,7 +14,8 @@ import numpy as np
 
 from m6jax.data.config import TASK_NAMES
 
-CAPTION, CAPTION_DENOISE, DENOISE, LM = range(len(TASK_NAMES))
+CAPTION, CAPTION_DENOISE, DENOISE, LM, TEXT_TO_IMAGE, TEXT_TO_IMAGE_MASK = range(len(TASK_NAMES))
+T2I_TASKS = (TEXT_TO_IMAGE, TEXT_TO_IMAGE_MASK)
 IMAGE_TASKS = (CAPTION, CAPTION_DENOISE)
 
 

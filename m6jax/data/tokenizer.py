@@ -46,15 +46,15 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def decode(self, ids) -> str:
-        """Ids -> text, stopping at the first eos and skipping pad/bos."""
+        """Ids -> text, stopping at the first eos and skipping pad/bos and non-text ids."""
         out = []
         for i in ids:
             i = int(i)
             if i == EOS_ID:
                 break
-            if i >= self.vocab_size:  # a model row above a capped tokenizer's pieces
-                i = UNK_ID
-            if i not in (PAD_ID, BOS_ID):
+            # Ids past the text pieces are image codes (a text-to-image model's vocabulary
+            # extends this one) or rows above a capped tokenizer's pieces: never text.
+            if i not in (PAD_ID, BOS_ID) and i < self.vocab_size:
                 out.append(i)
         return self.sp.decode(out)
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from m6jax.model.layers import constrain, dense_init
+from m6jax.model.sparse import Pattern, sparse_attention
 
 _QKV_AXES = ("batch", "length", "heads", "kv")
 
@@ -24,6 +25,7 @@ class SelfAttention(nn.Module):
     dropout_rate: float = 0.0
     deterministic: bool = True
     decode: bool = False
+    sparse: Pattern | None = None  # model.attention='sparse': the block pattern
 
     @nn.compact
     def __call__(self, x, mask, cached=None):
@@ -38,7 +40,9 @@ class SelfAttention(nn.Module):
                                         self.param(n, qkv_init, (d, h, dh)).astype(self.dtype)),
                              _QKV_AXES)
                    for n in ("query", "key", "value"))
-        if cached is None:
+        if cached is None and self.sparse is not None:
+            out = sparse_attention(q, k, v, mask, self.sparse)
+        elif cached is None:
             # jax's fused op can use cuDNN flash attention on GPU; the XLA path elsewhere.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:

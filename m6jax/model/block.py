@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from m6jax import pipeline as pipeline_lib
 from m6jax.model.attention import SelfAttention
+from m6jax.model.sparse import pattern_from_config
 from m6jax.model.layers import constrain, layer_norm
 from m6jax.model.mlp import Mlp
 from m6jax.model.moe import MoeMlp, moe_config
@@ -81,7 +82,8 @@ class Block(nn.Module):
         x = checkpoint_name(x, "layer_input")  # what remat "offload_layer_input" parks on the host
         h = layer_norm(self.dtype, "pre_attn_norm")(x)
         attn = SelfAttention(cfg.num_heads, cfg.emb_dim // cfg.num_heads, self.dtype,
-                             cfg.dropout_rate, self.deterministic, self.decode, name="attn")
+                             cfg.dropout_rate, self.deterministic, self.decode,
+                             sparse=pattern_from_config(cfg), name="attn")
         if self.decode:
             y, kv = attn(h, mask, cached)
         else:

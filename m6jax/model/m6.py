@@ -12,6 +12,7 @@ from m6jax.model.layers import constrain, dense_init, layer_norm
 from m6jax.model.masks import prefix_lm_mask
 from m6jax.model.moe import moe_config
 from m6jax.model.resnet import ResNetEncoder
+from m6jax.model.sparse import pattern_from_config, step_row
 
 _EMB_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -108,6 +109,9 @@ class M6(nn.Module):
             kv_vars = [self.variable("cache", n, lambda: None) for n in ("key", "value")]
             cached = tuple(v.value for v in kv_vars)
             mask = key_valid.value[:, None, None, :]                 # [B, 1, 1, L]: filled
+            pattern = pattern_from_config(cfg)
+            if pattern is not None:  # the sparse layout's row for this query's slot
+                mask = mask & step_row(pattern, num_patches + index.value, mask.shape[-1])
         else:
             mask = prefix_lm_mask(batch["image_mask"], batch["text_mask"], batch["text_is_prefix"],
                                   batch.get("segment_ids"))

@@ -17,6 +17,7 @@ from m6jax.config_checks import validate_config
 from m6jax.data import Pipeline, validate_data_config
 from m6jax.data.config import data_settings
 from m6jax.data.packing import real_token_scalars
+from m6jax.t2i import evaluate as t2i_evaluate
 from m6jax.train import moe_metrics, resume, stages
 from m6jax.train.metrics import MetricsWriter, Progress, task_losses
 from m6jax.train.profile import StepProfiler
@@ -170,6 +171,7 @@ def train(config, workdir: str) -> dict:
         stage=stage.name, pseudo_to_real_switch_step=p2r.switch_step(config), train_s=train_s,
         pipeline_bubble=pipeline.from_config(config).bubble,
         wall_s=time.time() - t_start, **moe_metrics.summary(m, writer.last))
+    summary.update(t2i_evaluate.summary(config, stage.model, mesh, stage.params(state), pipe, workdir))
     writer.write(config.total_steps, {k: summary[k] for k in ("eval_loss", "caption_accuracy")
                                       if summary[k] is not None}, jsonl=False)
     writer.close()

@@ -1,0 +1,94 @@
+r"""Dense vs block-sparse attention, forward + backward: time and peak memory.
+
+  python benchmarks/attention.py --json=benchmarks/results/attention_cpu.json
+  python benchmarks/attention.py --tokens=4096,16384 --json=/tmp/attention_gpu.json  # GPU
+
+For each sequence length: q, k, v [batch, S, heads, head_dim] f32 and M6's prefix-LM
+mask (a bidirectional prefix of --prefix tokens, the rest causal); grad of
+sum(out * w) w.r.t. q, k and v, jitted. `sparse` is m6jax/model/sparse.py's fixed
+pattern (block --block_size, window --window, stride --stride, --global_blocks leading
+blocks); `dense` is jax.nn.dot_product_attention under the same mask AND'ed with the
+pattern (so both compute the same function). Time: median of --iters calls, the two
+variants alternated call by call so both see the same background load. Memory: XLA's
+compiled temp buffer size (`memory_analysis().temp_size_in_bytes`: the step's peak
+scratch beyond inputs and outputs), plus the inputs' bytes (the [S, S] mask included,
+for both). Writes a list of {tokens, variant, ms, temp_mb, arg_mb, score_fraction}.
+"""
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+flags.DEFINE_list("tokens", ["1024", "4096"], "sequence lengths")
+flags.DEFINE_integer("batch", 1, "batch size")
+flags.DEFINE_integer("heads", 8, "attention heads")
+flags.DEFINE_integer("head_dim", 64, "width per head")
+flags.DEFINE_integer("prefix", 256, "bidirectional prefix tokens (image + prompt)")
+flags.DEFINE_integer("block_size", 64, "sparse block size")
+flags.DEFINE_integer("window", 1, "sparse: neighbouring blocks each side")
+flags.DEFINE_integer("stride", 8, "sparse: every stride-th block is a summary column")
+flags.DEFINE_integer("global_blocks", 4, "sparse: leading blocks (the prefix) seen by all")
+flags.DEFINE_integer("iters", 5, "timed calls per variant (after one warm-up call)")
+flags.DEFINE_string("json", "", "write the results here")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from m6jax.model.sparse import Pattern, sparse_attention
+    pattern = Pattern(FLAGS.block_size, FLAGS.window, FLAGS.stride, FLAGS.global_blocks)
+    results = []
+    for s in map(int, FLAGS.tokens):
+        b, h, d = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
+        ks = jax.random.split(jax.random.key(0), 4)
+        q, k, v, w = (jax.random.normal(kk, (b, s, h, d), jnp.float32) for kk in ks)
+        pos = np.arange(s)
+        mask = (pos[None, :] < FLAGS.prefix) | (pos[None, :] <= pos[:, None])
+        mask = jnp.asarray(np.broadcast_to(mask, (b, 1, s, s)))
+        pmask = jnp.asarray(pattern.mask(s))[None, None]
+        fns = {
+            "dense": lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m & pmask),
+            "sparse": lambda q, k, v, m: sparse_attention(q, k, v, m, pattern),
+        }
+        compiled = {}
+        for name, fn in fns.items():
+            grad = jax.jit(jax.grad(lambda q, k, v, m, fn=fn: jnp.sum(fn(q, k, v, m) * w),
+                                    argnums=(0, 1, 2)))
+            compiled[name] = grad.lower(q, k, v, mask).compile()
+            jax.block_until_ready(compiled[name](q, k, v, mask))  # warm-up
+        times = {n: [] for n in fns}
+        for _ in range(FLAGS.iters):
+            for name in fns:
+                t0 = time.perf_counter()
+                jax.block_until_ready(compiled[name](q, k, v, mask))
+                times[name].append(time.perf_counter() - t0)
+        nb = s // FLAGS.block_size
+        kept = float(pattern.layout(nb).mean())
+        for name in fns:
+            mem = compiled[name].memory_analysis()
+            row = dict(tokens=s, variant=name, ms=1000 * float(np.median(times[name])),
+                       temp_mb=mem.temp_size_in_bytes / 2 ** 20,
+                       arg_mb=mem.argument_size_in_bytes / 2 ** 20,
+                       block_fraction_kept=kept, platform=jax.devices()[0].platform,
+                       load_avg_1min=os.getloadavg()[0])
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        d_row, s_row = results[-2], results[-1]
+        print(f"{s} tokens: sparse/dense time {s_row['ms'] / d_row['ms']:.2f}x, temp memory "
+              f"{s_row['temp_mb'] / d_row['temp_mb']:.2f}x ({kept:.0%} of blocks kept)", flush=True)
+    if FLAGS.json:
+        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
+        with open(FLAGS.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
