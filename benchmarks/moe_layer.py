@@ -1,13 +1,19 @@
 r"""Forward+backward time of the MoE layer vs a dense MLP with the same activated FLOPs.
 
   python benchmarks/moe_layer.py --json=/tmp/moe_layer.json
+  python benchmarks/moe_layer.py --shape=peer --json=/tmp/moe_peer.json
   python benchmarks/moe_layer.py --groups=16 --tokens=512 --emb_dim=512   # GPU
+
+`--shape=peer` is the shape the peers were timed on (BENCHMARKS.md): 2,048 tokens (8
+groups of 256), D 512, M 2048, top-1, E in {8, 32}, every dispatch; `--shape=default`
+keeps the flags below. Flags given explicitly override either shape.
 
 For each router and E in --experts, the MoE layer (capacity factor --capacity_factor,
 every dispatch scheme) and a dense MLP whose hidden width is k * mlp_dim (what one token
 activates) are timed in the same process: median of --iters jitted calls of
 grad(sum(y^2)) w.r.t. the input and all weights. Writes a list of {router, k,
-num_experts, dispatch, moe_ms, dense_ms, ratio}.
+num_experts, dispatch, moe_ms, dense_ms, ratio, dropped_fraction} (the layer's own
+metric on the benchmark's input: the share of choices over capacity; 0 when dropless).
 """
 import json
 import os
@@ -18,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+flags.DEFINE_enum("shape", "default", ["default", "peer"], "preset shape (see above)")
 flags.DEFINE_integer("groups", 8, "routing groups (examples)")
 flags.DEFINE_integer("tokens", 256, "tokens per group")
 flags.DEFINE_integer("emb_dim", 256, "model width D")
@@ -25,11 +32,25 @@ flags.DEFINE_integer("mlp_dim", 1024, "expert hidden width M")
 flags.DEFINE_list("experts", ["8", "32"], "expert counts E")
 flags.DEFINE_list("routers", ["topk:1", "topk:2", "prototype:2", "hash:1", "domain:1"],
                   "router:k pairs")
-flags.DEFINE_list("dispatches", ["gather", "einsum", "dropless"], "dispatch schemes")
+flags.DEFINE_list("dispatches", ["gather", "einsum", "blocked", "ragged_dot"],
+                  "dispatch schemes")
+flags.DEFINE_integer("group_size", 0, "model.moe.group_size (0 = one example per group)")
+flags.DEFINE_enum("priority", "order", ["order", "score"], "model.moe.priority")
 flags.DEFINE_float("capacity_factor", 1.25, "training capacity factor")
 flags.DEFINE_integer("iters", 10, "timed calls per measurement (after 2 warm-up calls)")
 flags.DEFINE_string("json", "", "write the results here")
 FLAGS = flags.FLAGS
+
+PEER = dict(groups=8, tokens=256, emb_dim=512, mlp_dim=2048, experts=["8", "32"],
+            routers=["topk:1"])
+
+
+def _apply_shape():
+    if FLAGS.shape != "peer":
+        return
+    for name, value in PEER.items():
+        if not FLAGS[name].present:
+            FLAGS[name].value = value
 
 
 def _time_pair(a, b) -> tuple[float, float]:
@@ -60,6 +81,7 @@ def main(_):
     from m6jax.model.mlp import Mlp
     from m6jax.model.moe import MoeMlp
 
+    _apply_shape()
     g, s, d, m = FLAGS.groups, FLAGS.tokens, FLAGS.emb_dim, FLAGS.mlp_dim
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(g, s, d)), jnp.float32)
@@ -80,7 +102,7 @@ def main(_):
     dense = {}
     rows = []
     print(f"{jax.devices()[0].platform}: {g}x{s} tokens, D={d}, M={m}, "
-          f"capacity factor {FLAGS.capacity_factor}")
+          f"capacity factor {FLAGS.capacity_factor}, load {os.getloadavg()[0]:.2f}")
     for spec in FLAGS.routers:
         router, k = spec.split(":")[0], int(spec.split(":")[1])
         if k not in dense:  # a dense MLP k times wider: the same activated FLOPs
@@ -91,12 +113,17 @@ def main(_):
                     num_experts=e, router=router, k=k, every=1,
                     capacity_factor=FLAGS.capacity_factor,
                     eval_capacity_factor=FLAGS.capacity_factor, aux_loss_weight=0.01,
-                    z_loss_weight=1e-3, jitter=0.0, dispatch=dispatch))
-                moe_ms, dense_ms = _time_pair(compiled(MoeMlp(cfg, m, "gelu"), ids, modality),
-                                              dense[k])
+                    z_loss_weight=1e-3, jitter=0.0, dispatch=dispatch,
+                    group_size=FLAGS.group_size, priority=FLAGS.priority))
+                layer = MoeMlp(cfg, m, "gelu")
+                step, args = compiled(layer, ids, modality)
+                moe_ms, dense_ms = _time_pair((step, args), dense[k])
+                _, metrics = jax.jit(lambda p: layer.apply({"params": p}, x, ids, modality))(
+                    args[0])
                 row = dict(router=router, k=k, num_experts=e, dispatch=dispatch,
                            moe_ms=round(moe_ms, 3), dense_ms=round(dense_ms, 3),
-                           ratio=round(moe_ms / dense_ms, 3))
+                           ratio=round(moe_ms / dense_ms, 3),
+                           dropped_fraction=round(float(metrics["dropped_fraction"]), 5))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if FLAGS.json:

@@ -10,7 +10,10 @@ device: resident parameters, gradients and optimizer state, the streamed (offloa
 units in flight, and an activation estimate; the host memory per device and per node;
 host<->device bytes per step and their time against the step's compute time (from the
 `hardware` section's link speed and peak TFLOP/s). `fits`: the peak fits
-`hardware.device_memory_gb` and a node's host bytes fit `host_memory_gb_per_node`. `--aot` also compiles the real train step ahead of
+`hardware.device_memory_gb` and a node's host bytes fit `host_memory_gb_per_node`.
+For an MoE config, `moe.capacity_per_expert` (slots per expert and routing group) and
+`moe.uniform_drop_fraction` (the share of choices dropped under perfectly uniform
+routing), with a warning when the capacity is below 4. `--aot` also compiles the real train step ahead of
 time for the same mesh shape on fake CPU devices, with the depth cut to `--aot_units`
 scanned units, and prints XLA's memory analysis beside the analytic figures for that
 reduced model (compilation allocates nothing; it takes a minute or more on 2 cores).
@@ -59,6 +62,8 @@ def main(argv):
     if _AOT.value:
         from m6jax import aot
         result["aot"] = aot.compare(config, _AOT_UNITS.value)
+    if result.get("moe", {}).get("warning"):
+        print(f"warning: {result['moe']['warning']}", file=sys.stderr)
     if _JSON.value:
         print(json.dumps(result, indent=2))
     else:
@@ -103,6 +108,14 @@ def _table(r) -> str:
         lines.append(f"per step       {r['transfer_bytes_per_step'] / 2**30:,.1f} GiB host<->device: "
                      f"{r['transfer_s_per_step']:.2f} s vs {r['compute_s_per_step']:.2f} s of "
                      f"compute at peak ({'hidden behind compute' if hide else 'transfer-bound'})")
+    if "moe" in r:
+        m = r["moe"]
+        cap = ("dropless" if m["capacity_per_expert"] is None else
+               f"C={m['capacity_per_expert']} per expert and group")
+        lines.append(f"moe routing    groups of {m['group_size']} tokens, {cap}, uniform "
+                     f"drop {m['uniform_drop_fraction']:.2%} (priority {m['priority']})")
+        if m["warning"]:
+            lines.append(f"WARNING        {m['warning']}")
     lines.append(f"fits           {'yes' if r['fits'] else 'NO: ' + str(_overflow(r))}")
     if "aot" in r:
         a = r["aot"]

@@ -163,6 +163,35 @@ def validate_moe(config, mesh_sizes: dict[str, int]) -> None:
     if e % mesh_sizes["expert"]:
         raise ValueError(f"mesh.expert={mesh_sizes['expert']} does not divide "
                          f"model.moe.num_experts={e}")
+    _check_moe_groups(config, moe, mesh_sizes)
+
+
+def _check_moe_groups(config, moe, sizes: dict[str, int]) -> None:
+    """group_size, priority, and dropless dispatch under expert parallelism."""
+    from m6jax.model.moe.dispatch import PRIORITIES
+    from m6jax.model.moe.layer import DROPLESS
+    if moe.get("priority", "order") not in PRIORITIES:
+        raise ValueError(f"model.moe.priority={moe.priority!r} is not one of "
+                         f"{', '.join(PRIORITIES)}")
+    gs = int(moe.get("group_size", 0) or 0)
+    d = config.data
+    seq = (d.image_size // d.patch_size) ** 2 + d.text_len
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    accum = int(config.optimizer.get("grad_accum_steps", 1))
+    local = config.batch_size // (shards * accum) * seq
+    if gs < 0 or (gs and local % gs):
+        raise ValueError(f"model.moe.group_size={gs} must be >= 0 and divide the tokens per "
+                         f"device and microbatch, {local} (batch_size={config.batch_size} / "
+                         f"{shards * accum} batch shards x {seq} tokens per example), so that "
+                         "no routing group spans two devices")
+    dropless = moe.dispatch in DROPLESS or not moe.capacity_factor or not moe.eval_capacity_factor
+    if dropless and sizes["expert"] > 1 and (sizes["fsdp"] > 1 or sizes["tensor"] > 1):
+        raise ValueError(
+            f"model.moe.dispatch={moe.dispatch!r} (dropless) with mesh.expert={sizes['expert']} "
+            f"needs mesh.fsdp=1 and mesh.tensor=1 (got {sizes['fsdp']}, {sizes['tensor']}): "
+            "its all-to-all exchange holds each local expert whole, which would replicate the "
+            "experts' fsdp/tensor shards; use model.moe.dispatch='gather' with a capacity "
+            "factor, or put those devices on mesh.data")
 
 
 def _check_pipeline(config, sizes: dict[str, int], shards: int) -> None:

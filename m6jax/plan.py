@@ -292,6 +292,8 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     out = result
     if out["compute_s_per_step"] is not None:  # stages idle in the bubble
         out["compute_s_per_step"] /= 1.0 - pipeline.from_config(config).bubble
+    if moe_config(config.model) is not None:
+        out["moe"] = moe_routing_plan(config)
     t, c = out["transfer_s_per_step"], out["compute_s_per_step"]
     out["step_s"] = max(t, c) if t is not None and c is not None else None
     return out
@@ -319,6 +321,35 @@ def _pipeline_plan(config, mesh_shape, abstract) -> dict[str, Any] | None:
                 stack_params_bytes_per_stage=int(per_stage),
                 microbatch_examples_per_device=b / sched.microbatches,
                 microbatch_activations_in_flight_bytes=int(acts["in_flight"]))
+
+
+MIN_CAPACITY = 4  # below this many slots per expert and group, drops are noisy and large
+
+
+def moe_routing_plan(config) -> dict[str, Any]:
+    """Capacity of the training step's routing groups and the share of choices it would
+    drop even under perfectly uniform routing; `warning` when C < MIN_CAPACITY."""
+    from m6jax.model.moe import dispatch as dsp
+    from m6jax.model.moe.layer import DROPLESS
+    moe = moe_config(config.model)
+    p, _, t = sequence_shape(config)
+    group = int(moe.get("group_size", 0) or 0) or p + t
+    k = int(moe.k) if moe.router in ("topk", "prototype") else 1
+    e, factor = int(moe.num_experts), float(moe.capacity_factor or 0.0)
+    out = dict(group_size=group, priority=moe.get("priority", "order"), dispatch=moe.dispatch,
+               capacity_per_expert=None, uniform_drop_fraction=0.0, warning=None)
+    if moe.dispatch in DROPLESS or not factor:
+        return out
+    cap = dsp.expert_capacity(group, k, e, factor)
+    out.update(capacity_per_expert=cap,
+               uniform_drop_fraction=dsp.uniform_drop_fraction(group, k, e, cap))
+    if cap < MIN_CAPACITY:
+        out["warning"] = (
+            f"moe.capacity_per_expert={cap} < {MIN_CAPACITY}: groups of {group} tokens give "
+            f"each of {e} experts {cap} slot(s), so {out['uniform_drop_fraction']:.1%} of "
+            "choices drop even under uniform routing; raise model.moe.group_size or "
+            "model.moe.capacity_factor")
+    return out
 
 
 def overflow(result) -> str | None:

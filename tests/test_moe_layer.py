@@ -17,7 +17,7 @@ G, S, D, M, E = 3, 10, 8, 16, 8
 def moe_cfg(**kw):
     base = dict(num_experts=E, router="topk", k=1, every=1, capacity_factor=100.0,
                 eval_capacity_factor=100.0, aux_loss_weight=0.01, z_loss_weight=0.0,
-                jitter=0.0, dispatch="gather")
+                jitter=0.0, dispatch="gather", group_size=0, priority="order")
     return ml_collections.ConfigDict({**base, **kw})
 
 
@@ -75,11 +75,58 @@ def reference_output(cfg, p, x, ids, modality):
     return y
 
 
+def reference_with_capacity(cfg, p, x, ids, modality, capacity_factor):
+    """The layer with capacity, group_size and priority, one choice at a time in float64:
+    groups of group_size consecutive tokens (flattened over examples), queues choice-major,
+    within a choice rank by token order or by descending router probability."""
+    wi, wo = np.asarray(p["wi"], np.float64), np.asarray(p["wo"], np.float64)
+    flat_x, flat_ids, flat_mod = x.reshape(G * S, D), ids.reshape(-1), modality.reshape(-1)
+    gs = cfg.group_size or S
+    y = np.zeros((G * S, D))
+    dropped = 0
+    for g0 in range(0, G * S, gs):
+        toks = range(g0, g0 + gs)
+        choices = {t: reference_choices(cfg, p, flat_x[t], flat_ids[t], flat_mod[t]) for t in toks}
+        k = len(choices[g0])
+        cap = math.ceil(gs * k * capacity_factor / E)
+        used = np.zeros(E, int)
+        for j in range(k):
+            queue = list(toks)
+            if cfg.priority == "score":  # router probability of the choice; hash: all 0
+                def prob(t):
+                    if cfg.router == "hash":
+                        return 0.0
+                    return reference_probs(cfg, p, flat_x[t], flat_mod[t])[choices[t][j][0]]
+                queue.sort(key=lambda t: -prob(t))
+            for t in queue:
+                e, w = choices[t][j]
+                if used[e] < cap:
+                    used[e] += 1
+                    y[t] += w * (np.maximum(flat_x[t] @ wi[e], 0) @ wo[e])
+                else:
+                    dropped += 1
+    return y.reshape(G, S, D), dropped / (G * S * k)
+
+
+def reference_probs(cfg, p, xt, mod):
+    """The router probability the layer ranks by (per prototype / domain for those)."""
+    probs = softmax(xt.astype(np.float64) @ np.asarray(p["router"], np.float64))
+    if cfg.router == "prototype":
+        per = E // cfg.k
+        return np.concatenate([softmax(np.log(probs[j * per:(j + 1) * per])) / cfg.k
+                               for j in range(cfg.k)])
+    if cfg.router == "domain":
+        half, out = E // 2, np.zeros(E)
+        out[mod * half:(mod + 1) * half] = softmax(np.log(probs[mod * half:(mod + 1) * half]))
+        return out
+    return probs
+
+
 ROUTER_CASES = [("topk", 1), ("topk", 2), ("prototype", 2), ("prototype", 4), ("hash", 1),
                 ("domain", 1)]
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "einsum", "dropless"])
+@pytest.mark.parametrize("dispatch", ["gather", "einsum", "blocked", "ragged_dot"])
 @pytest.mark.parametrize("router, k", ROUTER_CASES, ids=lambda v: str(v))
 def test_layer_matches_per_token_reference_when_nothing_dropped(router, k, dispatch):
     cfg = moe_cfg(router=router, k=k, dispatch=dispatch)
@@ -87,6 +134,56 @@ def test_layer_matches_per_token_reference_when_nothing_dropped(router, k, dispa
     p, y, metrics = run(cfg, x, ids, modality)
     np.testing.assert_allclose(y, reference_output(cfg, p, x, ids, modality), atol=1e-4, rtol=1e-4)
     assert metrics["dropped_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("dispatch", ["gather", pytest.param("einsum", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("router, k", ROUTER_CASES, ids=lambda v: str(v))
+def test_groups_and_score_priority_match_the_reference_with_drops(router, k, dispatch):
+    # Groups of 15 tokens span examples (S = 10); capacity 0.5 drops about half.
+    cfg = moe_cfg(router=router, k=k, dispatch=dispatch, group_size=15, priority="score",
+                  eval_capacity_factor=0.5)
+    x, ids, modality = inputs(seed=5)
+    p, y, metrics = run(cfg, x, ids, modality)
+    ref, dropped = reference_with_capacity(cfg, p, x, ids, modality, 0.5)
+    assert dropped > 0.2
+    np.testing.assert_allclose(y, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(metrics["dropped_fraction"], dropped, rtol=1e-5)
+
+
+def test_score_priority_keeps_the_most_confident_tokens():
+    # One expert, capacity 2, probabilities 0.2, 0.9, 0.5: order keeps tokens 0 and 1,
+    # score keeps 1 and 2.
+    idx = jnp.zeros((1, 3, 1), jnp.int32)
+    probs = jnp.array([[[0.2], [0.9], [0.5]]])
+    routing = dsp.Routing(idx, jnp.ones((1, 3, 1)), probs, 0.0, 0.0)
+    np.testing.assert_array_equal(dsp.assign_slots(routing, 1, 2, priority="order").kept[0, :, 0],
+                                  [True, True, False])
+    np.testing.assert_array_equal(dsp.assign_slots(routing, 1, 2, priority="score").kept[0, :, 0],
+                                  [False, True, True])
+
+
+def test_group_size_spanning_examples_pools_their_capacity():
+    # Hash routing fixes the assignment; one group of all 3 examples (C = 4) pools the
+    # examples' slots, so which choices drop differs from one example per group (C = 2).
+    x, _, modality = inputs()
+    row0 = np.array([0, 5, 0, 1, 0, 5, 1, 2, 3, 4], np.int32)    # experts 0,0,0,6,0,0,6,4,5,1
+    row1 = np.array([2, 3, 4, 2, 3, 4, 2, 3, 4, 2], np.int32)    # experts 4, 5, 1: never 0
+    ids = np.stack([row0, row1, row1])
+    cfg_g = moe_cfg(router="hash", eval_capacity_factor=1.0, group_size=G * S)
+    p, _, m_one = run(moe_cfg(router="hash", eval_capacity_factor=1.0), x, ids, modality)
+    _, _, m_pool = run(cfg_g, x, ids, modality, p)
+    ref_one = reference_with_capacity(moe_cfg(router="hash"), p, x, ids, modality, 1.0)[1]
+    ref_pool = reference_with_capacity(cfg_g, p, x, ids, modality, 1.0)[1]
+    np.testing.assert_allclose(m_one["dropped_fraction"], ref_one, rtol=1e-6)
+    np.testing.assert_allclose(m_pool["dropped_fraction"], ref_pool, rtol=1e-6)
+    assert ref_pool != ref_one and ref_one > 0
+
+
+def test_dropless_default_is_chosen_per_backend():
+    from m6jax.model.moe.layer import dropless_impl
+    assert dropless_impl("dropless", "cpu") == "blocked"
+    assert dropless_impl("dropless", "gpu") == "ragged_dot"
+    assert dropless_impl("ragged_dot", "cpu") == "ragged_dot"
 
 
 def test_over_capacity_tokens_pass_through_as_zero():
@@ -114,11 +211,12 @@ def test_slots_serve_first_choices_before_second_choices():
     np.testing.assert_array_equal(slots.kept[0], [[True, True], [True, True], [False, False]])
 
 
+@pytest.mark.parametrize("dispatch", ["blocked", "ragged_dot"])
 @pytest.mark.parametrize("router, k", [("topk", 1), ("topk", 2), ("prototype", 2)])
-def test_dropless_equals_capacity_path_when_nothing_dropped(router, k):
+def test_dropless_equals_capacity_path_when_nothing_dropped(router, k, dispatch):
     x, ids, modality = inputs(seed=3)
     p, y_cap, _ = run(moe_cfg(router=router, k=k), x, ids, modality)
-    _, y_drop, _ = run(moe_cfg(router=router, k=k, dispatch="dropless"), x, ids, modality, p)
+    _, y_drop, _ = run(moe_cfg(router=router, k=k, dispatch=dispatch), x, ids, modality, p)
     np.testing.assert_allclose(y_drop, y_cap, atol=1e-5, rtol=1e-5)
 
 

@@ -14,7 +14,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paper_scale as ps  # noqa: E402
 
-MOE = dict(router="topk", k=1, every=1, capacity_factor=1.25, dispatch="gather")
+MOE = dict(router="topk", k=1, every=1, capacity_factor=2.0, dispatch="gather",
+           group_size=2592, priority="score")
 
 
 def get_config(arg: str = "paper"):
@@ -27,5 +28,5 @@ def get_config(arg: str = "paper"):
             batch_size=1024, hw=ps.hardware(128, "A100-40GB", 40),
             moe=dict(MOE, num_experts=512))
     if arg == "tiny":
-        return ps.tiny_base(arg, moe=dict(MOE, num_experts=8), remat_policy="full")
+        return ps.tiny_base(arg, moe=dict(MOE, num_experts=8, group_size=0), remat_policy="full")
     raise ps.unknown_variant(arg, "m6_100b.py")

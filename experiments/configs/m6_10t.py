@@ -29,7 +29,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paper_scale as ps  # noqa: E402
 
-MOE = dict(router="topk", k=1, every=1, capacity_factor=1.25, dispatch="gather")
+MOE = dict(router="topk", k=1, every=1, capacity_factor=5.0, dispatch="gather",
+           group_size=324, priority="score")
 
 
 def get_config(arg: str = "paper"):
@@ -53,5 +54,5 @@ def get_config(arg: str = "paper"):
             c.pseudo_to_real.update(switch_step=c.total_steps // 10, optimizer="scaled")
         return c
     if arg == "tiny":
-        return ps.tiny_base(arg, moe=dict(MOE, num_experts=8), remat_policy="full")
+        return ps.tiny_base(arg, moe=dict(MOE, num_experts=8, group_size=0), remat_policy="full")
     raise ps.unknown_variant(arg, "m6_10t.py")

@@ -19,7 +19,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import paper_scale as ps  # noqa: E402
 
-MOE = dict(router="prototype", k=4, every=1, capacity_factor=1.25, dispatch="gather")
+MOE = dict(router="prototype", k=4, every=1, capacity_factor=2.0, dispatch="gather",
+           group_size=648, priority="score")
 
 
 def get_config(arg: str = "paper"):
@@ -35,5 +36,5 @@ def get_config(arg: str = "paper"):
         c.offload.optimizer_layers = "all"
         return c
     if arg == "tiny":
-        return ps.tiny_base(arg, moe=dict(MOE, num_experts=8), remat_policy="full")
+        return ps.tiny_base(arg, moe=dict(MOE, num_experts=8, group_size=0), remat_policy="full")
     raise ps.unknown_variant(arg, "m6_t_1t.py")

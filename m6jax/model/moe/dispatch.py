@@ -8,7 +8,8 @@ to build the [G, E, C, D] expert inputs and to combine [G, E, C, D] outputs:
   einsum  one-hot dispatch / combine tensors [G, S, E, C] and matmuls (GShard, t5x);
           costs O(S * E * C * D) per group, i.e. grows with S^2.
   gather  slot -> token indices and gathers (scatter-adds in the backward); O(S * D).
-Dropless path: choices sorted by expert, one grouped matmul (`jax.lax.ragged_dot`).
+Dropless paths: choices sorted by expert, then grouped matmuls: `blocked` (block-padded
+rows, grouped.py; the fast one on CPU) or `ragged_dot` (`jax.lax.ragged_dot`).
 
 Shapes: G groups, S tokens per group, D model width, E experts, K choices, C capacity.
 """
@@ -20,7 +21,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from m6jax.model.moe import grouped
 from m6jax.model.moe.routers import Routing
+
+
+PRIORITIES = ("order", "score")
 
 
 def expert_capacity(tokens_per_group: int, k: int, num_experts: int, factor: float) -> int:
@@ -28,24 +33,58 @@ def expert_capacity(tokens_per_group: int, k: int, num_experts: int, factor: flo
     return max(1, math.ceil(tokens_per_group * k * factor / num_experts))
 
 
+def uniform_drop_fraction(tokens_per_group: int, k: int, num_experts: int,
+                          capacity: int) -> float:
+    """Expected share of choices dropped if routing were perfectly uniform: each expert
+    then receives X ~ Binomial(S, K / E) of a group's S tokens (top-k picks K distinct
+    experts; prototype routing one of E / K per prototype) and drops max(0, X - C)."""
+    n, p = tokens_per_group, min(1.0, k / num_experts)
+    if capacity >= n:
+        return 0.0
+    # E[max(0, X - C)] = E[X] - C + sum_{j < C} (C - j) P(X = j)
+    below = 0.0
+    for j in range(capacity):
+        log_pmf = (math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+                   + j * math.log(p) + (n - j) * math.log1p(-p) if p < 1 else
+                   (0.0 if j == n else -math.inf))
+        below += (capacity - j) * math.exp(log_pmf)
+    excess = n * p - capacity + below
+    return max(0.0, num_experts * excess / (tokens_per_group * k))
+
+
 class Slots(NamedTuple):
     position: jax.Array  # i32 [G, S, K]: slot of each choice inside its expert
     kept: jax.Array      # bool [G, S, K]: the choice fits within capacity
 
 
-def assign_slots(routing: Routing, num_experts: int, capacity: int, valid=None) -> Slots:
-    """Position of each choice in its expert's queue, choice-major then token order.
+def assign_slots(routing: Routing, num_experts: int, capacity: int, valid=None,
+                 priority: str = "order") -> Slots:
+    """Position of each choice in its expert's queue: first choices before second ones,
+    and within one choice rank by token order (`order`) or by descending router
+    probability (`score`: batch-prioritized routing, Riquelme et al. 2021), ties in
+    token order.
 
     valid: optional bool [G, S]; padding tokens (False) take no slot and are not kept.
     """
     idx = routing.expert_index                                           # [G, S, K]
     g, s, k = idx.shape
     valid = jnp.ones((g, s), bool) if valid is None else valid
-    order = jnp.swapaxes(idx, 1, 2).reshape(g, k * s)                    # [G, K*S]
-    onehot = jax.nn.one_hot(order, num_experts, dtype=jnp.int32)         # [G, K*S, E]
-    onehot = onehot * jnp.tile(valid, (1, k)).astype(jnp.int32)[..., None]
-    pos = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1)    # [G, K*S]
-    pos = jnp.swapaxes(pos.reshape(g, k, s), 1, 2)                       # [G, S, K]
+    queue = jnp.swapaxes(idx, 1, 2)                                      # [G, K, S]
+    live = jnp.broadcast_to(valid[:, None, :], queue.shape)
+    if priority == "score":
+        score = jnp.swapaxes(jnp.take_along_axis(routing.probs, idx, axis=-1), 1, 2)
+        perm = jnp.argsort(-score, axis=-1, stable=True)                 # [G, K, S]
+        queue = jnp.take_along_axis(queue, perm, axis=-1)
+        live = jnp.take_along_axis(live, perm, axis=-1)
+    elif priority != "order":
+        raise ValueError(f"model.moe.priority={priority!r} is not one of {', '.join(PRIORITIES)}")
+    onehot = jax.nn.one_hot(queue.reshape(g, k * s), num_experts, dtype=jnp.int32)
+    onehot = onehot * live.reshape(g, k * s, 1).astype(jnp.int32)        # [G, K*S, E]
+    pos = jnp.sum((jnp.cumsum(onehot, axis=1) - 1) * onehot, axis=-1).reshape(g, k, s)
+    if priority == "score":  # back from queue order to token order
+        pos = jnp.zeros_like(pos).at[
+            jnp.arange(g)[:, None, None], jnp.arange(k)[None, :, None], perm].set(pos)
+    pos = jnp.swapaxes(pos, 1, 2)                                        # [G, S, K]
     return Slots(pos.astype(jnp.int32), (pos < capacity) & valid[..., None])
 
 
@@ -93,20 +132,72 @@ def combine_gather(y_gecd, flat, combine_weight):
     return jnp.einsum("gskd,gsk->gsd", picked, combine_weight.astype(y.dtype))
 
 
-def dropless(x, routing: Routing, wi, wo, activation):
-    """Every choice computed, none dropped: sort choices by expert, grouped matmuls.
+def _choice_rows(x, k):
+    g, s, d = x.shape
+    rows = x.reshape(g * s, d)
+    return rows if k == 1 else jnp.repeat(rows, k, axis=0)             # [G*S*K, D]
+
+
+def _combine_rows(y_nd, routing: Routing):
+    g, s, k = routing.expert_index.shape
+    y = y_nd.reshape(g, s, k, -1)
+    return jnp.einsum("gskd,gsk->gsd", y, routing.combine_weight.astype(y.dtype))
+
+
+def dropless_ragged(x, routing: Routing, wi, wo, activation):
+    """Every choice computed, none dropped: sort choices by expert, `jax.lax.ragged_dot`.
 
     x [G, S, D]; wi [E, D, M]; wo [E, M, D]; returns [G, S, D]. Equals the capacity
     path whenever that path drops nothing.
     """
-    g, s, d = x.shape
-    k = routing.expert_index.shape[-1]
-    e = wi.shape[0]
+    k, e = routing.expert_index.shape[-1], wi.shape[0]
     expert = routing.expert_index.reshape(-1)                           # [G*S*K]
     order = jnp.argsort(expert, stable=True)
-    rows = jnp.repeat(x.reshape(g * s, d), k, axis=0)[order]            # [N, D] by expert
+    rows = _choice_rows(x, k)[order]                                     # [N, D] by expert
     sizes = jnp.bincount(expert, length=e).astype(jnp.int32)
     h = activation(jax.lax.ragged_dot(rows, wi.astype(x.dtype), sizes))
     y = jax.lax.ragged_dot(h, wo.astype(x.dtype), sizes)                 # [N, D]
-    y = jnp.zeros_like(y).at[order].set(y).reshape(g, s, k, d)
-    return jnp.einsum("gskd,gsk->gsd", y, routing.combine_weight.astype(y.dtype))
+    return _combine_rows(jnp.zeros_like(y).at[order].set(y), routing)
+
+
+def block_rows(num_choices: int, num_experts: int) -> int:
+    """Rows per block of the blocked path: about half an expert's mean share, 8 to 128
+    (measured on this CPU, BENCHMARKS.md): smaller blocks waste less padding, larger
+    ones run faster matmuls."""
+    share = max(1, num_choices // (2 * num_experts))
+    return int(min(128, max(8, 1 << (share.bit_length() - 1))))
+
+
+def dropless_blocked(x, routing: Routing, wi, wo, activation, block: int = 0):
+    """Every choice computed, none dropped: choices sorted by expert into block-padded
+    rows, one grouped matmul loop per weight (grouped.py). Same contract as
+    `dropless_ragged`."""
+    k, e = routing.expert_index.shape[-1], wi.shape[0]
+    expert = routing.expert_index.reshape(-1)                           # [N]
+    block = block or block_rows(expert.shape[0], e)
+    lay = grouped.layout(expert, e, block)
+    xs = grouped.gather_rows(_choice_rows(x, k), lay.slot_choice)       # [R, D]
+    h = activation(grouped.gmm(xs, wi.astype(x.dtype), lay.block_expert, lay.used_blocks, block))
+    y = grouped.gmm(h, wo.astype(x.dtype), lay.block_expert, lay.used_blocks, block)
+    return _combine_rows(jnp.take(y, lay.row, axis=0), routing)
+
+
+def expert_mlp_rows(rows, expert, live, wi, wo, activation, impl: str, block: int = 0):
+    """rows [N, D] each for expert[N] of wi's E (live False: an empty row, output 0)
+    -> [N, D]: the dropless expert MLP over a flat set of rows (expert parallelism's
+    received buffer)."""
+    e = wi.shape[0]
+    if impl == "ragged_dot":
+        key = jnp.where(live, expert, e)
+        order = jnp.argsort(key, stable=True)
+        sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
+        h = activation(jax.lax.ragged_dot(rows[order], wi, sizes))
+        y = jax.lax.ragged_dot(h, wo, sizes)
+        y = jnp.where(jnp.arange(y.shape[0])[:, None] < jnp.sum(sizes), y, 0)
+        return jnp.zeros_like(y).at[order].set(y)
+    block = block or block_rows(rows.shape[0], e)
+    lay = grouped.layout(expert, e, block, live)
+    xs = grouped.gather_rows(rows, lay.slot_choice)
+    h = activation(grouped.gmm(xs, wi, lay.block_expert, lay.used_blocks, block))
+    y = grouped.gmm(h, wo, lay.block_expert, lay.used_blocks, block)
+    return jnp.take(y, lay.row, axis=0, mode="fill", fill_value=0)

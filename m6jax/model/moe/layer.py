@@ -12,7 +12,26 @@ from m6jax.model.mlp import ACTIVATIONS
 from m6jax.model.moe import dispatch as dsp
 from m6jax.model.moe import parallel, routers
 
-DISPATCHES = ("gather", "einsum", "dropless")
+# `dropless` is the backend's fastest dropless path: `blocked` on CPU (measured,
+# BENCHMARKS.md); `ragged_dot` where XLA has a native grouped matmul (GPU, TPU).
+DISPATCHES = ("gather", "einsum", "dropless", "blocked", "ragged_dot")
+DROPLESS = ("dropless", "blocked", "ragged_dot")
+
+
+def dropless_impl(dispatch: str, backend: str | None = None) -> str:
+    """The dropless implementation a `model.moe.dispatch` value runs on `backend`."""
+    if dispatch != "dropless":
+        return dispatch
+    return "ragged_dot" if (backend or jax.default_backend()) in ("gpu", "tpu") else "blocked"
+
+
+def group_shape(batch: int, length: int, group_size: int) -> tuple[int, int]:
+    """(groups, tokens per group) of a [batch, length] call: `group_size` consecutive
+    tokens of consecutive examples, or one example per group (group_size 0, or a call
+    whose token count it does not divide: generation batches)."""
+    if group_size and (batch * length) % group_size == 0:
+        return batch * length // group_size, group_size
+    return batch, length
 
 # Experts are a batch of independent [D, M] matmuls: fan-in is D (or M), not E * D.
 _EXPERT_INIT = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
@@ -28,8 +47,9 @@ def moe_config(model_cfg):
 class MoeMlp(nn.Module):
     """[B, S, D] -> ([B, S, D], metrics): E expert MLPs, each token to K of them.
 
-    Each example is one routing group (G = B), so capacity and drops do not depend on
-    how the batch is sharded. Over-capacity choices contribute zero (the block's
+    Routing groups are `moe.group_size` consecutive tokens (0: one example per group);
+    the config check keeps groups inside a device's tokens, so capacity and drops do not
+    depend on how the batch is sharded. Over-capacity choices contribute zero (the block's
     residual carries the token). Metrics (scalars unless noted): `balance_loss`,
     `z_loss`, `dropped_fraction`, `router_entropy`, `load` f32 [E] (share of choices
     per expert, before capacity), `expert_index` i32 [B, S, K] (each token's chosen
@@ -49,9 +69,16 @@ class MoeMlp(nn.Module):
         """x: [B, S, D]; token_ids i32 [B, S] (hash router); modality i32 [B, S] (domain);
         valid bool [B, S]: padding (False) takes no expert slot and gets output 0."""
         cfg = self.moe
-        e, k, (g, s, d) = int(cfg.num_experts), int(cfg.k), x.shape
+        e, k, (b, s0, d) = int(cfg.num_experts), int(cfg.k), x.shape
+        g, s = (b, s0) if self.capacity_tokens else group_shape(b, s0, int(cfg.get("group_size", 0)))
+        regroup = (g, s) != (b, s0)
         x = x.astype(self.dtype)
-        valid = jnp.ones((g, s), bool) if valid is None else valid.astype(bool)
+        valid = jnp.ones((b, s0), bool) if valid is None else valid.astype(bool)
+        if regroup:  # [B, S0, ...] -> [G, S, ...]
+            x, valid, token_ids, modality = (
+                None if a is None else a.reshape(g, s, *a.shape[2:])
+                for a in (x, valid, token_ids, modality))
+            x = constrain(x, ("batch", "length", "act_embed"))
         routing = self._route(x, token_ids, modality, valid, e, k)
         k = routing.expert_index.shape[-1]
         # Padding must not take capacity from real tokens: zero weight, no slot.
@@ -68,26 +95,31 @@ class MoeMlp(nn.Module):
             return drop(ACTIVATIONS[self.activation](h), deterministic=self.deterministic)
 
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        if cfg.dispatch == "dropless" or not factor:
-            y = dsp.dropless(x, routing, wi, wo, hidden)
+        wi_c, wo_c = wi.astype(self.dtype), wo.astype(self.dtype)
+        if cfg.dispatch in DROPLESS or not factor:
+            impl = dropless_impl(cfg.dispatch if cfg.dispatch in DROPLESS else "dropless")
+            y = parallel.dropless(x, routing, wi_c, wo_c, hidden, impl)
             kept = jnp.broadcast_to(valid[..., None], routing.expert_index.shape)
         else:
             cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))
-            slots = dsp.assign_slots(routing, e, cap, valid)
+            slots = dsp.assign_slots(routing, e, cap, valid, cfg.get("priority", "order"))
             if cfg.dispatch == "einsum":
                 xe, combine = dsp.dispatch_einsum(x, routing, slots, e, cap)
             else:
                 xe, flat = dsp.dispatch_gather(x, routing, slots, e, cap)
             xe = parallel.to_experts(xe)                                 # [G, E, C, D]
-            ye = parallel.from_experts(_experts(xe, wi.astype(self.dtype),
-                                                wo.astype(self.dtype), hidden))
+            ye = parallel.from_experts(_experts(xe, wi_c, wo_c, hidden))
             if cfg.dispatch == "einsum":
                 y = dsp.combine_einsum(ye, combine)
             else:
                 y = dsp.combine_gather(ye, flat, routing.combine_weight)
             kept = slots.kept
+        metrics = self._metrics(routing, kept, valid, e)
+        if regroup:
+            y = y.reshape(b, s0, d)
+            metrics["expert_index"] = metrics["expert_index"].reshape(b, s0, k)
         y = constrain(y.astype(self.dtype), ("batch", "length", "act_embed"))
-        return y, self._metrics(routing, kept, valid, e)
+        return y, metrics
 
     def _route(self, x, token_ids, modality, valid, e, k) -> routers.Routing:
         cfg = self.moe

@@ -6,14 +6,23 @@ axis with an explicit `all_to_all` inside `jax.shard_map`, so each device then h
 groups' tokens for its own experts, next to those experts' weights; `from_experts` is
 the inverse. Numerically both are the identity: only the placement changes, so a mesh
 without an expert axis (or no mesh at all: init, eval_shape) skips the shard_map.
+
+The dropless paths have no [G, E, C, D] buffer: `dropless` sends each choice's row to
+the device of its expert with a padded all-to-all (each device reserves room for all of
+a peer's choices, since dropless means any routing must fit), runs the grouped matmuls
+on what arrived with the local experts' weights, and sends the outputs back. Expert
+weights stay sharded by expert: left to GSPMD, the sort-based paths gathered every
+expert onto every device.
 """
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from m6jax import sharding
+from m6jax.model.moe import dispatch as dsp
 
 EXPERT_AXIS = "expert"
 
@@ -65,3 +74,44 @@ def from_experts(y_gecd):
     f = jax.shard_map(lambda y: jax.lax.all_to_all(y, EXPERT_AXIS, 0, 1, tiled=True),
                       mesh=mesh, in_specs=by_expert, out_specs=by_group)
     return f(y_gecd)
+
+
+def dropless(x, routing, wi, wo, activation, impl: str):
+    """x [G, S, D] -> [G, S, D]: every choice through its expert (`impl`: blocked or
+    ragged_dot), none dropped; with an expert mesh, tokens travel, weights do not."""
+    mesh = _expert_mesh()
+    if mesh is None:
+        if impl == "ragged_dot":
+            return dsp.dropless_ragged(x, routing, wi, wo, activation)
+        return dsp.dropless_blocked(x, routing, wi, wo, activation)
+    batch = _batch_axes() or None
+    tok, w = P(batch, None, None), P(EXPERT_AXIS, None, None)
+    f = jax.shard_map(lambda *a: _dropless_local(*a, activation=activation, impl=impl),
+                      mesh=mesh, in_specs=(tok, tok, tok, w, w), out_specs=tok,
+                      check_vma=False)  # the grouped-matmul loops start from unvarying zeros
+    return f(x, routing.expert_index, routing.combine_weight, wi, wo)
+
+
+def _dropless_local(x, expert_index, combine_weight, wi, wo, activation, impl):
+    """One device: its groups' tokens x [g, S, D], its experts' weights wi [E/n, D, M]."""
+    n = jax.lax.axis_size(EXPERT_AXIS)
+    g, s, d = x.shape
+    k, e_local = expert_index.shape[-1], wi.shape[0]
+    rows = jnp.repeat(x.reshape(g * s, d), k, axis=0) if k > 1 else x.reshape(g * s, d)
+    expert = expert_index.reshape(-1)                                    # [N]
+    dest = expert // e_local                                             # [N] expert shard
+    # Position of each choice in its destination's block of the send buffer.
+    onehot = jax.nn.one_hot(dest, n, dtype=jnp.int32)                    # [N, n]
+    pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)
+    nc = expert.shape[0]
+    flat = dest * nc + pos                                               # [N] in [n * N]
+    send = jnp.zeros((n * nc, d), x.dtype).at[flat].set(rows)
+    send_e = jnp.full((n * nc,), -1, jnp.int32).at[flat].set(expert % e_local)
+    exchange = lambda a: jax.lax.all_to_all(a.reshape(n, nc, *a.shape[1:]), EXPERT_AXIS, 0, 0,
+                                            tiled=True).reshape(a.shape)
+    recv, recv_e = exchange(send), exchange(send_e)                      # [n * N, ...]
+    live = recv_e >= 0
+    y = dsp.expert_mlp_rows(recv, jnp.maximum(recv_e, 0), live, wi, wo, activation, impl,
+                            block=dsp.block_rows(nc, e_local))
+    y = exchange(y)[flat].reshape(g, s, k, d)                            # back at the source
+    return jnp.einsum("gskd,gsk->gsd", y, combine_weight.astype(y.dtype))

@@ -1,0 +1,67 @@
+"""MoE config fields refused before compiling, naming the field; the dry run's routing plan."""
+import pytest
+
+from m6jax.config_checks import validate_config
+from m6jax.model.moe.dispatch import expert_capacity, uniform_drop_fraction
+
+
+def _config(**mesh):
+    from configs.m6_moe import moe_section
+    from helpers import tiny_config
+    c = tiny_config(**mesh)
+    c.model.moe = moe_section(num_experts=8, every=2)
+    return c
+
+
+@pytest.mark.parametrize("mesh, edit, message", [
+    (dict(data=8), dict(group_size=20),
+     r"model.moe.group_size=20 must be >= 0 and divide the tokens per device and microbatch, 28"),
+    (dict(data=8), dict(priority="random"), r"model.moe.priority='random' is not one of order, score"),
+    (dict(data=2, fsdp=2, expert=2), dict(dispatch="dropless"),
+     r"model.moe.dispatch='dropless' \(dropless\) with mesh.expert=2 needs mesh.fsdp=1"),
+    (dict(data=2, tensor=2, expert=2), dict(dispatch="ragged_dot"),
+     r"model.moe.dispatch='ragged_dot' \(dropless\) with mesh.expert=2 needs mesh.fsdp=1 and "
+     r"mesh.tensor=1"),
+])
+def test_bad_moe_routing_fields_are_refused_naming_the_field(mesh, edit, message):
+    c = _config(**mesh)
+    c.model.moe.update(edit)
+    with pytest.raises(ValueError, match=message):
+        validate_config(c, 8)
+
+
+def test_good_groups_and_dropless_on_a_data_expert_mesh_pass():
+    c = _config(data=2, expert=4)
+    c.model.moe.update(group_size=14, priority="score", dispatch="blocked")
+    assert validate_config(c, 8) == (2, 1, 1, 4)
+
+
+def test_uniform_drop_fraction_matches_the_paper_configs_numbers():
+    # One 324-token example per group, E = 512, cf 1.25: C = 1 and ~26% drop (issue #14).
+    assert expert_capacity(324, 1, 512, 1.25) == 1
+    assert uniform_drop_fraction(324, 1, 512, 1) == pytest.approx(0.2585, abs=1e-3)
+    assert uniform_drop_fraction(324, 4, 960, 2) == pytest.approx(0.161, abs=1e-3)
+    # Hand-computed: 2 tokens, 2 experts, C = 1: both pick the same expert w.p. 1/2 and
+    # one of the 2 choices drops, so 1/4 of the choices.
+    assert uniform_drop_fraction(2, 1, 2, 1) == pytest.approx(0.25)
+    assert uniform_drop_fraction(10, 1, 8, 10) == 0.0
+
+
+@pytest.mark.parametrize("name", ["m6_100b", "m6_10t", "m6_t_1t"])
+def test_paper_configs_plan_under_two_percent_uniform_drop(name):
+    import importlib
+    from m6jax import plan
+    c = importlib.import_module(f"configs.{name}").get_config("paper")
+    r = plan.moe_routing_plan(c)
+    assert r["capacity_per_expert"] >= plan.MIN_CAPACITY and r["warning"] is None
+    assert r["uniform_drop_fraction"] < 0.02
+
+
+def test_dry_run_warns_when_capacity_is_below_four():
+    from configs import m6_100b
+    from m6jax import plan
+    c = m6_100b.get_config("paper")
+    c.model.moe.update(group_size=0, capacity_factor=1.25)   # one example per group
+    r = plan.moe_routing_plan(c)
+    assert r["capacity_per_expert"] == 1 and r["uniform_drop_fraction"] > 0.25
+    assert "moe.capacity_per_expert=1 < 4" in r["warning"]
