@@ -33,7 +33,7 @@ def test_bad_moe_routing_fields_are_refused_naming_the_field(mesh, edit, message
 def test_good_groups_and_dropless_on_a_data_expert_mesh_pass():
     c = _config(data=2, expert=4)
     c.model.moe.update(group_size=14, priority="score", dispatch="blocked")
-    assert validate_config(c, 8) == (2, 1, 1, 4)
+    assert validate_config(c, 8) == (2, 1, 1, 4, 1)  # data, fsdp, tensor, expert, stage
 
 
 def test_uniform_drop_fraction_matches_the_paper_configs_numbers():
