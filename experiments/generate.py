@@ -10,8 +10,9 @@ r"""Generate with a trained M6: captions of images or continuations of text (KV 
 
 Reads the config stored with the newest checkpoint of --workdir, its params and the
 run's tokenizer. --image: any PNG/JPEG, converted to grayscale, resized to
-data.image_size and scaled to [0, 1] as the training digits (light backgrounds are
-inverted unless --invert=no: the digits are bright ink on black). --prompt: text
+data.image_size and scaled as the run's training images (for a run on the shipped
+digits, light backgrounds are inverted unless --invert=no: the digits are bright ink on
+black; a run on your own images sees them as they are unless --invert=yes). --prompt: text
 continued as in the lm task (prefix [<lm>], the text attends causally).
 """
 import os
@@ -49,7 +50,8 @@ _GUIDANCE = flags.DEFINE_float("guidance_scale", -1.0, "Classifier-free guidance
 _MASK_STEPS = flags.DEFINE_integer("mask_steps", 0, "Parallel steps of --strategy=mask "
                                    "(0 = the run's t2i.mask_steps).")
 _INVERT = flags.DEFINE_enum("invert", "auto", ["auto", "yes", "no"],
-                            "Invert --image (auto: if its mean is above 0.5).")
+                            "Invert --image (auto: if its mean is above 0.5 and the run "
+                            "trained on the shipped digits).")
 _SHOW_INPUT = flags.DEFINE_string("show_input", "", "Write the image grid(s) the model "
                                   "receives (after resizing, greying, inverting) to this PNG.")
 
@@ -66,8 +68,11 @@ def load_image_patches(path: str, data_cfg, invert: str):
     except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         cli.refuse(f"flag error: --image={path} cannot be read as an image ({type(e).__name__}: "
                    f"{e}); give a PNG or JPEG file")
-    if invert == "yes" or (invert == "auto" and image.mean() > 0.5):
-        image = 1.0 - image
+    # auto: only a run on the shipped digits (bright ink on black, no image_text_files)
+    # wants a light background inverted; a run on your photos saw them as they are.
+    digits = not data_cfg.image_text_files
+    if invert == "yes" or (invert == "auto" and digits and image.mean() > 0.5):
+        image = images.normalise(1.0 - images.denormalise(image))
     return images.patchify(image, data_cfg.patch_size).astype(np.float32)
 
 
@@ -78,7 +83,9 @@ def write_input_png(path: str, patches, data_cfg, scale: int = 8) -> None:
     from PIL import Image
     size, p, ch = data_cfg.image_size, data_cfg.patch_size, data_cfg.image_channels
     g = size // p
+    from m6jax.data import images
     imgs = patches.reshape(-1, g, g, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(-1, size, size, ch)
+    imgs = images.denormalise(imgs)
     row = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=0.5) for im in imgs], 1)
     row = np.repeat(np.repeat(np.clip(row, 0, 1), scale, 0), scale, 1)
     pixels = (row * 255).round().astype(np.uint8)

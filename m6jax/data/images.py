@@ -71,6 +71,13 @@ def normalise(image: np.ndarray) -> np.ndarray:
     return image
 
 
+def denormalise(image: np.ndarray) -> np.ndarray:
+    """The model's input -> [0, 1] pixels (for showing it): `normalise` undone."""
+    if image.shape[-1] == 3:
+        return image * RGB_STD + RGB_MEAN
+    return image
+
+
 def _from_array(value, image_size: int, channels: int) -> np.ndarray:
     image = np.asarray(value, np.float32)
     if image.ndim == 2:
