@@ -22,7 +22,8 @@ setup(
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # `tensorboard --logdir DIR` (the runs write event files with tensorboardX).
         "tensorboard": ["tensorboard>=2.18,<3"],
-        "dev": ["pytest>=8,<10", "pyyaml>=6,<7", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6",
+        # pytest-xdist: the suite runs on two worker processes (pytest.ini).
+        "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pyyaml>=6,<7", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6",
                 "ipykernel>=6.29,<8", "tensorboard>=2.18,<3"],
     },
 )

@@ -13,11 +13,17 @@ from conftest import ROOT
 
 @pytest.fixture(scope="module")
 def gen():
+    """experiments/generate.py as a module; its absl flags are removed afterwards, so other
+    scripts imported in this process (scaling.py) can define theirs."""
+    from absl import flags
+    before = set(flags.FLAGS)
     spec = importlib.util.spec_from_file_location(
         "generate_script", os.path.join(ROOT, "experiments", "generate.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    yield module
+    for name in set(flags.FLAGS) - before:
+        delattr(flags.FLAGS, name)
 
 
 def _photo(path):
