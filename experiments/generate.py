@@ -57,40 +57,15 @@ _SHOW_INPUT = flags.DEFINE_string("show_input", "", "Write the image grid(s) the
 
 
 def load_image_patches(path: str, data_cfg, invert: str):
-    """Image file -> patches f32 [P, patch_dim], preprocessed like the training images."""
-    import numpy as np
+    """--image -> patches f32 [P, patch_dim] as the run's training images; one-line refusals."""
     from m6jax.data import images
     if not os.path.isfile(path):
         cli.refuse(f"flag error: --image={path}: no such file")
     try:
-        image = images.load_image(os.path.abspath(path), "", data_cfg.image_size,
-                                  data_cfg.image_channels)
+        return images.model_input(os.path.abspath(path), data_cfg, invert)
     except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         cli.refuse(f"flag error: --image={path} cannot be read as an image ({type(e).__name__}: "
                    f"{e}); give a PNG or JPEG file")
-    # auto: only a run on the shipped digits (bright ink on black, no image_text_files)
-    # wants a light background inverted; a run on your photos saw them as they are.
-    digits = not data_cfg.image_text_files
-    if invert == "yes" or (invert == "auto" and digits and image.mean() > 0.5):
-        image = images.normalise(1.0 - images.denormalise(image))
-    return images.patchify(image, data_cfg.patch_size).astype(np.float32)
-
-
-def write_input_png(path: str, patches, data_cfg, scale: int = 8) -> None:
-    """The model's view of each image (patches -> pixels, nearest-neighbour enlarged
-    `scale` x so an 8x8 grid is visible), side by side in one PNG."""
-    import numpy as np
-    from PIL import Image
-    size, p, ch = data_cfg.image_size, data_cfg.patch_size, data_cfg.image_channels
-    g = size // p
-    from m6jax.data import images
-    imgs = patches.reshape(-1, g, g, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(-1, size, size, ch)
-    imgs = images.denormalise(imgs)
-    row = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=0.5) for im in imgs], 1)
-    row = np.repeat(np.repeat(np.clip(row, 0, 1), scale, 0), scale, 1)
-    pixels = (row * 255).round().astype(np.uint8)
-    Image.fromarray(pixels[..., 0] if ch == 1 else pixels).save(path)
-    print(f"model input ({len(imgs)} image(s), {size}x{size}x{ch}, shown {scale}x): {path}")
 
 
 def _caption_lang(langs: set[str] | None) -> str:
@@ -209,7 +184,8 @@ def main(argv):
         image_mask = np.ones(patches.shape[:2], bool)
         max_new = _MAX_NEW.value or min(16, d.text_len - len(prompt) + 1)
     if _SHOW_INPUT.value and not _PROMPT.value:
-        write_input_png(_SHOW_INPUT.value, patches, d)
+        from m6jax.data import images
+        images.save_model_input(_SHOW_INPUT.value, patches, d)
     reps = _NUM_SAMPLES.value
     # Beam search returns its `reps` best beams per row; the other strategies draw `reps`
     # times from repeated rows.

@@ -106,3 +106,30 @@ def patchify(image: np.ndarray, patch_size: int) -> np.ndarray:
     grid = size // patch_size
     blocks = image.reshape(grid, patch_size, grid, patch_size, channels).transpose(0, 2, 1, 3, 4)
     return blocks.reshape(grid * grid, patch_size * patch_size * channels)
+
+
+def model_input(path: str, data_cfg, invert: str = "auto") -> np.ndarray:
+    """An image file -> patches f32 [P, patch_dim], preprocessed as the run's training
+    images (generate.py --image). invert: yes | no | auto, which inverts a light
+    background only for a run on the shipped digits (bright ink on black, no
+    data.image_text_files): a run on your photos saw them as they are."""
+    image = load_image(path, "", data_cfg.image_size, data_cfg.image_channels)
+    digits = not data_cfg.image_text_files
+    if invert == "yes" or (invert == "auto" and digits and image.mean() > 0.5):
+        image = normalise(1.0 - denormalise(image))
+    return patchify(image, data_cfg.patch_size).astype(np.float32)
+
+
+def save_model_input(path: str, patches, data_cfg, scale: int = 8) -> None:
+    """The model's view of each image of patches [N, P, patch_dim], in pixels (normalising
+    undone), nearest-neighbour enlarged `scale` x so an 8x8 grid is visible, side by side
+    in one PNG (generate.py --show_input)."""
+    size, p, ch = data_cfg.image_size, data_cfg.patch_size, data_cfg.image_channels
+    g = size // p
+    imgs = patches.reshape(-1, g, g, p, p, ch).transpose(0, 1, 3, 2, 4, 5).reshape(-1, size, size, ch)
+    imgs = denormalise(imgs)
+    row = np.concatenate([np.pad(im, ((1, 1), (1, 1), (0, 0)), constant_values=0.5) for im in imgs], 1)
+    row = np.repeat(np.repeat(np.clip(row, 0, 1), scale, 0), scale, 1)
+    pixels = (row * 255).round().astype(np.uint8)
+    Image.fromarray(pixels[..., 0] if ch == 1 else pixels).save(path)
+    print(f"model input ({len(imgs)} image(s), {size}x{size}x{ch}, shown {scale}x): {path}")
