@@ -1,0 +1,70 @@
+"""Mutation checks: break a feature on purpose and see its tests go red.
+
+  python tests/mutations.py              # every case (about 6 minutes on 2 cores)
+  python tests/mutations.py no_groups    # one case
+
+Each case replaces one exact snippet of the source (it must occur as often as the case
+says), runs the tests that guard it in one process, restores the file and prints the
+pytest summary. A case whose tests still pass is a test that cannot fail: exit status 1.
+"""
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# name: (file, snippet, replacement, occurrences, pytest arguments)
+CASES = {
+    "blocked_layout": ("m6jax/model/moe/grouped.py", 'side="right"', 'side="left"', 1,
+                       ["tests/test_moe_layer.py", "-k", "blocked"]),
+    "score_as_order": ("m6jax/model/moe/dispatch.py", 'priority == "score"',
+                       'priority == "never"', 2, ["tests/test_moe_layer.py", "-k", "score"]),
+    "no_groups": ("m6jax/model/moe/layer.py",
+                  "    if group_size and (batch * length) % group_size == 0:", "    if False:", 1,
+                  ["tests/test_moe_layer.py", "-k", "group"]),
+    "ep_dropless_gspmd": ("m6jax/model/moe/parallel.py",
+                          "    mesh = _expert_mesh()\n    if mesh is None:\n        if impl",
+                          "    mesh = None\n    if mesh is None:\n        if impl", 1,
+                          ["tests/test_moe_parallel.py", "-k", "blocked"]),
+    "vq_no_restart": ("m6jax/vq/model.py",
+                      "codebook = jnp.where(dead[:, None], fresh, codebook)",
+                      "codebook = codebook", 1, ["tests/test_vq.py"]),
+    "pipeline_args_shift": ("m6jax/pipeline.py", "dynamic_index_in_dim(v, m, 0, False), args_mb)",
+                            "dynamic_index_in_dim(v, jnp.mod(m + 1, M), 0, False), args_mb)", 1,
+                            ["tests/test_pipeline.py", "-m", "", "-k", "equals"]),
+    "loader_from_0": ("m6jax/train/loop.py", "batches = pipe.loader(start, config.total_steps,",
+                      "batches = pipe.loader(0, config.total_steps,", 1,
+                      ["tests/test_photos_e2e.py", "-m", "", "-k", "resumes"]),
+    "invert_photos": ("m6jax/data/images.py", '(invert == "auto" and digits and image.mean()',
+                      '(invert == "auto" and image.mean()', 1, ["tests/test_generate_image.py"]),
+    "show_normalised": ("m6jax/data/images.py", "    imgs = denormalise(imgs)\n", "", 1,
+                        ["tests/test_generate_image.py", "-k", "show_input"]),
+}
+
+
+def run(name: str) -> bool:
+    """True if the broken code made its tests fail."""
+    path, old, new, count, tests = CASES[name]
+    file = ROOT / path
+    src = file.read_text(encoding="utf-8")
+    if src.count(old) != count:
+        sys.exit(f"{name}: the snippet occurs {src.count(old)} times in {path}, not {count}: "
+                 "update CASES to the code")
+    file.write_text(src.replace(old, new), encoding="utf-8")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0",
+                            *tests], cwd=ROOT, capture_output=True, text=True)
+    finally:
+        file.write_text(src, encoding="utf-8")
+    summary = [ln for ln in r.stdout.splitlines() if " passed" in ln or " failed" in ln][-1:]
+    red = r.returncode == 1
+    print(f"{'red  ' if red else 'GREEN'} {name}: {' '.join(summary)}", flush=True)
+    return red
+
+
+if __name__ == "__main__":
+    names = sys.argv[1:] or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        sys.exit(f"unknown case(s) {unknown}; one of {sorted(CASES)}")
+    sys.exit(0 if all([run(n) for n in names]) else 1)
