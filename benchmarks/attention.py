@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import report  # noqa: E402  (benchmarks/report.py)
+
 flags.DEFINE_list("tokens", ["1024", "4096"], "sequence lengths")
 flags.DEFINE_integer("batch", 1, "batch size")
 flags.DEFINE_integer("heads", 8, "attention heads")
@@ -85,9 +87,7 @@ def main(argv):
         print(f"{s} tokens: sparse/dense time {s_row['ms'] / d_row['ms']:.2f}x, temp memory "
               f"{s_row['temp_mb'] / d_row['temp_mb']:.2f}x ({kept:.0%} of blocks kept)", flush=True)
     if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        report.write_json(FLAGS.json, results, indent=2)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from absl import app, flags  # noqa: E402
 
+import report  # noqa: E402  (benchmarks/report.py)
+
 flags.DEFINE_enum("model", "bench", ["bench", "tiny", "moe_tiny"], "which model's step")
 flags.DEFINE_integer("steps", 3, "profiled steps (after 2 warm-up steps)")
 flags.DEFINE_integer("top", 25, "ops listed")
@@ -254,8 +256,7 @@ def main(_):
               f"{100 * r['share']:.1f}% | {r['gflop_per_step']} | {r['mb_per_step']} | "
               f"{r['floor_ms']} | {r['over_floor']} |")
     if FLAGS.json:
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        report.write_json(FLAGS.json, result, indent=1)
         with open(FLAGS.json.rsplit(".", 1)[0] + ".hlo.txt", "w", encoding="utf-8") as f:
             f.write(hlo)
 

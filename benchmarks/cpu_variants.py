@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import report  # noqa: E402  (benchmarks/report.py)
+
 flags.DEFINE_list("shape", ["8", "256", "512", "2048"], "MLP B,S,D,M")
 flags.DEFINE_list("moe_shape", ["32", "8", "10", "128", "512"], "MoE G,E,C,D,M")
 flags.DEFINE_integer("iters", 9, "timed calls per variant (after 2 warm-up calls)")
@@ -113,8 +115,7 @@ def main(_):
             rows.append(dict(name=k, shape=shape, ms=round(v, 2), ratio_to_first=round(v / first, 3)))
             print(json.dumps(rows[-1]), flush=True)
     if FLAGS.json:
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        report.write_json(FLAGS.json, rows, indent=1)
 
 
 if __name__ == "__main__":

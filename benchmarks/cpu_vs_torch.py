@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import report  # noqa: E402  (benchmarks/report.py)
+
 OPS = ("mlp", "mlp_relu", "attention", "moe_capacity", "moe_dropless", "block")
 flags.DEFINE_list("ops", list(OPS), f"which rows, from {OPS}")
 flags.DEFINE_integer("batch", 8, "batch B (MoE: routing groups)")
@@ -215,8 +217,7 @@ def main(_):
         if not diff < 1e-3 * max(1.0, math.sqrt(d)):
             raise SystemExit(f"{op}: JAX and PyTorch forwards differ by {diff}: not the same math")
     if FLAGS.json:
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        report.write_json(FLAGS.json, rows, indent=1)
 
 
 if __name__ == "__main__":

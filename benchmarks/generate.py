@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from absl import app, flags  # noqa: E402
 
+import report  # noqa: E402  (benchmarks/report.py)
+
 flags.DEFINE_integer("batch_size", 8, "rows decoded together")
 flags.DEFINE_integer("max_new", 128, "new tokens per row")
 flags.DEFINE_integer("text_len", 160, "data.text_len (>= prompt + max_new)")
@@ -86,9 +88,7 @@ def main(_):
         speedup=uncached_s / cached_s, same_tokens=same)
     print(json.dumps(result, indent=2))
     if FLAGS.json:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json)), exist_ok=True)
-        with open(FLAGS.json, "w") as f:
-            json.dump(result, f, indent=2)
+        report.write_json(FLAGS.json, result, indent=2)
 
 
 if __name__ == "__main__":

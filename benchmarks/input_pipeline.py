@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from absl import app, flags  # noqa: E402
 
+import report  # noqa: E402  (benchmarks/report.py)
+
 flags.DEFINE_string("json", "", "write the results here")
 flags.DEFINE_string("data_dir", "", "where to write shards and the tokenizer ('' = a temp dir)")
 flags.DEFINE_integer("copies", 5, "copies of each of the 20 photos (records = 20 x copies)")
@@ -162,8 +164,7 @@ def main(_):
     result["load_avg_1min_at_end"] = os.getloadavg()[0]
     print(json.dumps(result, indent=2))
     if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(result, f, indent=2)
+        report.write_json(FLAGS.json, result, indent=2)
 
 
 if __name__ == "__main__":

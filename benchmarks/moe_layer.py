@@ -24,6 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+import report  # noqa: E402  (benchmarks/report.py)
+
 flags.DEFINE_enum("shape", "default", ["default", "peer"], "preset shape (see above)")
 flags.DEFINE_integer("groups", 8, "routing groups (examples)")
 flags.DEFINE_integer("tokens", 256, "tokens per group")
@@ -127,8 +129,7 @@ def main(_):
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if FLAGS.json:
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1)
+        report.write_json(FLAGS.json, rows, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ handoff. Reports |delta W_l| of the stack's MLP input kernel, averaged over the 
 over the Pseudo weight's last |delta W|: a handoff that keeps the update size stays near
 1; `copy` (moments ~L and ~L**2 too large) shrinks it.
 """
-import json
 import os
 import sys
 
@@ -16,6 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "experiments"), os.path.join(ROOT, "tests")]
 
 from absl import app, flags  # noqa: E402
+
+import report  # noqa: E402  (benchmarks/report.py)
 
 flags.DEFINE_integer("num_layers", 16, "layers sharing the Pseudo weights (L)")
 flags.DEFINE_float("b2", 0.999, "AdamW b2")
@@ -80,8 +81,7 @@ def main(argv):
         print(f"{mode:7s} first Real step {ratios[0]:.2f}x, steps 15-{FLAGS.real_steps - 1}: "
               f"{min(late):.2f}-{max(late):.2f}x the Pseudo's last update", flush=True)
     if FLAGS.json:
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        report.write_json(FLAGS.json, result, indent=1)
 
 
 if __name__ == "__main__":

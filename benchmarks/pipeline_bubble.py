@@ -17,7 +17,6 @@ fixed. `measured_bubble` = 1 - t_plain / t_pipe against `formula_bubble`;
 (median over rounds), so a shared machine's load hits them alike. On real accelerators
 the bubble is idle time instead; the fraction is the same.
 """
-import json
 import os
 import sys
 import time
@@ -27,6 +26,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 from absl import app, flags  # noqa: E402
+
+import report  # noqa: E402  (benchmarks/report.py)
 
 flags.DEFINE_integer("devices", 8, "fake CPU devices (stage x data)")
 flags.DEFINE_integer("stages", 4, "mesh.stage")
@@ -126,8 +127,7 @@ def main(_):
               f"{r['formula_bubble']:>8.1%} {r['measured_bubble']:>9.1%} {r['step_ms']:>8.1f} "
               f"{r['plain_step_ms']:>9.1f} {r['per_iteration_ms']:>8.2f}")
     if FLAGS.json:
-        with open(FLAGS.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+        report.write_json(FLAGS.json, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 from absl import app, flags  # noqa: E402
 
+import report  # noqa: E402  (benchmarks/report.py)
+
 flags.DEFINE_integer("emb_dim", 512, "model width")
 flags.DEFINE_integer("num_layers", 4, "layers")
 flags.DEFINE_integer("num_heads", 8, "attention heads")
@@ -126,8 +128,7 @@ def main(_):
         tokens_per_s=b * (grid * grid + t) / step_s, loss=float(m["loss"]))
     print(json.dumps(result, indent=2))
     if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
-            json.dump(result, f, indent=2)
+        report.write_json(FLAGS.json, result, indent=2)
 
 
 if __name__ == "__main__":
