@@ -82,8 +82,9 @@ def train(config, workdir: str) -> dict:
     step_tokens = config.batch_size * (pipe.num_patches + pipe.text_len)
     logging.info("peak %.1f TFLOP/s (%s); %.2f GFLOP per step", peak / 1e12, peak_src,
                  step_flops / 1e9)
-    if main and pipeline.from_config(config).active:
-        print(pipeline.from_config(config).describe(), flush=True)
+    schedule = pipeline.from_config(config)
+    if main and schedule.active:
+        print(schedule.describe(), flush=True)
 
     writer = MetricsWriter(workdir, enabled=main, resume_step=start)
     initial_eval = run_ckpt.meta.get("initial_eval") or stage.evaluator.losses(stage.params(state))
@@ -169,29 +170,35 @@ def train(config, workdir: str) -> dict:
         mfu=step_flops / step_s / peak, peak_flops=peak, peak_flops_source=peak_src,
         num_params=num_params, num_devices=len(devices), mesh=dict(mesh.shape),
         stage=stage.name, pseudo_to_real_switch_step=p2r.switch_step(config), train_s=train_s,
-        pipeline_bubble=pipeline.from_config(config).bubble,
+        pipeline_bubble=schedule.bubble,
         wall_s=time.time() - t_start, **moe_metrics.summary(m, writer.last))
     summary.update(t2i_evaluate.summary(config, stage.model, mesh, stage.params(state), pipe, workdir))
     writer.write(config.total_steps, {k: summary[k] for k in ("eval_loss", "caption_accuracy")
                                       if summary[k] is not None}, jsonl=False)
     writer.close()
     if main:
-        with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(_strict(summary), f, indent=2, ensure_ascii=False, allow_nan=False)
-        labelled = summary["caption_accuracy"] is not None
-        print("\nGenerated captions (held-out digits):" if labelled else
-              "\nGenerated captions (held-out records, reference -> generated):")
-        for line in captions["examples"][: config.num_caption_samples]:
-            print("  " + line)
-        accuracy = (f"caption accuracy {summary['caption_accuracy']:.1%}" if labelled else
-                    "caption accuracy n/a (no digit labels; caption overlap F1 "
-                    f"{summary['caption_overlap_f1']:.2f})")
-        print(f"\n{accuracy} | eval loss "
-              f"{summary['initial_eval_loss']:.3f} -> {summary['eval_loss']:.3f} | "
-              f"{summary['tokens_per_s']:,.0f} tok/s | mfu {summary['mfu']:.1%} | "
-              f"wall {summary['wall_s']:.0f} s | {os.path.join(workdir, 'summary.json')}",
-              flush=True)
+        _write_and_print_summary(summary, captions["examples"][: config.num_caption_samples],
+                                 workdir)
     return summary
+
+
+def _write_and_print_summary(summary, examples, workdir) -> None:
+    """summary.json (strict JSON), then the captions and the one-line result a user reads."""
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(_strict(summary), f, indent=2, ensure_ascii=False, allow_nan=False)
+    labelled = summary["caption_accuracy"] is not None
+    print("\nGenerated captions (held-out digits):" if labelled else
+          "\nGenerated captions (held-out records, reference -> generated):")
+    for line in examples:
+        print("  " + line)
+    accuracy = (f"caption accuracy {summary['caption_accuracy']:.1%}" if labelled else
+                "caption accuracy n/a (no digit labels; caption overlap F1 "
+                f"{summary['caption_overlap_f1']:.2f})")
+    print(f"\n{accuracy} | eval loss "
+          f"{summary['initial_eval_loss']:.3f} -> {summary['eval_loss']:.3f} | "
+          f"{summary['tokens_per_s']:,.0f} tok/s | mfu {summary['mfu']:.1%} | "
+          f"wall {summary['wall_s']:.0f} s | {os.path.join(workdir, 'summary.json')}",
+          flush=True)
 
 
 def _summary_exists(workdir) -> bool:
