@@ -9,7 +9,7 @@ r"""Generate with a trained M6: captions of images or continuations of text (KV 
       --strategy=mask --num_samples=16     # a text-to-image run (configs/m6_t2i.py)
 
 Reads the config stored with the newest checkpoint of --workdir, its params and the
-run's tokenizer. --image: any PNG/JPEG, converted to grayscale, resized to
+run's tokenizer. --image: any PNG/JPEG, converted to the run's channels, resized to
 data.image_size and scaled as the run's training images (for a run on the shipped
 digits, light backgrounds are inverted unless --invert=no: the digits are bright ink on
 black; a run on your own images sees them as they are unless --invert=yes). --prompt: text
@@ -59,9 +59,7 @@ _SHOW_INPUT = flags.DEFINE_string("show_input", "", "Write the image grid(s) the
 def load_image_patches(path: str, data_cfg, invert: str):
     """--image -> patches f32 [P, patch_dim] as the run's training images; one-line refusals."""
     from m6jax.data import images
-    if not os.path.isfile(path):
-        cli.refuse(f"flag error: --image={path}: no such file")
-    try:
+    try:  # (a missing file was refused by _check_flags)
         return images.model_input(os.path.abspath(path), data_cfg, invert)
     except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         cli.refuse(f"flag error: --image={path} cannot be read as an image ({type(e).__name__}: "
