@@ -1,6 +1,6 @@
 """Mutation checks: break a feature on purpose and see its tests go red.
 
-  python tests/mutations.py              # every case (about 6 minutes on 2 cores)
+  python tests/mutations.py              # every case (about 8 minutes on 2 cores)
   python tests/mutations.py no_groups    # one case
 
 Each case replaces one exact snippet of the source (it must occur as often as the case
@@ -35,6 +35,9 @@ CASES = {
     "loader_from_0": ("m6jax/train/loop.py", "batches = pipe.loader(start, config.total_steps,",
                       "batches = pipe.loader(0, config.total_steps,", 1,
                       ["tests/test_photos_e2e.py", "-m", "", "-k", "resumes"]),
+    "negative_warmup": ("m6jax/config_checks.py", "if o.warmup_steps < 0 or o.warmup_steps",
+                        "if o.warmup_steps", 1,
+                        ["tests/test_bad_inputs.py", "-m", "", "-k", "warmup"]),
     "invert_photos": ("m6jax/data/images.py", '(invert == "auto" and digits and image.mean()',
                       '(invert == "auto" and image.mean()', 1, ["tests/test_generate_image.py"]),
     "show_normalised": ("m6jax/data/images.py", "    imgs = denormalise(imgs)\n", "", 1,
