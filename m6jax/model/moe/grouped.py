@@ -60,13 +60,19 @@ def layout(expert, num_experts: int, block: int, live=None) -> Layout:
                   (jnp.sum(padded) // block).astype(jnp.int32))
 
 
-def _blocks(x, w, block_expert, used, block: int):
-    """y[b] = x[b] @ w[block_expert[b]] for the used blocks; unused blocks stay 0."""
+def _blocks(x, w, block_expert, used, block: int, transpose_w: bool = False):
+    """y[b] = x[b] @ w[block_expert[b]] (or its transpose) for the used blocks; unused
+    blocks stay 0. `transpose_w` contracts w's last axis: the backward's dy @ w^T
+    without a transposed copy of every expert's weight (one full weight pass)."""
+    contract = (((1,), (1,)), ((), ())) if transpose_w else (((1,), (0,)), ((), ()))
+
     def body(b, y):
         xb = jax.lax.dynamic_slice_in_dim(x, b * block, block, 0)
         wb = jax.lax.dynamic_index_in_dim(w, block_expert[b], 0, keepdims=False)
-        return jax.lax.dynamic_update_slice_in_dim(y, (xb @ wb).astype(y.dtype), b * block, 0)
-    return jax.lax.fori_loop(0, used, body, jnp.zeros((x.shape[0], w.shape[-1]), x.dtype))
+        yb = jax.lax.dot_general(xb, wb, contract)
+        return jax.lax.dynamic_update_slice_in_dim(y, yb.astype(y.dtype), b * block, 0)
+    out = w.shape[1] if transpose_w else w.shape[2]
+    return jax.lax.fori_loop(0, used, body, jnp.zeros((x.shape[0], out), x.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -82,7 +88,7 @@ def _gmm_fwd(x, w, block_expert, used, block):
 
 def _gmm_bwd(block, res, dy):
     x, w, block_expert, used = res
-    dx = _blocks(dy, jnp.swapaxes(w, 1, 2), block_expert, used, block)
+    dx = _blocks(dy, w, block_expert, used, block, transpose_w=True)
 
     def body(b, dw):
         xb = jax.lax.dynamic_slice_in_dim(x, b * block, block, 0)
