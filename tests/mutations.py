@@ -16,7 +16,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # name: (file, snippet, replacement, occurrences, pytest arguments)
 CASES = {
     "blocked_layout": ("m6jax/model/moe/grouped.py", 'side="right"', 'side="left"', 1,
-                       ["tests/test_moe_layer.py", "-k", "blocked"]),
+                       ["tests/test_moe_grouped.py", "-k", "reference"]),
+    "blocked_full_sets": ("m6jax/model/moe/grouped.py", "first=k < n_sized", "first=True", 1,
+                          ["tests/test_moe_grouped.py", "-k", "reference"]),
+    "blocked_small_blocks": ("m6jax/model/moe/grouped.py", "    sizes = {16, 32, 48, 64}\n",
+                             "    sizes = {16}\n    top = 16\n", 1,
+                             ["tests/test_moe_grouped.py", "-k", "one_block"]),
+    "blocked_dropout_fused": ("m6jax/model/moe/layer.py",
+                              "pure = self.deterministic or not self.dropout_rate",
+                              "pure = True", 1, ["tests/test_moe_grouped.py", "-k", "dropout"]),
     "score_as_order": ("m6jax/model/moe/dispatch.py", 'priority == "score"',
                        'priority == "never"', 2, ["tests/test_moe_layer.py", "-k", "score"]),
     "no_groups": ("m6jax/model/moe/layer.py",

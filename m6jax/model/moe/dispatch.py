@@ -160,32 +160,35 @@ def dropless_ragged(x, routing: Routing, wi, wo, activation):
     return _combine_rows(jnp.zeros_like(y).at[order].set(y), routing)
 
 
-def block_rows(num_choices: int, num_experts: int) -> int:
-    """Rows per block of the blocked path: about half an expert's mean share, 8 to 128
-    (measured on this CPU, BENCHMARKS.md): smaller blocks waste less padding, larger
-    ones run faster matmuls."""
-    share = max(1, num_choices // (2 * num_experts))
-    return int(min(128, max(8, 1 << (share.bit_length() - 1))))
+def _grouped_mlp(rows, expert, wi, wo, activation, fused: bool, live=None, live_rows: int = 0):
+    """rows [N, D] each for expert[N] -> [N, D] through the block-padded grouped matmuls
+    (grouped.py); a dead row (live False) gets 0. `fused` runs both matmuls and the
+    activation per block; an activation with dropout (RNG) runs as two matmul passes.
+    live_rows: the expected live rows, which sizes the blocks (default N)."""
+    sizes = grouped.block_sizes(live_rows or rows.shape[0], wi.shape[0])
+    lay = grouped.layout(expert, wi.shape[0], sizes, live)
+    xs = grouped.gather_rows(rows, lay)                                  # [R, D]
+    if fused:
+        y = grouped.expert_mlp(xs, wi, wo, lay, activation)
+    else:
+        y = grouped.gmm(activation(grouped.gmm(xs, wi, lay)), wo, lay)
+    return grouped.scatter_rows(y, lay)
 
 
-def dropless_blocked(x, routing: Routing, wi, wo, activation, block: int = 0):
+def dropless_blocked(x, routing: Routing, wi, wo, activation, fused: bool = True):
     """Every choice computed, none dropped: choices sorted by expert into block-padded
-    rows, one grouped matmul loop per weight (grouped.py). Same contract as
-    `dropless_ragged`."""
-    k, e = routing.expert_index.shape[-1], wi.shape[0]
-    expert = routing.expert_index.reshape(-1)                           # [N]
-    block = block or block_rows(expert.shape[0], e)
-    lay = grouped.layout(expert, e, block)
-    xs = grouped.gather_rows(_choice_rows(x, k), lay.slot_choice)       # [R, D]
-    h = activation(grouped.gmm(xs, wi.astype(x.dtype), lay.block_expert, lay.used_blocks, block))
-    y = grouped.gmm(h, wo.astype(x.dtype), lay.block_expert, lay.used_blocks, block)
-    return _combine_rows(jnp.take(y, lay.row, axis=0), routing)
+    rows, a block per expert (grouped.py). Same contract as `dropless_ragged`."""
+    k = routing.expert_index.shape[-1]
+    y = _grouped_mlp(_choice_rows(x, k), routing.expert_index.reshape(-1),
+                     wi.astype(x.dtype), wo.astype(x.dtype), activation, fused)
+    return _combine_rows(y, routing)
 
 
-def expert_mlp_rows(rows, expert, live, wi, wo, activation, impl: str, block: int = 0):
+def expert_mlp_rows(rows, expert, live, wi, wo, activation, impl: str, fused: bool = True,
+                    live_rows: int = 0):
     """rows [N, D] each for expert[N] of wi's E (live False: an empty row, output 0)
     -> [N, D]: the dropless expert MLP over a flat set of rows (expert parallelism's
-    received buffer)."""
+    received buffer, of which about `live_rows` are live)."""
     e = wi.shape[0]
     if impl == "ragged_dot":
         key = jnp.where(live, expert, e)
@@ -195,9 +198,4 @@ def expert_mlp_rows(rows, expert, live, wi, wo, activation, impl: str, block: in
         y = jax.lax.ragged_dot(h, wo, sizes)
         y = jnp.where(jnp.arange(y.shape[0])[:, None] < jnp.sum(sizes), y, 0)
         return jnp.zeros_like(y).at[order].set(y)
-    block = block or block_rows(rows.shape[0], e)
-    lay = grouped.layout(expert, e, block, live)
-    xs = grouped.gather_rows(rows, lay.slot_choice)
-    h = activation(grouped.gmm(xs, wi, lay.block_expert, lay.used_blocks, block))
-    y = grouped.gmm(h, wo, lay.block_expert, lay.used_blocks, block)
-    return jnp.take(y, lay.row, axis=0, mode="fill", fill_value=0)
+    return _grouped_mlp(rows, expert, wi, wo, activation, fused, live, live_rows)

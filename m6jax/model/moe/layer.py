@@ -98,7 +98,11 @@ class MoeMlp(nn.Module):
         wi_c, wo_c = wi.astype(self.dtype), wo.astype(self.dtype)
         if cfg.dispatch in DROPLESS or not factor:
             impl = dropless_impl(cfg.dispatch if cfg.dispatch in DROPLESS else "dropless")
-            y = parallel.dropless(x, routing, wi_c, wo_c, hidden, impl)
+            # Without dropout the hidden activation is a pure function the grouped
+            # matmuls can fuse; with it (RNG) they run as two passes around `hidden`.
+            pure = self.deterministic or not self.dropout_rate
+            y = parallel.dropless(x, routing, wi_c, wo_c,
+                                  ACTIVATIONS[self.activation] if pure else hidden, impl, pure)
             kept = jnp.broadcast_to(valid[..., None], routing.expert_index.shape)
         else:
             cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))

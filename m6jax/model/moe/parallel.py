@@ -76,23 +76,25 @@ def from_experts(y_gecd):
     return f(y_gecd)
 
 
-def dropless(x, routing, wi, wo, activation, impl: str):
+def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True):
     """x [G, S, D] -> [G, S, D]: every choice through its expert (`impl`: blocked or
-    ragged_dot), none dropped; with an expert mesh, tokens travel, weights do not."""
+    ragged_dot), none dropped; with an expert mesh, tokens travel, weights do not.
+    fused: `activation` has no RNG, so the blocked path may fuse it (dispatch.py)."""
     mesh = _expert_mesh()
     if mesh is None:
         if impl == "ragged_dot":
             return dsp.dropless_ragged(x, routing, wi, wo, activation)
-        return dsp.dropless_blocked(x, routing, wi, wo, activation)
+        return dsp.dropless_blocked(x, routing, wi, wo, activation, fused)
     batch = _batch_axes() or None
     tok, w = P(batch, None, None), P(EXPERT_AXIS, None, None)
-    f = jax.shard_map(lambda *a: _dropless_local(*a, activation=activation, impl=impl),
+    f = jax.shard_map(lambda *a: _dropless_local(*a, activation=activation, impl=impl,
+                                                 fused=fused),
                       mesh=mesh, in_specs=(tok, tok, tok, w, w), out_specs=tok,
                       check_vma=False)  # the grouped-matmul loops start from unvarying zeros
     return f(x, routing.expert_index, routing.combine_weight, wi, wo)
 
 
-def _dropless_local(x, expert_index, combine_weight, wi, wo, activation, impl):
+def _dropless_local(x, expert_index, combine_weight, wi, wo, activation, impl, fused):
     """One device: its groups' tokens x [g, S, D], its experts' weights wi [E/n, D, M]."""
     n = jax.lax.axis_size(EXPERT_AXIS)
     g, s, d = x.shape
@@ -112,6 +114,6 @@ def _dropless_local(x, expert_index, combine_weight, wi, wo, activation, impl):
     recv, recv_e = exchange(send), exchange(send_e)                      # [n * N, ...]
     live = recv_e >= 0
     y = dsp.expert_mlp_rows(recv, jnp.maximum(recv_e, 0), live, wi, wo, activation, impl,
-                            block=dsp.block_rows(nc, e_local))
+                            fused, live_rows=nc)
     y = exchange(y)[flat].reshape(g, s, k, d)                            # back at the source
     return jnp.einsum("gskd,gsk->gsd", y, combine_weight.astype(y.dtype))
