@@ -34,7 +34,7 @@ flags.DEFINE_integer("mlp_dim", 1024, "expert hidden width M")
 flags.DEFINE_list("experts", ["8", "32"], "expert counts E")
 flags.DEFINE_list("routers", ["topk:1", "topk:2", "prototype:2", "hash:1", "domain:1"],
                   "router:k pairs")
-flags.DEFINE_list("dispatches", ["gather", "einsum", "blocked", "ragged_dot"],
+flags.DEFINE_list("dispatches", ["gather", "einsum", "grouped", "blocked", "ragged_dot"],
                   "dispatch schemes")
 flags.DEFINE_integer("group_size", 0, "model.moe.group_size (0 = one example per group)")
 flags.DEFINE_enum("priority", "order", ["order", "score"], "model.moe.priority")

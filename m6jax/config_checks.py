@@ -184,6 +184,11 @@ def _check_moe_groups(config, moe, sizes: dict[str, int]) -> None:
                          f"device and microbatch, {local} (batch_size={config.batch_size} / "
                          f"{shards * accum} batch shards x {seq} tokens per example), so that "
                          "no routing group spans two devices")
+    if moe.dispatch == "grouped" and (sizes["expert"] > 1 or sizes.get("stage", 1) > 1):
+        raise ValueError(
+            "model.moe.dispatch='grouped' runs each device's tokens through all experts "
+            f"(mesh.expert={sizes['expert']}, mesh.stage={sizes.get('stage', 1)} must be 1): use "
+            "model.moe.dispatch='gather' to shard experts or stages")
     dropless = moe.dispatch in DROPLESS or not moe.capacity_factor or not moe.eval_capacity_factor
     if dropless and sizes["expert"] > 1 and (sizes["fsdp"] > 1 or sizes["tensor"] > 1):
         raise ValueError(

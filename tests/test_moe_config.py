@@ -22,6 +22,9 @@ def _config(**mesh):
     (dict(data=2, tensor=2, expert=2), dict(dispatch="ragged_dot"),
      r"model.moe.dispatch='ragged_dot' \(dropless\) with mesh.expert=2 needs mesh.fsdp=1 and "
      r"mesh.tensor=1"),
+    (dict(data=2, expert=4), dict(dispatch="grouped"),
+     r"model.moe.dispatch='grouped' runs each device's tokens through all experts "
+     r"\(mesh.expert=4, mesh.stage=1 must be 1\)"),
 ])
 def test_bad_moe_routing_fields_are_refused_naming_the_field(mesh, edit, message):
     c = _config(**mesh)

@@ -126,7 +126,7 @@ ROUTER_CASES = [("topk", 1), ("topk", 2), ("prototype", 2), ("prototype", 4), ("
                 ("domain", 1)]
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "einsum", "blocked", "ragged_dot"])
+@pytest.mark.parametrize("dispatch", ["gather", "einsum", "grouped", "blocked", "ragged_dot"])
 @pytest.mark.parametrize("router, k", ROUTER_CASES, ids=lambda v: str(v))
 def test_layer_matches_per_token_reference_when_nothing_dropped(router, k, dispatch):
     cfg = moe_cfg(router=router, k=k, dispatch=dispatch)
@@ -136,7 +136,8 @@ def test_layer_matches_per_token_reference_when_nothing_dropped(router, k, dispa
     assert metrics["dropped_fraction"] == 0.0
 
 
-@pytest.mark.parametrize("dispatch", ["gather", pytest.param("einsum", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("dispatch", ["gather", "grouped",
+                                      pytest.param("einsum", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("router, k", ROUTER_CASES, ids=lambda v: str(v))
 def test_groups_and_score_priority_match_the_reference_with_drops(router, k, dispatch):
     # Groups of 15 tokens span examples (S = 10); capacity 0.5 drops about half.

@@ -18,11 +18,16 @@ model.moe fields:
   aux_loss_weight       Switch load-balancing loss weight (0 allowed)
   z_loss_weight         router z-loss weight (0 allowed)
   jitter                multiplicative router-input noise in [1-j, 1+j] while training
-  dispatch              gather (index gathers; default: fastest on this CPU for every
-                        router and E in {8, 32}, see BENCHMARKS.md) | einsum (one-hot
-                        matmuls) | dropless (the backend's fastest dropless path:
-                        blocked on CPU, ragged_dot on GPU/TPU) | blocked (sort +
-                        block-padded grouped matmul) | ragged_dot (jax.lax.ragged_dot)
+  dispatch              capacity paths (the same choices drop in all three):
+                          gather   [G, E, C, D] slots by index gathers (the default;
+                                   shards experts over mesh.expert)
+                          einsum   the same slots by one-hot matmuls
+                          grouped  the kept choices through the grouped matmuls, no
+                                   slot buffer (tiny and the routing ablations: the
+                                   fastest on this CPU, BENCHMARKS.md; mesh.expert=1)
+                        dropless paths: dropless (the backend's fastest: blocked on
+                        CPU, ragged_dot on GPU/TPU) | blocked (sort + a block per
+                        expert, grouped matmuls) | ragged_dot (jax.lax.ragged_dot)
   group_size            tokens per routing group: consecutive tokens of consecutive
                         examples; must divide the tokens per device and microbatch;
                         0 = one example per group (tiny/small/base: 4 examples)
@@ -62,7 +67,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                              f"of {', '.join(ABLATION_ROUTINGS)} (optionally + '_noaux')")
         router, k = ABLATION_ROUTINGS[name]
         c = m6.get_config("tiny")
-        c.model.moe = moe_section(router=router, k=k,
+        c.model.moe = moe_section(router=router, k=k, dispatch="grouped",
                                   aux_loss_weight=0.0 if noaux else 0.01)
         c.variant = arg
         return c
@@ -71,4 +76,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # uniform routing instead of 4.5% with one example per group), slots by score.
     seq = (c.data.image_size // c.data.patch_size) ** 2 + c.data.text_len
     c.model.moe = moe_section(group_size=4 * seq, priority="score")
+    if arg == "tiny":  # the CPU quickstart: measured fastest here (BENCHMARKS.md)
+        c.model.moe.dispatch = "grouped"
     return c

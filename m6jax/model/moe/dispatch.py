@@ -8,6 +8,9 @@ to build the [G, E, C, D] expert inputs and to combine [G, E, C, D] outputs:
   einsum  one-hot dispatch / combine tensors [G, S, E, C] and matmuls (GShard, t5x);
           costs O(S * E * C * D) per group, i.e. grows with S^2.
   gather  slot -> token indices and gathers (scatter-adds in the backward); O(S * D).
+A third, `grouped`, keeps the same slots (so the same choices drop) but builds no
+[G, E, C, D] buffer: the kept choices go through the dropless path's grouped matmuls, so
+empty slots cost nothing (the fast capacity path on CPU, BENCHMARKS.md).
 Dropless paths: choices sorted by expert, then grouped matmuls: `blocked` (block-padded
 rows, grouped.py; the fast one on CPU) or `ragged_dot` (`jax.lax.ragged_dot`).
 
@@ -144,6 +147,7 @@ def _combine_rows(y_nd, routing: Routing):
     return jnp.einsum("gskd,gsk->gsd", y, routing.combine_weight.astype(y.dtype))
 
 
+
 def dropless_ragged(x, routing: Routing, wi, wo, activation):
     """Every choice computed, none dropped: sort choices by expert, `jax.lax.ragged_dot`.
 
@@ -182,6 +186,19 @@ def dropless_blocked(x, routing: Routing, wi, wo, activation, fused: bool = True
     y = _grouped_mlp(_choice_rows(x, k), routing.expert_index.reshape(-1),
                      wi.astype(x.dtype), wo.astype(x.dtype), activation, fused)
     return _combine_rows(y, routing)
+
+
+def capacity_grouped(x, expert_index, combine_weight, kept, wi, wo, activation,
+                     fused: bool = True):
+    """x [G, S, D] -> [G, S, D]: the capacity path's kept choices (kept [G, S, K], from
+    `assign_slots`) through the grouped matmuls; a dropped choice contributes 0, as in
+    `combine_gather`."""
+    k = expert_index.shape[-1]
+    y = _grouped_mlp(_choice_rows(x, k), expert_index.reshape(-1), wi, wo, activation, fused,
+                     live=kept.reshape(-1))
+    g, s, _ = expert_index.shape
+    y = y.reshape(g, s, k, -1)
+    return jnp.einsum("gskd,gsk->gsd", y, combine_weight.astype(y.dtype))
 
 
 def expert_mlp_rows(rows, expert, live, wi, wo, activation, impl: str, fused: bool = True,

@@ -14,7 +14,7 @@ from m6jax.model.moe import parallel, routers
 
 # `dropless` is the backend's fastest dropless path: `blocked` on CPU (measured,
 # BENCHMARKS.md); `ragged_dot` where XLA has a native grouped matmul (GPU, TPU).
-DISPATCHES = ("gather", "einsum", "dropless", "blocked", "ragged_dot")
+DISPATCHES = ("gather", "einsum", "grouped", "dropless", "blocked", "ragged_dot")
 DROPLESS = ("dropless", "blocked", "ragged_dot")
 
 
@@ -96,14 +96,18 @@ class MoeMlp(nn.Module):
 
         factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         wi_c, wo_c = wi.astype(self.dtype), wo.astype(self.dtype)
+        # Without dropout the hidden activation is a pure function the grouped matmuls
+        # can fuse; with it (RNG) they run as two passes around `hidden`.
+        pure = self.deterministic or not self.dropout_rate
+        act = ACTIVATIONS[self.activation] if pure else hidden
         if cfg.dispatch in DROPLESS or not factor:
             impl = dropless_impl(cfg.dispatch if cfg.dispatch in DROPLESS else "dropless")
-            # Without dropout the hidden activation is a pure function the grouped
-            # matmuls can fuse; with it (RNG) they run as two passes around `hidden`.
-            pure = self.deterministic or not self.dropout_rate
-            y = parallel.dropless(x, routing, wi_c, wo_c,
-                                  ACTIVATIONS[self.activation] if pure else hidden, impl, pure)
+            y = parallel.dropless(x, routing, wi_c, wo_c, act, impl, pure)
             kept = jnp.broadcast_to(valid[..., None], routing.expert_index.shape)
+        elif cfg.dispatch == "grouped":
+            cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))
+            kept = dsp.assign_slots(routing, e, cap, valid, cfg.get("priority", "order")).kept
+            y = parallel.capacity_grouped(x, routing, kept, wi_c, wo_c, act, pure)
         else:
             cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))
             slots = dsp.assign_slots(routing, e, cap, valid, cfg.get("priority", "order"))

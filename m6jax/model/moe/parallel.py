@@ -94,6 +94,24 @@ def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True):
     return f(x, routing.expert_index, routing.combine_weight, wi, wo)
 
 
+def capacity_grouped(x, routing, kept, wi, wo, activation, fused: bool = True):
+    """x [G, S, D] -> [G, S, D]: the capacity path's kept choices through the grouped
+    matmuls (dispatch.capacity_grouped). On a mesh each device sorts its own groups'
+    choices (a shard_map over the batch axes): left to GSPMD the sort would all-gather
+    every device's routing. mesh.expert > 1 is refused by the config check."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = tuple(a for a in _batch_axes() if not mesh.empty and mesh.shape.get(a, 1) > 1)
+    local = lambda x, e, c, kept, wi, wo: dsp.capacity_grouped(x, e, c, kept, wi, wo,
+                                                               activation, fused)
+    args = (x, routing.expert_index, routing.combine_weight, kept, wi, wo)
+    if not batch:
+        return local(*args)
+    tok = P(batch, None, None)
+    f = jax.shard_map(local, mesh=mesh, in_specs=(tok,) * 4 + (P(), P()), out_specs=tok,
+                      check_vma=False)  # the grouped-matmul loops start from unvarying zeros
+    return f(*args)
+
+
 def _dropless_local(x, expert_index, combine_weight, wi, wo, activation, impl, fused):
     """One device: its groups' tokens x [g, S, D], its experts' weights wi [E/n, D, M]."""
     n = jax.lax.axis_size(EXPERT_AXIS)
