@@ -3,6 +3,7 @@ r"""Per-op account of one train step on CPU: which fusions and dots take the tim
   python benchmarks/cpu_profile.py --model=bench --json=/tmp/prof_bench.json
   python benchmarks/cpu_profile.py --model=tiny      # experiments/configs/m6.py:tiny
   python benchmarks/cpu_profile.py --model=moe_tiny  # experiments/configs/m6_moe.py:tiny
+  python benchmarks/cpu_profile.py --model=moe_tiny --moe_dispatch=gather   # another dispatch
 
 Runs the real train step (`make_train_step`) of the chosen model under `jax.profiler`
 for --steps steps, reads the per-thunk events of XLA:CPU's trace and joins them with the
@@ -31,6 +32,7 @@ from absl import app, flags  # noqa: E402
 import report  # noqa: E402  (benchmarks/report.py)
 
 flags.DEFINE_enum("model", "bench", ["bench", "tiny", "moe_tiny"], "which model's step")
+flags.DEFINE_string("moe_dispatch", "", "moe_tiny: model.moe.dispatch instead of the config's")
 flags.DEFINE_integer("steps", 3, "profiled steps (after 2 warm-up steps)")
 flags.DEFINE_integer("top", 25, "ops listed")
 flags.DEFINE_string("json", "", "write the table here")
@@ -152,6 +154,8 @@ def _build(model_name):
         c.data.text_len, grid, patch_dim, b = 240, 4, 4, 8
     else:
         c = (m6_config if model_name == "tiny" else m6_moe).get_config("tiny")
+        if model_name == "moe_tiny" and FLAGS.moe_dispatch:
+            c.model.moe.dispatch = FLAGS.moe_dispatch
         grid = c.data.image_size // c.data.patch_size
         patch_dim = c.data.patch_size ** 2 * c.data.image_channels
         b = c.batch_size
