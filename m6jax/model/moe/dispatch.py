@@ -141,11 +141,11 @@ def _choice_rows(x, k):
     return rows if k == 1 else jnp.repeat(rows, k, axis=0)             # [G*S*K, D]
 
 
-def _combine_rows(y_nd, routing: Routing):
-    g, s, k = routing.expert_index.shape
+def _combine_rows(y_nd, combine_weight):
+    """Each choice's output row [G*S*K, D] -> [G, S, D], weighted by combine_weight."""
+    g, s, k = combine_weight.shape
     y = y_nd.reshape(g, s, k, -1)
-    return jnp.einsum("gskd,gsk->gsd", y, routing.combine_weight.astype(y.dtype))
-
+    return jnp.einsum("gskd,gsk->gsd", y, combine_weight.astype(y.dtype))
 
 
 def dropless_ragged(x, routing: Routing, wi, wo, activation):
@@ -161,7 +161,7 @@ def dropless_ragged(x, routing: Routing, wi, wo, activation):
     sizes = jnp.bincount(expert, length=e).astype(jnp.int32)
     h = activation(jax.lax.ragged_dot(rows, wi.astype(x.dtype), sizes))
     y = jax.lax.ragged_dot(h, wo.astype(x.dtype), sizes)                 # [N, D]
-    return _combine_rows(jnp.zeros_like(y).at[order].set(y), routing)
+    return _combine_rows(jnp.zeros_like(y).at[order].set(y), routing.combine_weight)
 
 
 def _grouped_mlp(rows, expert, wi, wo, activation, fused: bool, live=None, live_rows: int = 0):
@@ -185,7 +185,7 @@ def dropless_blocked(x, routing: Routing, wi, wo, activation, fused: bool = True
     k = routing.expert_index.shape[-1]
     y = _grouped_mlp(_choice_rows(x, k), routing.expert_index.reshape(-1),
                      wi.astype(x.dtype), wo.astype(x.dtype), activation, fused)
-    return _combine_rows(y, routing)
+    return _combine_rows(y, routing.combine_weight)
 
 
 def capacity_grouped(x, expert_index, combine_weight, kept, wi, wo, activation,
@@ -196,9 +196,7 @@ def capacity_grouped(x, expert_index, combine_weight, kept, wi, wo, activation,
     k = expert_index.shape[-1]
     y = _grouped_mlp(_choice_rows(x, k), expert_index.reshape(-1), wi, wo, activation, fused,
                      live=kept.reshape(-1))
-    g, s, _ = expert_index.shape
-    y = y.reshape(g, s, k, -1)
-    return jnp.einsum("gskd,gsk->gsd", y, combine_weight.astype(y.dtype))
+    return _combine_rows(y, combine_weight)
 
 
 def expert_mlp_rows(rows, expert, live, wi, wo, activation, impl: str, fused: bool = True,
