@@ -54,15 +54,18 @@ def test_data_expert_mesh_matches_one_device_without_gathering_experts(case, dev
     assert not expert_weight_all_gathers(hlo), expert_weight_all_gathers(hlo)[:3]
 
 
-def test_grouped_capacity_on_a_data_fsdp_mesh_matches_one_device_and_sorts_locally(
-        devices, monkeypatch):
-    # `grouped` sorts choices by expert; on a mesh each device must sort its own groups
-    # (shard_map over the batch axes). Left to GSPMD the sort all-gathers every device's
-    # expert indices (s32), which is what this HLO check catches.
-    _with_moe(monkeypatch, dispatch="grouped")
+@pytest.mark.parametrize("dispatch", ["grouped", pytest.param("blocked", marks=pytest.mark.slow)])
+def test_sorting_paths_on_a_data_fsdp_mesh_match_one_device_and_sort_locally(
+        dispatch, devices, monkeypatch):
+    # `grouped` and the dropless paths sort choices by expert; without an expert axis
+    # each device must sort its own groups (shard_map over the batch axes). Left to
+    # GSPMD the sort all-gathers every device's expert indices (s32), which is what this
+    # HLO check catches.
+    _with_moe(monkeypatch, dispatch=dispatch)
     (ref_loss, ref_m, ref_g), _ = _run((1, 1, 1, 1), devices)
     (loss, m, grads), hlo = _run((2, 2, 1, 1), devices)
-    assert ref_m["moe/dropped_fraction"] > 0, "the case should drop some tokens"
+    if dispatch == "grouped":
+        assert ref_m["moe/dropped_fraction"] > 0, "the case should drop some tokens"
     test_moe_mesh.assert_same_step((loss, m, grads), (ref_loss, ref_m, ref_g))
     index_gathers = [line.strip()[:160] for line in hlo.splitlines()
                      if re.search(r"\ball-gather(-start)?\(", line) and "= s32[" in line]

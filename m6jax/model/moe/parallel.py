@@ -82,9 +82,12 @@ def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True):
     fused: `activation` has no RNG, so the blocked path may fuse it (dispatch.py)."""
     mesh = _expert_mesh()
     if mesh is None:
-        if impl == "ragged_dot":
-            return dsp.dropless_ragged(x, routing, wi, wo, activation)
-        return dsp.dropless_blocked(x, routing, wi, wo, activation, fused)
+        def local(x, e, c, wi, wo):
+            r = dsp.Routing(e, c, None, None, None)  # the paths read only these two
+            if impl == "ragged_dot":
+                return dsp.dropless_ragged(x, r, wi, wo, activation)
+            return dsp.dropless_blocked(x, r, wi, wo, activation, fused)
+        return _per_device(local, (x, routing.expert_index, routing.combine_weight), (wi, wo))
     batch = _batch_axes() or None
     tok, w = P(batch, None, None), P(EXPERT_AXIS, None, None)
     f = jax.shard_map(lambda *a: _dropless_local(*a, activation=activation, impl=impl,
@@ -96,20 +99,26 @@ def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True):
 
 def capacity_grouped(x, routing, kept, wi, wo, activation, fused: bool = True):
     """x [G, S, D] -> [G, S, D]: the capacity path's kept choices through the grouped
-    matmuls (dispatch.capacity_grouped). On a mesh each device sorts its own groups'
-    choices (a shard_map over the batch axes): left to GSPMD the sort would all-gather
-    every device's routing. mesh.expert > 1 is refused by the config check."""
-    mesh = jax.sharding.get_abstract_mesh()
-    batch = tuple(a for a in _batch_axes() if not mesh.empty and mesh.shape.get(a, 1) > 1)
+    matmuls (dispatch.capacity_grouped), each device on its own groups (`_per_device`).
+    mesh.expert > 1 is refused by the config check."""
     local = lambda x, e, c, kept, wi, wo: dsp.capacity_grouped(x, e, c, kept, wi, wo,
                                                                activation, fused)
-    args = (x, routing.expert_index, routing.combine_weight, kept, wi, wo)
+    return _per_device(local, (x, routing.expert_index, routing.combine_weight, kept), (wi, wo))
+
+
+def _per_device(fn, tokens, weights):
+    """fn(*tokens, *weights) with every device on its own groups: a shard_map over the
+    mesh's batch axes (tokens [G, ...] split by group, weights whole). Left to GSPMD, a
+    sort by expert all-gathers every device's expert indices and runs on all tokens."""
+    mesh = jax.sharding.get_abstract_mesh()
+    batch = tuple(a for a in _batch_axes() if not mesh.empty and mesh.shape.get(a, 1) > 1)
     if not batch:
-        return local(*args)
-    tok = P(batch, None, None)
-    f = jax.shard_map(local, mesh=mesh, in_specs=(tok,) * 4 + (P(), P()), out_specs=tok,
+        return fn(*tokens, *weights)
+    tok = P(batch, *(None,) * (tokens[0].ndim - 1))
+    specs = tuple(P(batch, *(None,) * (t.ndim - 1)) for t in tokens) + (P(),) * len(weights)
+    f = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=tok,
                       check_vma=False)  # the grouped-matmul loops start from unvarying zeros
-    return f(*args)
+    return f(*tokens, *weights)
 
 
 def _dropless_local(x, expert_index, combine_weight, wi, wo, activation, impl, fused):
