@@ -104,24 +104,14 @@ class MoeMlp(nn.Module):
             impl = dropless_impl(cfg.dispatch if cfg.dispatch in DROPLESS else "dropless")
             y = parallel.dropless(x, routing, wi_c, wo_c, act, impl, pure)
             kept = jnp.broadcast_to(valid[..., None], routing.expert_index.shape)
-        elif cfg.dispatch == "grouped":
-            cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))
-            kept = dsp.assign_slots(routing, e, cap, valid, cfg.get("priority", "order")).kept
-            y = parallel.capacity_grouped(x, routing, kept, wi_c, wo_c, act, pure)
         else:
             cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))
             slots = dsp.assign_slots(routing, e, cap, valid, cfg.get("priority", "order"))
-            if cfg.dispatch == "einsum":
-                xe, combine = dsp.dispatch_einsum(x, routing, slots, e, cap)
-            else:
-                xe, flat = dsp.dispatch_gather(x, routing, slots, e, cap)
-            xe = parallel.to_experts(xe)                                 # [G, E, C, D]
-            ye = parallel.from_experts(_experts(xe, wi_c, wo_c, hidden))
-            if cfg.dispatch == "einsum":
-                y = dsp.combine_einsum(ye, combine)
-            else:
-                y = dsp.combine_gather(ye, flat, routing.combine_weight)
             kept = slots.kept
+            if cfg.dispatch == "grouped":
+                y = parallel.capacity_grouped(x, routing, kept, wi_c, wo_c, act, pure)
+            else:
+                y = _through_slots(x, routing, slots, cap, wi_c, wo_c, hidden, cfg.dispatch)
         metrics = self._metrics(routing, kept, valid, e)
         if regroup:
             y = y.reshape(b, s0, d)
@@ -169,6 +159,20 @@ class MoeMlp(nn.Module):
                     router_entropy=jnp.sum(entropy * v) / n,
                     load=counts / jnp.maximum(jnp.sum(counts), 1.0),
                     expert_index=routing.expert_index)
+
+
+def _through_slots(x, routing, slots, cap, wi, wo, hidden, dispatch: str):
+    """x [G, S, D] -> [G, S, D] through the [G, E, C, D] slot buffer (`gather` or
+    `einsum`), which moves to the experts' devices and back (parallel.py)."""
+    e = wi.shape[0]
+    if dispatch == "einsum":
+        xe, combine = dsp.dispatch_einsum(x, routing, slots, e, cap)
+    else:
+        xe, flat = dsp.dispatch_gather(x, routing, slots, e, cap)
+    ye = parallel.from_experts(_experts(parallel.to_experts(xe), wi, wo, hidden))
+    if dispatch == "einsum":
+        return dsp.combine_einsum(ye, combine)
+    return dsp.combine_gather(ye, flat, routing.combine_weight)
 
 
 def _experts(xe_gecd, wi, wo, hidden):
