@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
-
 from m6jax.model.block import Segments, fetch, is_segments, on_host
+from m6jax.train import optim
 
 
 def _is_mirror(node) -> bool:
@@ -60,6 +59,10 @@ def _any_on_host(tree) -> bool:
     return any(on_host(x) for x in jax.tree.leaves(tree))
 
 
+def _fold(key, i):
+    return None if key is None else jax.random.fold_in(key, i)
+
+
 def global_norm(grads) -> jax.Array:
     """sqrt of the sum of squares of every gradient; host runs are read unit by unit."""
     total = jnp.zeros((), jnp.float32)
@@ -74,10 +77,11 @@ def global_norm(grads) -> jax.Array:
     return jnp.sqrt(total)
 
 
-def update(tx, grads, opt_state, params, grad_norm, finite):
+def update(tx, grads, opt_state, params, grad_norm, finite, key=None):
     """(new params, new opt_state) of `tx` (`optim.ClippedOptimizer`) on a stored state
     whose stack leaves are `Segments`; a non-finite step (`finite` False) keeps the old
-    values, unit by unit as well."""
+    values, unit by unit as well. `key` drives the stochastic rounding of low-precision
+    params (`optim.apply_updates`), folded with the part and the unit."""
     clip_state, core_state = opt_state
     nodes, treedef = jax.tree.flatten(core_state, is_leaf=_is_mirror)
     mirror = [_is_mirror(n) for n in nodes]
@@ -91,40 +95,43 @@ def update(tx, grads, opt_state, params, grad_norm, finite):
     def clip(g):  # optax.clip_by_global_norm's formula, with the norm of all gradients
         return jax.lax.select(trigger, g, (g / grad_norm.astype(g.dtype)) * tx.max_norm)
 
-    def step(g, vals, p):
+    def step(g, vals, p, key):
         """The core update of one part: params `p`, the state's nodes restricted to
         that part (`vals`, a list in `treedef`'s order)."""
         u, new_s = tx.core.update(jax.tree.map(clip, g), jax.tree.unflatten(treedef, vals), p)
         keep = lambda new, old: jnp.where(finite, new, old)
-        new_p = jax.tree.map(keep, optax.apply_updates(p, u), p)
+        new_p = jax.tree.map(keep, optim.apply_updates(p, u, key), p)
         return new_p, jax.tree.map(keep, treedef.flatten_up_to(new_s), vals)
 
-    def streamed(g, vals, p):
+    def streamed(g, vals, p, key):
         """`step` unit by unit (scan), one unit's values on the device at a time."""
         flat, vals_def = jax.tree.flatten(vals)
         units = [x if u else None for x, u in zip(flat, per_unit)]
 
         def body(_, xs):
-            g_u, units_u, p_u = xs
+            g_u, units_u, p_u, j = xs
             g_d, units_d, p_d = jax.tree.map(fetch, (g_u, units_u, p_u))
             merged = [d if u else x for d, x, u in zip(units_d, flat, per_unit)]
-            new_p, new_vals = step(g_d, jax.tree.unflatten(vals_def, merged), p_d)
+            new_p, new_vals = step(g_d, jax.tree.unflatten(vals_def, merged), p_d,
+                                   _fold(key, j))
             new_units = [_send_like(n, x) if u else None
                          for n, x, u in zip(jax.tree.leaves(new_vals), units_u, per_unit)]
             return None, (jax.tree.map(_send_like, new_p, p_u), new_units)
-        new_p, new_units = jax.lax.scan(body, None, (g, units, p))[1]
+        n = jax.tree.leaves(p)[0].shape[0]
+        new_p, new_units = jax.lax.scan(body, None, (g, units, p, jnp.arange(n)))[1]
         return new_p, jax.tree.unflatten(vals_def, [n if u else x for n, x, u in
                                                     zip(new_units, flat, per_unit)])
 
     g_rest, g_layers = _split(grads)
     p_rest, p_layers = _split(params)
-    new_p_rest, new_rest = step(g_rest, rest, p_rest)
+    new_p_rest, new_rest = step(g_rest, rest, p_rest, _fold(key, 0))
     num_parts = len(jax.tree.leaves(p_layers, is_leaf=is_segments)[0].parts)
     new_p_parts, new_parts = [], []
     for i in range(num_parts):
         g, p, vals = _part(g_layers, i), _part(p_layers, i), _part(layers, i)
         unit_vals = [x for x, u in zip(jax.tree.leaves(vals), per_unit) if u]
-        new_p, new_vals = (streamed if _any_on_host((g, p, unit_vals)) else step)(g, vals, p)
+        new_p, new_vals = (streamed if _any_on_host((g, p, unit_vals)) else step)(
+            g, vals, p, _fold(key, i + 1))
         new_p_parts.append(new_p)
         new_parts.append(jax.tree.leaves(new_vals))
 

@@ -66,7 +66,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.mlp_activation = "gelu"  # gelu (exact) | gelu_tanh | relu | silu
     c.model.dropout_rate = 0.0
     c.model.dtype = "float32"  # compute dtype
-    c.model.param_dtype = "float32"  # master weights (bfloat16 halves what offload streams)
+    # Master weights: float32, or bfloat16 (halves what offload stores and streams; updates
+    # by stochastic rounding; norms and the router stay float32). Optimizer state: float32.
+    c.model.param_dtype = "float32"
     # none | full | dots | dots_no_batch | offload_dots_no_batch | offload_layer_input
     c.model.remat_policy = "none"
     c.model.tie_embeddings = True
@@ -92,12 +94,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # adamw | adafactor (factored second moments, no momentum)
+    # Every optimizer: p <- p - lr_t * (u + weight_decay * p) (decay scaled by the schedule).
     c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 50
     c.optimizer.end_lr_fraction = 0.1  # cosine decays to this fraction of the peak
     c.optimizer.weight_decay = 0.01
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.98
+    c.optimizer.decay_rate = 0.8  # adafactor: second-moment decay 1 - t**-decay_rate
+    c.optimizer.min_dim_size_to_factor = 128  # adafactor: factor dims of at least this size
     c.optimizer.grad_clip_norm = 1.0
     c.optimizer.grad_accum_steps = 1  # microbatches per step (an in-step scan; same loss)
 

@@ -23,12 +23,15 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.score_batch = 256  # rows per likelihood-scoring forward pass
 
     c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 5e-4  # a quarter of the tiny pretraining peak
     c.optimizer.warmup_steps = 20
     c.optimizer.end_lr_fraction = 0.1
     c.optimizer.weight_decay = 0.01
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.98
+    c.optimizer.decay_rate = 0.8
+    c.optimizer.min_dim_size_to_factor = 128
     c.optimizer.grad_clip_norm = 1.0
     return c
 

@@ -42,13 +42,12 @@ def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir:
     """
     t0 = time.time()
     train_model = build_model(config, deterministic=config.model.dropout_rate == 0.0)
-    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     tx = optim.make_optimizer(config.optimizer, config.total_steps)
     example = example_batch(config)
     state, state_sh = create_train_state(train_model, tx, example, mesh, config.seed)
     if init_from:
         state = state.replace(params=load_params(config, mesh, init_from))
-    train_step = make_train_step(train_model, tx, mesh, state_sh, len(task_names), schedule)
+    train_step = make_train_step(train_model, tx, mesh, state_sh, len(task_names))
 
     main = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=main, tensorboard=False)

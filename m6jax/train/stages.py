@@ -44,7 +44,7 @@ class Stage:
         self.model = build_model(self.stage_config)
         self.train_model = build_model(
             self.stage_config, deterministic=self.stage_config.model.dropout_rate == 0.0)
-        self.tx, self.schedule = p2r.stage_optimizer(config, stage)
+        self.tx = p2r.stage_optimizer(config, stage)[0]
         self.state_shardings = state_shardings
         shapes = None
         if offload_lib.requested(config):  # the stored layout splits leaves by their shapes
@@ -54,8 +54,7 @@ class Stage:
                                           config.seed)[0]
         self.offload = offload_lib.OffloadPlan(config, stage, state_shardings, shapes)
         self.train_step = make_train_step(
-            self.train_model, self.tx, mesh, state_shardings, len(tasks), self.schedule,
-            self.offload, int(config.optimizer.get("grad_accum_steps", 1)))
+            self.train_model, self.tx, mesh, state_shardings, len(tasks), self.offload, int(config.optimizer.get("grad_accum_steps", 1)))
         eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks))
         self.evaluator = evaluation.Evaluator(pipe, self.model, mesh, state_shardings.params,
                                               eval_step, tasks)

@@ -38,11 +38,20 @@ def _is_box(x) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
+_FLOAT32_ALWAYS = ("router", "scale", "bias")
+
+
 def _cast_params(params, param_dtype):
-    """Master weights in `model.param_dtype` (default float32; layer norms included)."""
+    """Master weights in `model.param_dtype` (default float32). With bfloat16 masters the
+    router's weights, norm scales and biases stay float32: they are small, and the
+    router's logits and a norm scale near 1.0 (bf16 ulp 2**-7) need the precision."""
     if param_dtype is None or jnp.dtype(param_dtype) == jnp.float32:
         return params
-    return jax.tree.map(lambda x: x.astype(param_dtype), params)
+
+    def cast(path, x):
+        names = {k.key for k in path if isinstance(k, jax.tree_util.DictKey)}
+        return x if names & set(_FLOAT32_ALWAYS) else x.astype(param_dtype)
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _boxed_opt_state(tx, params):

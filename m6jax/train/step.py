@@ -7,12 +7,16 @@ import jax.numpy as jnp
 import optax
 
 from m6jax import sharding, streamed_update
-from m6jax.train import moe_metrics
+from m6jax.train import moe_metrics, optim
 from m6jax.train.losses import text_loss
 
 
-def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedule=None,
-                    offload=None, grad_accum_steps: int = 1):
+_ROUNDING_STREAM = 0x5352  # folds the stochastic-rounding key out of the dropout key
+_ACCUM_DTYPE = jnp.float32  # accumulated gradients, whatever the parameter dtype
+
+
+def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, offload=None,
+                    grad_accum_steps: int = 1):
     """Returns `step(state, batch) -> (state, metrics)`, jitted and donating the state.
 
     `model` is the training-mode module (dropout on if configured). Metrics are scalars
@@ -27,7 +31,13 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
     ... form microbatch j, so each device keeps its own rows) that a scan inside the step
     runs one at a time, summing their gradients; the text loss is each microbatch's
     summed cross-entropy over the whole batch's target tokens, so loss and gradients are
-    the large batch's. MoE aux losses and metrics are the microbatches' mean.
+    the large batch's. MoE aux losses and metrics are the microbatches' mean; gradients
+    are summed in float32 whatever the parameter dtype.
+
+    The `learning_rate` metric is the one this step applies: `tx.schedule` at the
+    optimizer's own schedule count, which a skipped (non-finite) step does not advance.
+    Low-precision (bfloat16) master weights take their update by stochastic rounding
+    (`optim.apply_updates`), with a key drawn from the state's RNG and the step.
     """
     model = model.clone(training=True)  # MoE: training capacity factor, router jitter
     streamed = offload is not None and offload.streamed
@@ -38,6 +48,7 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
         rng = jax.random.wrap_key_data(state.rng)
         rng, dropout_rng = jax.random.split(rng)
         dropout_rng = jax.random.fold_in(dropout_rng, state.step)
+        round_rng = jax.random.fold_in(dropout_rng, _ROUNDING_STREAM)
 
         def loss_fn(params, batch=batch, rng=dropout_rng):
             with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -58,10 +69,10 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
             grad_norm = streamed_update.global_norm(grads)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             params, opt_state = streamed_update.update(tx, grads, state.opt_state, state.params,
-                                                       grad_norm, finite)
+                                                       grad_norm, finite, round_rng)
         else:
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
+            params = optim.apply_updates(state.params, updates, round_rng)
             grad_norm = optax.tree.norm(grads)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # a NaN/inf gradient => norm
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
@@ -69,8 +80,9 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
         nonfinite_steps = state.nonfinite_steps + (~finite).astype(jnp.int32)
         metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite,
                        nonfinite_steps=nonfinite_steps, **aux, **moe_aux)
-        if lr_schedule is not None:
-            metrics["learning_rate"] = lr_schedule(state.step)
+        count = optim.schedule_count(state.opt_state)
+        if count is not None:
+            metrics["learning_rate"] = tx.schedule(count)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                                   rng=jax.random.key_data(rng), nonfinite_steps=nonfinite_steps)
         return new_state, metrics
@@ -97,9 +109,9 @@ def _accumulate(loss_fn, params, batch, rng, n: int):
         mb, j = xs
         (_, out), g = jax.value_and_grad(scaled, has_aux=True)(params, mb,
                                                               jax.random.fold_in(rng, j))
-        return jax.tree.map(jnp.add, acc, g), out
+        return jax.tree.map(lambda a, b: a + b.astype(_ACCUM_DTYPE), acc, g), out
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, _ACCUM_DTYPE), params)
     grads, (auxs, moe_auxs) = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
     aux = jax.tree.map(lambda x: x.sum(0), auxs)
     moe_aux = jax.tree.map(lambda x: x.mean(0), moe_auxs)
