@@ -260,6 +260,7 @@ def _check_pseudo_to_real(config) -> None:
     if sec.optimizer not in p2r.OPTIMIZER_MODES:
         raise ValueError(f"pseudo_to_real.optimizer={sec.optimizer!r} is not one of "
                          f"{', '.join(p2r.OPTIMIZER_MODES)}")
+    p2r.check_handoff(config)
     if sec.lr_schedule not in p2r.LR_MODES:
         raise ValueError(f"pseudo_to_real.lr_schedule={sec.lr_schedule!r} is not one of "
                          f"{', '.join(p2r.LR_MODES)}")

@@ -10,10 +10,12 @@ checkpoint's meta, so a run resumes on either side of the switch.
 
 Config section `pseudo_to_real`:
   switch_step     step at which to delink (0 = never: a Pseudo run stays Pseudo)
-  optimizer       scaled: the shared AdamW moments copied to every layer, the first
-                  divided by L and the second by L**2 (below) |
+  optimizer       scaled: the shared optimizer moments copied to every layer, AdamW's
+                  first divided by L and its second by L**2, Adafactor's factored
+                  second moments (row, column, unfactored) by L**2 (below) |
                   copy: the shared moments copied to every layer unscaled |
-                  reinit: fresh AdamW moments (Adam's bias correction starts again)
+                  reinit: fresh moments (Adam's bias correction, Adafactor's decay
+                  schedule start again)
   switch_warmup_steps  0, or a linear learning-rate re-warmup over that many steps
                   after the switch: the schedule is multiplied by min(1, (k + 1) / W) at
                   the k-th Real step (k = 0 at switch_step); with any `optimizer`
@@ -41,6 +43,19 @@ the number of units, `num_layers / moe.every` (with every=2 and 12 layers, L = 6
 the attention, the dense MLP, the router and the experts alike). In code, L is simply
 the size of the `layers` axis the delinking adds to the leaf. Adam's step count (bias
 correction) is kept under copy and scaled, restarted under reinit.
+
+Adafactor (Shazeer & Stern 2018) keeps no first moment and factors the second: for a
+matrix gradient G it holds R = EMA(row means of G**2) and C = EMA(column means of G**2)
+and divides G by sqrt(V) with V = R C^T / mean(R) (a leaf it does not factor keeps the
+full V = EMA(G**2)). With g_l ~ g / L every G**2 of a layer is G**2 / L**2, so its R
+and C are the shared ones divided by L**2, and so is V (R / L**2 times C / L**2 over
+mean(R) / L**2): `scaled` divides R, C and the unfactored V by L**2 alike. The first Real
+update of a layer is then (g / L) / sqrt(V / L**2) = g / sqrt(V), the Pseudo weight's
+own last update size; under `copy` it is g / L / sqrt(V), L times smaller, and stays
+smaller until V forgets the shared statistics (Adafactor's decay 1 - t**-0.8 makes that
+slower the later the switch). Adafactor's count (its decay schedule) is kept under copy
+and scaled. An optimizer state the handoff has no rule for is refused at config time
+(`check_handoff`).
 """
 from __future__ import annotations
 
@@ -152,16 +167,52 @@ def delink_tree(shared_tree, real_abstract_tree, divide_by_layers_power: int = 0
     return jax.tree.map(leaf, shared_tree, real_abstract_tree)
 
 
+# How `scaled` divides each kind of per-parameter optimizer state: {field: power of L}.
+_SCALED = {optax.ScaleByAdamState: dict(mu=1, nu=2),
+           optax.FactoredState: dict(v_row=2, v_col=2, v=2)}
+# The optimizers (optimizer.name) whose whole state `scaled` understands.
+SCALED_OPTIMIZERS = ("adamw", "adafactor")
+
+
+def check_handoff(config) -> None:
+    """Refuses a `scaled` handoff of an optimizer whose state it has no rule for."""
+    if switch_step(config) is None or section(config).optimizer != "scaled":
+        return
+    if config.optimizer.name not in SCALED_OPTIMIZERS:
+        raise ValueError(f"pseudo_to_real.optimizer='scaled' has no rule for the state of "
+                         f"optimizer.name={config.optimizer.name!r} (it scales "
+                         f"{', '.join(SCALED_OPTIMIZERS)}); use pseudo_to_real.optimizer="
+                         "'copy' or 'reinit'")
+
+
 def delink_opt_state(shared_opt_state, real_abstract_opt_state, scaled: bool):
-    """The shared optimizer state copied into every layer (`copy`), with AdamW's moments
-    divided by L and L**2 if `scaled` (the module docstring says why)."""
+    """The shared optimizer state copied into every layer (`copy`), with each moment
+    divided by its power of L (`_SCALED`) if `scaled` (the module docstring says why).
+    Under `scaled` a per-parameter state of a kind without a rule is an error: copying it
+    unscaled would silently be `copy`."""
+    kinds = tuple(_SCALED)
+
     def node(s, target):
-        if scaled and isinstance(s, optax.ScaleByAdamState):
-            return s._replace(mu=delink_tree(s.mu, target.mu, 1),
-                              nu=delink_tree(s.nu, target.nu, 2))
-        return delink_tree(s, target)
+        if scaled and isinstance(s, kinds):
+            powers = _SCALED[type(s)]
+            return s._replace(**{f: delink_tree(getattr(s, f), getattr(target, f), k)
+                                 for f, k in powers.items()})
+        out = delink_tree(s, target)
+        if scaled and _broadcasts(s, target):
+            raise ValueError(f"pseudo_to_real.optimizer='scaled' has no rule for optimizer "
+                             f"state {type(s).__name__}; use 'copy' or 'reinit'")
+        return out
     return jax.tree.map(node, shared_opt_state, real_abstract_opt_state,
-                        is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+                        is_leaf=lambda s: isinstance(s, kinds) or _is_state_node(s))
+
+
+def _is_state_node(s) -> bool:
+    return isinstance(s, tuple) and hasattr(s, "_fields")
+
+
+def _broadcasts(shared, real) -> bool:
+    return any(x.ndim + 1 == len(t.shape) for x, t in
+               zip(jax.tree.leaves(shared), jax.tree.leaves(real)))
 
 
 def _set_counts(opt_state, adam_count=None, schedule_count=None):
