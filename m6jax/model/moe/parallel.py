@@ -16,6 +16,8 @@ expert onto every device.
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,9 +52,19 @@ def _specs():
     return by_group, by_expert
 
 
+def _group_mesh(groups: int):
+    """The expert mesh if `groups` split evenly over the batch axes, else None: a call
+    with fewer groups than batch shards (a decoding batch of a few captions) is left to
+    GSPMD, which computes the same einsum with the expert-sharded weights."""
+    mesh = _expert_mesh()
+    if mesh is None or groups % math.prod(mesh.shape[a] for a in _batch_axes()):
+        return None
+    return mesh
+
+
 def to_experts(x_gecd):
     """[G, E, C, D] sharded by group -> the same array sharded by expert (all-to-all)."""
-    mesh = _expert_mesh()
+    mesh = _group_mesh(x_gecd.shape[0])
     if mesh is None:
         return x_gecd
     by_group, by_expert = _specs()
@@ -67,7 +79,7 @@ def to_experts(x_gecd):
 
 def from_experts(y_gecd):
     """Inverse of `to_experts`: expert outputs go back to their groups' devices."""
-    mesh = _expert_mesh()
+    mesh = _group_mesh(y_gecd.shape[0])
     if mesh is None:
         return y_gecd
     by_group, by_expert = _specs()
