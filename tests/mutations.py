@@ -57,6 +57,24 @@ CASES = {
                       '(invert == "auto" and image.mean()', 1, ["tests/test_generate_image.py"]),
     "show_normalised": ("m6jax/data/images.py", "    imgs = denormalise(imgs)\n", "", 1,
                         ["tests/test_generate_image.py", "-k", "show_input"]),
+    "decay_after_lr": ("m6jax/train/optim.py",
+                       "        optax.add_decayed_weights(opt_cfg.weight_decay, mask=_decay_mask),\n"
+                       "        optax.scale_by_learning_rate(schedule)))",
+                       "        optax.scale_by_learning_rate(schedule),\n"
+                       "        optax.add_decayed_weights(-opt_cfg.weight_decay, mask=_decay_mask)))",
+                       1, ["tests/test_optim.py", "-k", "hand or zero or scaled_by"]),
+    "state_in_param_dtype": ("m6jax/train/optim.py", "return tx.init(_float32(params))",
+                             "return tx.init(params)", 1, ["tests/test_optim.py", "-k", "float32"]),
+    "nearest_rounding": ("m6jax/train/optim.py", "        elif key is None:", "        elif True:",
+                         1, ["tests/test_optim.py", "-k", "rounding"]),
+    "accum_in_bf16": ("m6jax/train/step.py", "_ACCUM_DTYPE = jnp.float32",
+                      "_ACCUM_DTYPE = jnp.bfloat16", 1, ["tests/test_optim.py", "-k", "accum"]),
+    "lr_by_global_step": ("m6jax/train/step.py", 'metrics["learning_rate"] = tx.schedule(count)',
+                          'metrics["learning_rate"] = tx.schedule(state.step)', 1,
+                          ["tests/test_optim.py", "-k", "logged"]),
+    "p2r_adafactor_copied": ("m6jax/pseudo_to_real.py", "dict(v_row=2, v_col=2, v=2)",
+                             "dict(v_row=0, v_col=0, v=0)", 1,
+                             ["tests/test_pseudo_to_real.py", "-k", "adafactor"]),
 }
 
 
