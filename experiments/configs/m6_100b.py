@@ -27,6 +27,10 @@ def get_config(arg: str = "paper"):
                        dtype="bfloat16", remat_policy="full"),
             batch_size=1024, hw=ps.hardware(128, "A100-40GB", 40),
             moe=dict(MOE, num_experts=512))
+    if arg == "mini":
+        return ps.mini(get_config("paper"))
+    if arg == "mini_reference":
+        return ps.mini_reference(get_config("mini"))
     if arg == "tiny":
         return ps.tiny_base(arg, moe=dict(MOE, num_experts=8, group_size=0), remat_policy="full")
     raise ps.unknown_variant(arg, "m6_100b.py")

@@ -23,6 +23,10 @@ def get_config(arg: str = "paper"):
             model=dict(emb_dim=4096, num_heads=32, mlp_dim=16384, num_layers=49,
                        dtype="bfloat16", remat_policy="full"),
             batch_size=64, hw=ps.hardware(8, "V100-32GB", 32))
+    if arg == "mini":
+        return ps.mini(get_config("paper"))
+    if arg == "mini_reference":
+        return ps.mini_reference(get_config("mini"))
     if arg == "tiny":
         return ps.tiny_base(arg, remat_policy="full")
     raise ps.unknown_variant(arg, "m6_10b.py")

@@ -53,6 +53,10 @@ def get_config(arg: str = "paper"):
             # every layer moments ~L and ~L**2 too large and shrinks the first Real updates.
             c.pseudo_to_real.update(switch_step=c.total_steps // 10, optimizer="scaled")
         return c
+    if arg == "mini":
+        return ps.mini(get_config("paper"))
+    if arg == "mini_reference":
+        return ps.mini_reference(get_config("mini"))
     if arg == "tiny":
         return ps.tiny_base(arg, moe=dict(MOE, num_experts=8, group_size=0), remat_policy="full")
     raise ps.unknown_variant(arg, "m6_10t.py")

@@ -35,6 +35,10 @@ def get_config(arg: str = "paper"):
             moe=dict(MOE, num_experts=960))
         c.offload.optimizer_layers = "all"
         return c
+    if arg == "mini":
+        return ps.mini(get_config("paper"))
+    if arg == "mini_reference":
+        return ps.mini_reference(get_config("mini"))
     if arg == "tiny":
         return ps.tiny_base(arg, moe=dict(MOE, num_experts=8, group_size=0), remat_policy="full")
     raise ps.unknown_variant(arg, "m6_t_1t.py")
