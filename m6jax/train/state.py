@@ -73,10 +73,13 @@ def _box_factored(state: optax.FactoredState, params) -> optax.FactoredState:
         drops = _factored_drops(p.value.shape, r, c, v) if _is_box(p) else None
         if drops is not None:
             less = lambda d: tuple(n for i, n in enumerate(p.names) if i != d)
-            r, c = p.replace(value=r, names=less(drops[0])), p.replace(value=c, names=less(drops[1]))
+            row_names, col_names = less(drops[0]), less(drops[1])
+            r, c = p.replace(value=r, names=row_names), p.replace(value=c, names=col_names)
         elif _is_box(p) and v.shape == p.value.shape:
             v = p.replace_boxed(v)
-        rows.append(r), cols.append(c), vs.append(v)
+        rows.append(r)
+        cols.append(c)
+        vs.append(v)
     return state._replace(v_row=treedef.unflatten(rows), v_col=treedef.unflatten(cols),
                           v=treedef.unflatten(vs))
 
