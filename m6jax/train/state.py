@@ -7,6 +7,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from m6jax import sharding
@@ -54,20 +55,63 @@ def _cast_params(params, param_dtype):
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
+def _factored_drops(shape, v_row, v_col, v) -> tuple[int, int] | None:
+    """(dim v_row averages away, dim v_col averages away) of a parameter of `shape` whose
+    Adafactor second moment is factored, else None. optax's `_factored_dims` factors the
+    two largest dims `d1, d0 = argsort(shape)[-2:]`: v_row drops d0, v_col drops d1; an
+    unfactored leaf keeps a full-shape `v` (and shape-(1,) placeholders in v_row/v_col)."""
+    if len(shape) < 2 or tuple(v.shape) == tuple(shape):
+        return None
+    d1, d0 = (int(d) for d in np.argsort(shape)[-2:])  # the same call as optax's
+    drop = lambda d: tuple(shape[:d]) + tuple(shape[d + 1:])
+    if (tuple(v_row.shape), tuple(v_col.shape)) != (drop(d0), drop(d1)):
+        raise ValueError(f"Adafactor moments v_row {v_row.shape}, v_col {v_col.shape} of a "
+                         f"parameter {tuple(shape)} do not drop its dims {d0}, {d1}: optax's "
+                         "factoring rule changed; update state._factored_drops")
+    return d0, d1
+
+
+def _box_factored(state: optax.FactoredState, params) -> optax.FactoredState:
+    """v_row / v_col boxed with the parameter's logical axes minus the dim each averages
+    away, so they shard like the parameter's remaining dims; `v` like the parameter;
+    placeholders and the count stay replicated."""
+    rows, cols, vs = [], [], []
+    leaves, treedef = jax.tree.flatten(params, is_leaf=_is_box)
+    for p, r, c, v in zip(leaves, treedef.flatten_up_to(state.v_row),
+                          treedef.flatten_up_to(state.v_col), treedef.flatten_up_to(state.v)):
+        drops = _factored_drops(p.value.shape, r, c, v) if _is_box(p) else None
+        if drops is not None:
+            less = lambda d: tuple(n for i, n in enumerate(p.names) if i != d)
+            row_names, col_names = less(drops[0]), less(drops[1])
+            r, c = p.replace(value=r, names=row_names), p.replace(value=c, names=col_names)
+        elif _is_box(p) and v.shape == p.value.shape:
+            v = p.replace_boxed(v)
+        rows.append(r)
+        cols.append(c)
+        vs.append(v)
+    return state._replace(v_row=treedef.unflatten(rows), v_col=treedef.unflatten(cols),
+                          v=treedef.unflatten(vs))
+
+
 def _boxed_opt_state(tx, params):
-    """`tx.init` of the params, with each per-parameter state leaf that has its
-    parameter's shape boxed with the parameter's logical axes, so it shards like it.
-    Other leaves (counters, Adafactor's factored row/column moments, which have fewer
-    dimensions) stay unboxed, i.e. replicated: they are O(rows + columns)."""
+    """`tx.init` of the params, with each per-parameter state leaf boxed with its
+    parameter's logical axes, so it shards like it: a leaf of the parameter's shape with
+    all of them, Adafactor's factored row/column moments (optax.FactoredState) with all
+    but the dim each averages away (replicated, they would be ~5 GB per device at
+    M6-10T). Other leaves (counters, placeholders) stay unboxed, i.e. replicated."""
     state = tx.init(nn.meta.unbox(params))
     keys = set(params)
+    is_params_like = lambda n: isinstance(n, dict) and set(n) == keys
 
     def box_node(node):
-        if not (isinstance(node, dict) and set(node) == keys):
+        if isinstance(node, optax.FactoredState):
+            return _box_factored(node, params)
+        if not is_params_like(node):
             return node
         return jax.tree.map(lambda p, s: p.replace_boxed(s) if _is_box(p) and s.shape ==
                             p.value.shape else s, params, node, is_leaf=_is_box)
-    return jax.tree.map(box_node, state, is_leaf=lambda n: isinstance(n, dict) and set(n) == keys)
+    return jax.tree.map(box_node, state, is_leaf=lambda n: isinstance(n, optax.FactoredState)
+                        or is_params_like(n))
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, seed: int):
