@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 
 from m6jax import checkpoint, distributed, sharding
-from m6jax.train import optim
+from m6jax.train import loss_scale, optim
 from m6jax.train.loop import build_model
 from m6jax.train.metrics import MetricsWriter, task_losses
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
@@ -45,10 +45,13 @@ def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir:
     schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     tx = optim.make_optimizer(config.optimizer, config.total_steps)
     example = example_batch(config)
-    state, state_sh = create_train_state(train_model, tx, example, mesh, config.seed)
+    scaling = loss_scale.from_config(config)
+    state, state_sh = create_train_state(train_model, tx, example, mesh, config.seed,
+                                         loss_scale=scaling)
     if init_from:
         state = state.replace(params=load_params(config, mesh, init_from))
-    train_step = make_train_step(train_model, tx, mesh, state_sh, len(task_names), schedule)
+    train_step = make_train_step(train_model, tx, mesh, state_sh, len(task_names), schedule,
+                                 loss_scale=scaling)
 
     main = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=main, tensorboard=False)

@@ -238,7 +238,7 @@ def _example_batch(config):
 
 def _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak) -> dict[str, float]:
     scalars = dict(loss=m["loss"], grad_norm=m["grad_norm"], learning_rate=m["learning_rate"],
-                   nonfinite_steps=m["nonfinite_steps"],
+                   nonfinite_steps=m["nonfinite_steps"], loss_scale=m["loss_scale"],
                    step_s=step_s, tokens_per_s=step_tokens / step_s,
                    mfu=step_flops / step_s / peak)
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
