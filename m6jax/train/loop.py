@@ -75,7 +75,8 @@ def train(config, workdir: str) -> dict:
                  sharding.per_device_bytes(state, "device") / 2**20,
                  sharding.per_device_bytes(state, offload_lib.HOST) / 2**20)
 
-    peak, peak_src = flops.peak_flops_total(config.peak_tflops_per_device, devices)
+    peak, peak_src = flops.peak_flops_total(config.peak_tflops_per_device, devices,
+                                            config.model.dtype)
     seq_flops = flops.train_flops_per_sequence(config.model, pipe.num_patches, pipe.patch_dim,
                                                pipe.text_len)
     step_flops = seq_flops * config.batch_size
