@@ -54,7 +54,7 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, lr_schedul
             moe_loss, moe_aux = moe_metrics.aux_loss_and_metrics(
                 model.cfg, inter.get("intermediates", {}))
             objective = loss + moe_loss
-            return objective, (loss, aux, moe_aux)
+            return objective * scale if dynamic else objective, (loss, aux, moe_aux)
 
         scale = state.loss_scale["scale"]  # f32; 1 and unused when scaling is off
         if grad_accum_steps > 1:
