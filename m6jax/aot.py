@@ -14,6 +14,7 @@ import jax
 from m6jax import plan, sharding
 from m6jax.data.config import TASK_NAMES
 from m6jax.model.moe import moe_config
+from m6jax.train import loss_scale
 from m6jax.train.state import state_shardings
 from m6jax.train.step import make_train_step
 
@@ -39,7 +40,8 @@ def compile_memory(config) -> dict:
     batch_sh = sharding.batch_sharding(mesh)
     batch_in = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh)
                 for k, v in example.items()}
-    step = make_train_step(model, tx, mesh, state_sh, len(TASK_NAMES))
+    step = make_train_step(model, tx, mesh, state_sh, len(TASK_NAMES),
+                           loss_scale=loss_scale.from_config(config))
     t0 = time.time()
     with jax.set_mesh(mesh):
         compiled = step.lower(state_in, batch_in).compile()

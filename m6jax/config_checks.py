@@ -7,7 +7,7 @@ from m6jax import sharding
 from m6jax.model.block import REMAT_POLICIES
 from m6jax.model.mlp import ACTIVATIONS
 
-_DTYPES = ("float32", "bfloat16")
+_DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("skip", "stop")
 
 
@@ -30,11 +30,6 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
             raise ValueError(f"model.{f}={m[f]} must be positive")
     if m.emb_dim % m.num_heads:
         raise ValueError(f"model.num_heads={m.num_heads} does not divide model.emb_dim={m.emb_dim}")
-    if m.dtype == "float16":
-        raise ValueError("model.dtype='float16' is refused: its 5-bit exponent overflows "
-                         "activations and underflows gradients without loss scaling, which "
-                         "this trainer does not do; use model.dtype='bfloat16' (same memory, "
-                         "float32's range) or 'float32'")
     if m.dtype not in _DTYPES:
         raise ValueError(f"model.dtype={m.dtype!r} is not one of {', '.join(_DTYPES)}")
     if m.get("param_dtype", "float32") not in ("float32", "bfloat16"):
@@ -113,6 +108,7 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
             raise ValueError(f"optimizer.{f}={o[f]} must be in [0, 1) (an Adam decay rate)")
     if o.weight_decay < 0:
         raise ValueError(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    _check_loss_scale(config)
     if not o.grad_clip_norm > 0:
         raise ValueError(f"optimizer.grad_clip_norm={o.grad_clip_norm} must be positive "
                          "(clipping by global norm; use a large value to clip nothing)")
@@ -124,6 +120,23 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
     from m6jax import offload
     offload.validate(config)
     return shape
+
+
+def _check_loss_scale(config) -> None:
+    from m6jax.train import loss_scale
+    o = config.optimizer
+    if o.loss_scale not in loss_scale.MODES:
+        raise ValueError(f"optimizer.loss_scale={o.loss_scale!r} is not one of "
+                         f"{', '.join(loss_scale.MODES)}")
+    if config.model.dtype == "float16" and o.loss_scale == "none":
+        raise ValueError("model.dtype='float16' with optimizer.loss_scale='none': float16 "
+                         "gradients underflow unscaled; set optimizer.loss_scale='dynamic' "
+                         "(or 'auto'), or model.dtype='bfloat16'")
+    if not o.loss_scale_init >= 1.0:
+        raise ValueError(f"optimizer.loss_scale_init={o.loss_scale_init} must be >= 1")
+    if int(o.loss_scale_period) < 1:
+        raise ValueError(f"optimizer.loss_scale_period={o.loss_scale_period} must be >= 1 "
+                         "(finite steps before the scale doubles)")
 
 
 def validate_moe(config, mesh_sizes: dict[str, int]) -> None:

@@ -6,12 +6,55 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak TFLOP/s per chip from vendor specs (no sparsity).
+# Dense peak TFLOP/s per chip by device kind and compute dtype, from the vendors' spec
+# sheets (tensor cores / matrix units, no sparsity). float32 is the CUDA-core rate (TF32
+# tensor cores, e.g. A100's 156, are not what a float32 matmul gets by default). A dtype
+# missing from a row has no figure here (measured instead, or no compute time planned).
+_HALF = lambda tf, f32: {"bfloat16": tf, "float16": tf, "float32": f32}  # noqa: E731
 KNOWN_PEAK_TFLOPS = {
-    "H100": 989.0, "H200": 989.0, "A100": 312.0, "V100": 125.0, "A10G": 125.0,
-    "L4": 121.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0,
-    "TPU v6 lite": 918.0,
+    # V100 (SXM2) has fp16 tensor cores only: bf16 has no tensor-core path and runs at
+    # about the fp32 CUDA-core rate, 15.7, which is what we plan for it.
+    "V100": {"float16": 125.0, "bfloat16": 15.7, "float32": 15.7},
+    "V100 PCIe": {"float16": 112.0, "bfloat16": 14.0, "float32": 14.0},
+    "A100": _HALF(312.0, 19.5),
+    "H100": _HALF(989.0, 67.0),  # SXM
+    "H100 PCIe": _HALF(756.0, 51.0),
+    "H200": _HALF(989.0, 67.0),
+    "L4": _HALF(121.0, 30.3),
+    "L40S": _HALF(362.0, 91.6),
+    # A10G is AWS's variant of the A10; NVIDIA's A10 spec sheet says 125 dense bf16/fp16.
+    "A10G": _HALF(125.0, 31.2),
+    # TPUs: bf16 matrix units (no fp16 rate; float32 matmuls default to bf16 passes).
+    "TPU v4": {"bfloat16": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0}, "TPU v5e": {"bfloat16": 197.0},
+    "TPU v5": {"bfloat16": 459.0}, "TPU v5p": {"bfloat16": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0}, "TPU v6e": {"bfloat16": 918.0},
 }
+
+
+def _tokens(s: str) -> list[str]:
+    return s.lower().replace("-", " ").replace("_", " ").split()
+
+
+def known_device(device_kind: str) -> str | None:
+    """The `KNOWN_PEAK_TFLOPS` row of a device kind ('Tesla V100-SXM2-32GB' -> 'V100'):
+    the longest row whose tokens occur consecutively among the kind's tokens (split on
+    spaces, '-' and '_'), so 'L4' is not 'NVIDIA L40S' and 'TPU v5' is not 'TPU v5 lite'."""
+    kind = _tokens(device_kind or "")
+    best = None
+    for name in KNOWN_PEAK_TFLOPS:
+        t = _tokens(name)
+        if any(kind[i:i + len(t)] == t for i in range(len(kind) - len(t) + 1)):
+            if best is None or len(t) > len(_tokens(best)):
+                best = name
+    return best
+
+
+def peak_tflops(device_kind: str, dtype) -> float | None:
+    """Spec-sheet dense peak TFLOP/s of one `device_kind` chip computing in `dtype`
+    (e.g. model.dtype), or None if the table has no figure for it."""
+    name = known_device(device_kind)
+    return None if name is None else KNOWN_PEAK_TFLOPS[name].get(jnp.dtype(dtype).name)
 
 
 def matmul_params_per_layer(model_cfg) -> float:
@@ -57,8 +100,10 @@ def measure_peak_flops(n: int = 2048, dtype=jnp.float32, repeats: int = 5) -> fl
     return 2.0 * n ** 3 / best
 
 
-def peak_flops_total(configured_tflops_per_device: float, devices) -> tuple[float, str]:
-    """Peak FLOP/s of all devices together, and where the figure came from.
+def peak_flops_total(configured_tflops_per_device: float, devices,
+                     dtype="bfloat16") -> tuple[float, str]:
+    """Peak FLOP/s of all devices together computing in `dtype` (model.dtype), and where
+    the figure came from: configured, the spec-sheet table, or measured.
 
     CPU 'devices' faked with --xla_force_host_platform_device_count share the same
     cores, so on CPU the whole host's measured matmul rate is the peak, whatever the
@@ -70,10 +115,11 @@ def peak_flops_total(configured_tflops_per_device: float, devices) -> tuple[floa
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
         return measure_peak_flops(), "measured f32 matmul on this host"
-    for name, tf in KNOWN_PEAK_TFLOPS.items():
-        if name.lower() in kind.lower():
-            return tf * 1e12 * n, f"spec sheet ({name} bf16)"
-    return measure_peak_flops(dtype=jnp.bfloat16) * n, f"measured bf16 matmul on {kind}"
+    name, tf = known_device(kind), peak_tflops(kind, dtype)
+    if tf is not None:
+        return tf * 1e12 * n, f"spec sheet ({name} {jnp.dtype(dtype).name})"
+    return (measure_peak_flops(dtype=jnp.dtype(dtype)) * n,
+            f"measured {jnp.dtype(dtype).name} matmul on {kind}")
 
 
 def count_params(params) -> int:

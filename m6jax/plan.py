@@ -203,6 +203,18 @@ def hardware(config) -> dict[str, Any]:
     return {f: (hw.get(f) if hw is not None else None) for f in fields}
 
 
+def device_tflops(hw: dict, dtype) -> tuple[float | None, str | None]:
+    """(peak TFLOP/s per device, where from) for the compute time: `hardware.device_tflops`
+    if given (an override), else the spec-sheet peak of `hardware.device_kind` in the
+    compute `dtype` (`flops.KNOWN_PEAK_TFLOPS`); (None, None) if neither is known."""
+    if hw["device_tflops"]:
+        return float(hw["device_tflops"]), "hardware.device_tflops"
+    tf = flops.peak_tflops(hw["device_kind"] or "", dtype)
+    if tf is None:
+        return None, None
+    return tf, f"spec sheet ({flops.known_device(hw['device_kind'])} {dtype})"
+
+
 def offload_bytes(config, abstract, mesh, stage: str) -> dict[str, float]:
     """Per-device bytes of the offload plan's parts: what lives in host memory (params,
     their gradients, optimizer state), one unit of each in flight, and the traffic."""
@@ -266,6 +278,7 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     step_flops = (train_flops_per_token(config) * sum(sequence_shape(config)[::2])
                   * config.batch_size * _REMAT_FLOPS.get(config.model.remat_policy, 1.0))
     memory_gb = float(hw["device_memory_gb"]) if hw["device_memory_gb"] is not None else None
+    tflops, source = device_tflops(hw, config.model.dtype)
     per_node = hw["devices_per_node"] and per_device["host"] * min(int(hw["devices_per_node"]), n)
     fits = None
     if memory_gb is not None:
@@ -286,8 +299,8 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
         transfer_bytes_per_step=int(off["traffic"]),
         transfer_s_per_step=(off["traffic"] / (float(hw["host_device_gb_per_s"]) * 1e9)
                              if hw["host_device_gb_per_s"] else None),
-        compute_s_per_step=(step_flops / n / (float(hw["device_tflops"]) * 1e12)
-                            if hw["device_tflops"] else None),
+        compute_dtype=str(config.model.dtype), device_tflops=tflops, device_tflops_source=source,
+        compute_s_per_step=step_flops / n / (tflops * 1e12) if tflops else None,
         fits=fits, pipeline=_pipeline_plan(config, mesh_shape, abstract))
     out = result
     if out["compute_s_per_step"] is not None:  # stages idle in the bubble

@@ -77,11 +77,13 @@ def global_norm(grads) -> jax.Array:
     return jnp.sqrt(total)
 
 
-def update(tx, grads, opt_state, params, grad_norm, finite, key=None):
+def update(tx, grads, opt_state, params, grad_norm, finite, key=None, loss_scale=None):
     """(new params, new opt_state) of `tx` (`optim.ClippedOptimizer`) on a stored state
     whose stack leaves are `Segments`; a non-finite step (`finite` False) keeps the old
     values, unit by unit as well. `key` drives the stochastic rounding of low-precision
-    params (`optim.apply_updates`), folded with the part and the unit."""
+    params (`optim.apply_updates`), folded with the part and the unit. With a
+    `loss_scale` (f32 scalar) `grads` are of the scaled loss: each part is divided by it
+    in float32 on the device before clipping (`grad_norm` is the unscaled norm)."""
     clip_state, core_state = opt_state
     nodes, treedef = jax.tree.flatten(core_state, is_leaf=_is_mirror)
     mirror = [_is_mirror(n) for n in nodes]
@@ -93,6 +95,8 @@ def update(tx, grads, opt_state, params, grad_norm, finite, key=None):
     trigger = jnp.squeeze(grad_norm < tx.max_norm)
 
     def clip(g):  # optax.clip_by_global_norm's formula, with the norm of all gradients
+        if loss_scale is not None:
+            g = (g.astype(jnp.float32) / loss_scale).astype(g.dtype)
         return jax.lax.select(trigger, g, (g / grad_norm.astype(g.dtype)) * tx.max_norm)
 
     def step(g, vals, p, key):

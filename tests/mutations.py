@@ -61,6 +61,8 @@ CASES = {
                         ["tests/test_bad_inputs.py", "-m", "", "-k", "warmup"]),
     "invert_photos": ("m6jax/data/images.py", '(invert == "auto" and digits and image.mean()',
                       '(invert == "auto" and image.mean()', 1, ["tests/test_generate_image.py"]),
+    "loss_scale_no_halve": ("m6jax/train/loss_scale.py", "jnp.maximum(scale * 0.5, MIN_SCALE)",
+                            "scale", 1, ["tests/test_loss_scale.py", "-k", "halve or overflow"]),
     "show_normalised": ("m6jax/data/images.py", "    imgs = denormalise(imgs)\n", "", 1,
                         ["tests/test_generate_image.py", "-k", "show_input"]),
     "decay_after_lr": ("m6jax/train/optim.py",

@@ -22,8 +22,10 @@ def test_valid_tiny_config_passes():
     (lambda c: c.optimizer.update(warmup_steps=10), "optimizer.warmup_steps=10"),
     (lambda c: c.update(batch_size=0), "batch_size=0 must be positive"),
     (lambda c: c.update(seed=-3), "seed=-3 must be >= 0"),
-    (lambda c: c.model.update(dtype="float16"), "model.dtype='float16' is refused: .* without "
-     "loss scaling"),
+    (lambda c: c.model.update(dtype="float16") or c.optimizer.update(loss_scale="none"),
+     "model.dtype='float16' with optimizer.loss_scale='none'"),
+    (lambda c: c.optimizer.update(loss_scale="static"), "optimizer.loss_scale='static' is not "
+     "one of auto, dynamic, none"),
     (lambda c: c.optimizer.update(b1=1.0), r"optimizer.b1=1.0 must be in \[0, 1\)"),
     (lambda c: c.optimizer.update(weight_decay=-0.1), "optimizer.weight_decay=-0.1 must be >= 0"),
     (lambda c: c.optimizer.update(grad_clip_norm=0.0), "optimizer.grad_clip_norm=0.0 must be positive"),

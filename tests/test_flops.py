@@ -1,5 +1,7 @@
-"""FLOP counts: hand-computed cases for the dense and the MoE stack."""
+"""FLOP counts (hand-computed, dense and MoE) and the spec-sheet peaks the planner uses."""
+import jax.numpy as jnp
 import ml_collections
+import pytest
 
 from m6jax import flops
 
@@ -26,3 +28,63 @@ def test_moe_counts_activated_experts_and_router():
 def test_zero_experts_is_the_dense_count():
     assert flops.matmul_params_per_layer(_cfg(dict(num_experts=0, k=1, every=1))) == \
         flops.matmul_params_per_layer(_cfg())
+
+
+# ---- Spec-sheet peaks by device kind (as jax reports it) and compute dtype; hand values
+# from the vendors' sheets, dense (no sparsity).
+@pytest.mark.parametrize("kind, dtype, tflops", [
+    ("Tesla V100-SXM2-32GB", "float16", 125.0),
+    ("Tesla V100-SXM2-32GB", "bfloat16", 15.7),   # no bf16 tensor cores: the fp32 rate
+    ("V100-32GB", "float32", 15.7),
+    ("NVIDIA A100-SXM4-40GB", "bfloat16", 312.0),
+    ("NVIDIA A100 80GB PCIe", "float32", 19.5),   # not TF32's 156
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989.0),
+    ("NVIDIA H200", "float16", 989.0),
+    ("NVIDIA L4", "bfloat16", 121.0),
+    ("NVIDIA L40S", "bfloat16", 362.0),
+    ("NVIDIA A10G", "float16", 125.0),
+    ("TPU v4", "bfloat16", 275.0),
+    ("TPU v5 lite", "bfloat16", 197.0),
+    ("TPU v5", "bfloat16", 459.0),
+    ("TPU v6 lite", "bfloat16", 918.0),
+])
+def test_peak_by_device_kind_and_dtype(kind, dtype, tflops):
+    assert flops.peak_tflops(kind, dtype) == tflops
+
+
+def test_l4_is_a_whole_token_not_a_prefix_of_l40s():
+    assert flops.known_device("NVIDIA L40S") == "L40S"
+    assert flops.known_device("NVIDIA L4") == "L4"
+    assert flops.known_device("TPU v5 lite") == "TPU v5 lite"  # not v5p's "TPU v5"
+
+
+def test_unknown_kinds_and_dtypes_have_no_figure():
+    assert flops.peak_tflops("cpu", "float32") is None
+    assert flops.peak_tflops("NVIDIA L400", "bfloat16") is None
+    assert flops.peak_tflops("TPU v4", "float16") is None
+
+
+def test_peak_flops_total_takes_the_compute_dtype():
+    gpu = type("Device", (), dict(device_kind="Tesla V100-SXM2-16GB", platform="gpu"))()
+    assert flops.peak_flops_total(0.0, [gpu] * 8, "float16") == (
+        8 * 125e12, "spec sheet (V100 float16)")
+    assert flops.peak_flops_total(0.0, [gpu] * 8, jnp.bfloat16)[0] == 8 * 15.7e12
+    assert flops.peak_flops_total(2.0, [gpu] * 8, "float16") == (16e12, "configured")
+
+
+def _v100_plan(dtype, **hw):
+    from configs import m6_10b
+    from m6jax import plan
+    c = m6_10b.get_config("paper")
+    c.model.dtype = dtype
+    c.hardware.update(hw)
+    return plan.plan(c)
+
+
+def test_a_v100_plan_in_bfloat16_computes_8x_longer_than_in_float16():
+    f16, bf16 = _v100_plan("float16"), _v100_plan("bfloat16")
+    assert (f16["device_tflops"], bf16["device_tflops"]) == (125.0, 15.7)
+    assert bf16["compute_s_per_step"] / f16["compute_s_per_step"] == pytest.approx(125 / 15.7)
+    forced = _v100_plan("bfloat16", device_tflops=125.0)  # hardware.device_tflops overrides
+    assert forced["compute_s_per_step"] == pytest.approx(f16["compute_s_per_step"])
+    assert forced["device_tflops_source"] == "hardware.device_tflops"

@@ -105,6 +105,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.min_dim_size_to_factor = 128  # adafactor: factor dims of at least this size
     c.optimizer.grad_clip_norm = 1.0
     c.optimizer.grad_accum_steps = 1  # microbatches per step (an in-step scan; same loss)
+    # Loss scaling (m6jax/train/loss_scale.py): auto = dynamic iff model.dtype='float16'.
+    c.optimizer.loss_scale = "auto"  # auto | dynamic | none
+    c.optimizer.loss_scale_init = 2.0 ** 15  # dynamic: the scale at step 0
+    c.optimizer.loss_scale_period = 2000  # dynamic: x2 after this many finite steps in a row
 
     if c.variant == "tiny":
         pass

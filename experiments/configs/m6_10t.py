@@ -21,7 +21,7 @@ Variants: `paper` (default; = `paper_real`'s shapes with the Pseudo-to-Real sche
 Shapes are ours (the paper's exact widths are not at hand): 4096 wide, 48 layers,
 every layer MoE with 512 Switch top-1 experts of mlp_dim 49664: 10.0T parameters.
 Mesh: the expert axis spans all 512 GPUs (one expert each). GPU type not stated; we
-plan for 32 GB devices (ours).
+plan for V100-32GB, as M6-T's (ours).
 """
 import os
 import sys
@@ -40,7 +40,7 @@ def get_config(arg: str = "paper"):
             arg, mesh=dict(data=1, fsdp=1, tensor=1, expert=512),
             model=dict(emb_dim=4096, num_heads=32, mlp_dim=49664, num_layers=48,
                        dtype="bfloat16", remat_policy="full"),
-            batch_size=512, hw=ps.hardware(512, "GPU-32GB", 32, host_memory_gb_per_node=1024,
+            batch_size=512, hw=ps.hardware(512, "V100-32GB", 32, host_memory_gb_per_node=1024,
                                            **ps.V100_NODE),
             moe=dict(MOE, num_experts=512))
         c.offload.update(optimizer_layers="all", param_layers="all")

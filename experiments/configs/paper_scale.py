@@ -32,8 +32,9 @@ def hardware(num_devices: int, device_kind: str, device_memory_gb: float, *,
     """What the dry run plans for: `num_devices` of `device_kind` with this memory each,
     `devices_per_node` per node sharing `host_memory_gb_per_node` of host memory, a
     host<->device link of `host_device_gb_per_s` per device and a peak of `device_tflops`
-    (the last three are optional: without them the plan leaves host fit and the
-    transfer/compute times out)."""
+    (the last three are optional: without them the plan leaves host fit and transfer
+    time out, and takes the peak from `device_kind` and model.dtype if the table in
+    m6jax/flops.py knows them)."""
     return ml_collections.ConfigDict(dict(
         num_devices=num_devices, device_kind=device_kind,
         device_memory_gb=float(device_memory_gb), devices_per_node=devices_per_node,
@@ -42,8 +43,10 @@ def hardware(num_devices: int, device_kind: str, device_memory_gb: float, *,
 
 
 # V100-era 8-GPU servers (ours: the papers name the GPU, not the server): PCIe gen3 x16
-# moves ~12 GB/s per GPU in practice; V100's tensor cores peak at 125 TFLOP/s (fp16).
-V100_NODE = dict(devices_per_node=8, host_device_gb_per_s=12.0, device_tflops=125.0)
+# moves ~12 GB/s per GPU in practice. The peak comes from device_kind and model.dtype
+# (m6jax/flops.py: V100 fp16 tensor cores 125 TFLOP/s; bf16 has none, ~15.7);
+# `device_tflops=` overrides it.
+V100_NODE = dict(devices_per_node=8, host_device_gb_per_s=12.0)
 
 
 def paper_base(arg: str, *, mesh: dict, model: dict, batch_size: int,

@@ -33,6 +33,10 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.optimizer.decay_rate = 0.8
     c.optimizer.min_dim_size_to_factor = 128
     c.optimizer.grad_clip_norm = 1.0
+    # As in experiments/configs/m6.py: auto = dynamic loss scaling iff model.dtype='float16'.
+    c.optimizer.loss_scale = "auto"  # auto | dynamic | none
+    c.optimizer.loss_scale_init = 2.0 ** 15  # dynamic: the scale at step 0
+    c.optimizer.loss_scale_period = 2000  # dynamic: x2 after this many finite steps in a row
     return c
 
 

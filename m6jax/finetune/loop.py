@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 
 from m6jax import checkpoint, distributed, sharding
-from m6jax.train import optim
+from m6jax.train import loss_scale, optim
 from m6jax.train.loop import build_model
 from m6jax.train.metrics import MetricsWriter, task_losses
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
@@ -44,10 +44,13 @@ def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir:
     train_model = build_model(config, deterministic=config.model.dropout_rate == 0.0)
     tx = optim.make_optimizer(config.optimizer, config.total_steps)
     example = example_batch(config)
-    state, state_sh = create_train_state(train_model, tx, example, mesh, config.seed)
+    scaling = loss_scale.from_config(config)
+    state, state_sh = create_train_state(train_model, tx, example, mesh, config.seed,
+                                         loss_scale=scaling)
     if init_from:
         state = state.replace(params=load_params(config, mesh, init_from))
-    train_step = make_train_step(train_model, tx, mesh, state_sh, len(task_names))
+    train_step = make_train_step(train_model, tx, mesh, state_sh, len(task_names),
+                                 loss_scale=scaling)
 
     main = jax.process_index() == 0
     writer = MetricsWriter(workdir, enabled=main, tensorboard=False)

@@ -42,6 +42,8 @@ class SelfAttention(nn.Module):
                    for n in ("query", "key", "value"))
         if cached is None and self.sparse is not None:
             out = sparse_attention(q, k, v, mask, self.sparse)
+        elif cached is None and q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+            out = _attend_f16_cpu(q, k, v, mask)
         elif cached is None:
             # jax's fused op can use cuDNN flash attention on GPU; the XLA path elsewhere.
             out = jax.nn.dot_product_attention(q, k, v, mask=mask)
@@ -54,6 +56,16 @@ class SelfAttention(nn.Module):
         out = nn.Dropout(self.dropout_rate)(out, deterministic=self.deterministic)
         out = constrain(out, ("batch", "length", "act_embed"))
         return (out, (k, v)) if self.decode else out
+
+
+def _attend_f16_cpu(q, k, v, mask):
+    """jax.nn.dot_product_attention's XLA path for float16 q, k, v [B, S, H, Dh] on CPU,
+    whose dot_general refuses the F16_F16_F32 precision jax asks for: scores and softmax
+    in float32 (as there), the products in float16."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask, scores * q.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def _attend_step(q, k, v, cached, mask):

@@ -75,7 +75,8 @@ def train(config, workdir: str) -> dict:
                  sharding.per_device_bytes(state, "device") / 2**20,
                  sharding.per_device_bytes(state, offload_lib.HOST) / 2**20)
 
-    peak, peak_src = flops.peak_flops_total(config.peak_tflops_per_device, devices)
+    peak, peak_src = flops.peak_flops_total(config.peak_tflops_per_device, devices,
+                                            config.model.dtype)
     seq_flops = flops.train_flops_per_sequence(config.model, pipe.num_patches, pipe.patch_dim,
                                                pipe.text_len)
     step_flops = seq_flops * config.batch_size
@@ -238,7 +239,7 @@ def _example_batch(config):
 
 def _step_scalars(m, tasks, step_s, step_flops, step_tokens, peak) -> dict[str, float]:
     scalars = dict(loss=m["loss"], grad_norm=m["grad_norm"], learning_rate=m["learning_rate"],
-                   nonfinite_steps=m["nonfinite_steps"],
+                   nonfinite_steps=m["nonfinite_steps"], loss_scale=m["loss_scale"],
                    step_s=step_s, tokens_per_s=step_tokens / step_s,
                    mfu=step_flops / step_s / peak)
     scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}

@@ -17,6 +17,7 @@ from absl import logging
 
 from m6jax import checkpoint
 from m6jax import pseudo_to_real as p2r
+from m6jax.train import loss_scale
 from m6jax.train.state import abstract_train_state, create_train_state
 
 # Test hooks, not features (tests/test_checkpoint.py drives the real entry point):
@@ -93,7 +94,8 @@ class RunCheckpoints:
             return state, abstract(stage)[1], start, stage
         stage = p2r.stage_at(self.config, 0)
         state, shardings = create_train_state(*model_and_optimizer(stage), example_batch,
-                                              mesh, seed)
+                                              mesh, seed,
+                                              loss_scale=loss_scale.from_config(self.config))
         if self.config.init_from:
             state = state.replace(params=self._init_params(stage, abstract, shardings))
         return state, shardings, 0, stage

@@ -14,6 +14,7 @@ from m6jax import pipeline
 from m6jax import pseudo_to_real as p2r
 from m6jax.model import M6
 from m6jax.train import evaluation
+from m6jax.train import loss_scale
 from m6jax.train.state import abstract_train_state, dummy_batch
 from m6jax.train.step import make_eval_step, make_train_step
 
@@ -54,7 +55,8 @@ class Stage:
                                           config.seed)[0]
         self.offload = offload_lib.OffloadPlan(config, stage, state_shardings, shapes)
         self.train_step = make_train_step(
-            self.train_model, self.tx, mesh, state_shardings, len(tasks), self.offload, int(config.optimizer.get("grad_accum_steps", 1)))
+            self.train_model, self.tx, mesh, state_shardings, len(tasks), self.offload,
+            int(config.optimizer.get("grad_accum_steps", 1)), loss_scale.from_config(config))
         eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks))
         self.evaluator = evaluation.Evaluator(pipe, self.model, mesh, state_shardings.params,
                                               eval_step, tasks)

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from m6jax import sharding
+from m6jax.train import loss_scale as loss_scale_lib
 
 
 @flax.struct.dataclass
@@ -20,6 +21,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array
     nonfinite_steps: jax.Array  # steps whose update was skipped for a non-finite loss/grad
+    loss_scale: Any  # {"scale": f32, "good_steps": i32} (m6jax.train.loss_scale); 1 when off
 
 
 def dummy_batch(batch_size: int, num_patches: int, patch_dim: int, text_len: int):
@@ -114,7 +116,8 @@ def _boxed_opt_state(tx, params):
                         or is_params_like(n))
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, seed: int):
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, seed: int,
+             loss_scale=None):
     param_dtype = getattr(model.cfg, "get", lambda *_: None)("param_dtype", None)
 
     def init():
@@ -125,7 +128,8 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, 
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=_boxed_opt_state(tx, params),
                           rng=jax.random.key_data(state_rng),
-                          nonfinite_steps=jnp.zeros((), jnp.int32))
+                          nonfinite_steps=jnp.zeros((), jnp.int32),
+                          loss_scale=loss_scale_lib.init_state(loss_scale))
     return init
 
 
@@ -136,15 +140,18 @@ def state_shardings(model, tx, example_batch, mesh, seed: int = 0):
     return sharding.tree_shardings(mesh, abstract)
 
 
-def create_train_state(model, tx, example_batch, mesh, seed: int, make_offload=None):
+def create_train_state(model, tx, example_batch, mesh, seed: int, make_offload=None,
+                       loss_scale=None):
     """Initialises the TrainState under jit with out_shardings: each device builds its shard.
+
+    `loss_scale` (`m6jax.train.loss_scale.LossScale`, None = off) sets the first scale.
 
     `make_offload(shardings, shapes)` may return an `m6jax.offload.OffloadPlan`: the state is
     then created straight into its stored layout (offloaded layers in host memory), so
     the full state never sits in device memory at once.
     """
     shardings = state_shardings(model, tx, example_batch, mesh, seed)
-    init = _init_fn(model, tx, example_batch, seed)
+    init = _init_fn(model, tx, example_batch, seed, loss_scale)
     plan = None
     if make_offload is not None:
         with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):

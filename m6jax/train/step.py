@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import optax
 
 from m6jax import sharding, streamed_update
+from m6jax.train import loss_scale as loss_scale_lib
 from m6jax.train import moe_metrics, optim
 from m6jax.train.losses import text_loss
 
@@ -16,7 +17,7 @@ _ACCUM_DTYPE = jnp.float32  # accumulated gradients, whatever the parameter dtyp
 
 
 def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, offload=None,
-                    grad_accum_steps: int = 1):
+                    grad_accum_steps: int = 1, loss_scale=None):
     """Returns `step(state, batch) -> (state, metrics)`, jitted and donating the state.
 
     `model` is the training-mode module (dropout on if configured). Metrics are scalars
@@ -38,9 +39,15 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, offload=No
     optimizer's own schedule count, which a skipped (non-finite) step does not advance.
     Low-precision (bfloat16) master weights take their update by stochastic rounding
     (`optim.apply_updates`), with a key drawn from the state's RNG and the step.
+
+    With a dynamic `loss_scale` (`m6jax.train.loss_scale.LossScale`; None = off) the
+    objective is multiplied by `state.loss_scale["scale"]` before differentiating and the
+    gradients divided by it in float32 before clipping and the update (streamed ones unit
+    by unit); a non-finite step is skipped as ever, and the scale follows the dynamic rule.
     """
     model = model.clone(training=True)  # MoE: training capacity factor, router jitter
     streamed = offload is not None and offload.streamed
+    dynamic = loss_scale is not None and loss_scale.dynamic
 
     def train_step(state, batch):
         if offload is not None:
@@ -57,20 +64,27 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, offload=No
             loss, aux = text_loss(logits, batch, num_tasks)
             moe_loss, moe_aux = moe_metrics.aux_loss_and_metrics(
                 model.cfg, inter.get("intermediates", {}))
-            return loss + moe_loss, (loss, aux, moe_aux)
+            objective = loss + moe_loss
+            return objective * scale if dynamic else objective, (loss, aux, moe_aux)
 
+        scale = state.loss_scale["scale"]  # f32; 1 and unused when scaling is off
         if grad_accum_steps > 1:
             loss, aux, moe_aux, grads = _accumulate(loss_fn, state.params, batch, dropout_rng,
-                                                    grad_accum_steps)
+                                                    grad_accum_steps, scale if dynamic else None)
         else:
             (_, (loss, aux, moe_aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
                 state.params)
-        if streamed:
+        if streamed:  # offloaded gradients are unscaled unit by unit inside the update
             grad_norm = streamed_update.global_norm(grads)
+            if dynamic:
+                grad_norm = grad_norm / scale
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             params, opt_state = streamed_update.update(tx, grads, state.opt_state, state.params,
-                                                       grad_norm, finite, round_rng)
+                                                       grad_norm, finite, round_rng,
+                                                       scale if dynamic else None)
         else:
+            if dynamic:
+                grads = loss_scale_lib.unscale(grads, scale)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optim.apply_updates(state.params, updates, round_rng)
             grad_norm = optax.tree.norm(grads)
@@ -78,13 +92,16 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, offload=No
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                              (params, opt_state), (state.params, state.opt_state))
         nonfinite_steps = state.nonfinite_steps + (~finite).astype(jnp.int32)
+        new_scale = (loss_scale_lib.next_state(state.loss_scale, finite, loss_scale.period)
+                     if dynamic else state.loss_scale)
         metrics = dict(loss=loss, grad_norm=grad_norm, finite=finite,
-                       nonfinite_steps=nonfinite_steps, **aux, **moe_aux)
+                       nonfinite_steps=nonfinite_steps, loss_scale=scale, **aux, **moe_aux)
         count = optim.schedule_count(state.opt_state)
         if count is not None:
             metrics["learning_rate"] = tx.schedule(count)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  rng=jax.random.key_data(rng), nonfinite_steps=nonfinite_steps)
+                                  rng=jax.random.key_data(rng), nonfinite_steps=nonfinite_steps,
+                                  loss_scale=new_scale)
         return new_state, metrics
 
     batch_sh = sharding.batch_sharding(mesh)
@@ -94,8 +111,9 @@ def make_train_step(model, tx, mesh, state_shardings, num_tasks: int, offload=No
                    out_shardings=(state_shardings, None), donate_argnums=0)
 
 
-def _accumulate(loss_fn, params, batch, rng, n: int):
-    """(loss, aux, MoE aux, grads) of the whole batch from `n` microbatches in a scan."""
+def _accumulate(loss_fn, params, batch, rng, n: int, scale=None):
+    """(loss, aux, MoE aux, grads) of the whole batch from `n` microbatches in a scan;
+    with a loss `scale` the summed gradients are of the scaled objective (still scaled)."""
     total = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(), 1.0)
     micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]),
                                                 0, 1), batch)           # [n, B / n, ...]
@@ -103,7 +121,8 @@ def _accumulate(loss_fn, params, batch, rng, n: int):
     def scaled(params, mb, key):
         _, (loss, aux, moe_aux) = loss_fn(params, mb, key)
         moe_loss = moe_aux.get(moe_metrics.PREFIX + "aux_loss", 0.0)
-        return aux["loss_sum"] / total + moe_loss / n, (aux, moe_aux)
+        objective = aux["loss_sum"] / total + moe_loss / n
+        return objective if scale is None else objective * scale, (aux, moe_aux)
 
     def body(acc, xs):
         mb, j = xs
