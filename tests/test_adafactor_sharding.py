@@ -94,9 +94,10 @@ def _stage_setup(c, devices, stage):
     return mesh, model, tx, state, sh
 
 
-def test_pseudo_to_real_copies_factored_moments_into_every_layer_sharded(devices):
+def test_pseudo_to_real_scales_factored_moments_into_every_layer_sharded(devices):
     """The Pseudo stack's v_row [expert, embed] is copied into each of the Real stack's
-    2 units ([units, expert, embed]) and lands sharded like the Real param minus mlp."""
+    L = 2 units ([units, expert, embed]), divided by L**2 (`scaled`), and lands sharded
+    like the Real param minus mlp."""
     c = _config()
     c.model.update(num_layers=4, share_layers=True)
     c.pseudo_to_real.update(switch_step=5, optimizer="scaled")  # m6_10t's handoff
@@ -116,7 +117,7 @@ def test_pseudo_to_real_copies_factored_moments_into_every_layer_sharded(devices
     assert x.shape == (8, 128) and y.shape == (2, 8, 128)
     assert {s.data.shape for s in y.addressable_shards} == {(2, 2, 64)}
     for unit in range(2):
-        np.testing.assert_array_equal(np.asarray(y)[unit], np.asarray(x))
+        np.testing.assert_array_equal(np.asarray(y)[unit], np.asarray(x) / 4)
 
 
 def test_offloaded_factored_moments_are_stored_sharded(devices):
