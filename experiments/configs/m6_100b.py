@@ -1,7 +1,10 @@
 """M6-100B (M6-MoE): experts on different GPUs, tokens exchanged by all-to-all; the
 paper trains it on 128 A100s (1,440 samples/s).
 
-Variants: `paper` (default) and `tiny` (same structure, 8 experts; runs here).
+Variants: `paper` (default), `mini` (every training
+choice of `paper`, sizes shrunk: 8 CPU devices, 200 steps; experiments/configs/
+paper_scale.py `mini` lists what is kept), `mini_reference` (its shape, the quickstart
+recipe), and `tiny` (same structure, 8 experts; runs here).
 Shapes are ours (the paper's exact widths and expert count are not at hand): 1024
 wide, 24 layers, every layer MoE with 512 Switch top-1 experts of mlp_dim 3968:
 100.0B parameters. Mesh: the expert axis spans all 128 GPUs (4 experts per GPU; the

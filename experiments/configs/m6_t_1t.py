@@ -2,7 +2,10 @@
 k prototypes, each token routed top-1 inside every prototype). The paper trains over
 1 trillion parameters on 480 NVIDIA V100-32GB in about 3 days.
 
-Variants: `paper` (default) and `tiny` (same router, k and every; 8 experts; runs here).
+Variants: `paper` (default), `mini` (every training
+choice of `paper`, sizes shrunk: 8 CPU devices, 200 steps; experiments/configs/
+paper_scale.py `mini` lists what is kept), `mini_reference` (its shape, the quickstart
+recipe), and `tiny` (same router, k and every; 8 experts; runs here).
 Shapes are ours (the paper's exact widths are not at hand): 2048 wide, 24 layers, every
 layer MoE with 960 experts of mlp_dim 10624 in k=4 prototypes of 240: 1.003T
 parameters. Mesh: the expert axis spans all 480 GPUs (2 experts per GPU).
@@ -12,6 +15,8 @@ the device, and every layer's AdamW moments (19 GiB) are offloaded to host memor
 (`offload.optimizer_layers=all`) and streamed through the update one layer at a time.
 Nodes: DGX-1-like, 8 V100-32GB and 512 GB of host memory each.
 `python experiments/dry_run.py --config=experiments/configs/m6_t_1t.py` plans it.
+Compute in float16 with dynamic loss scaling (`optimizer.loss_scale`): V100 has
+fp16 tensor cores and no bf16 ones (ours: the paper names the GPU, not the precision).
 """
 import os
 import sys
@@ -29,7 +34,7 @@ def get_config(arg: str = "paper"):
         c = ps.paper_base(
             arg, mesh=dict(data=1, fsdp=1, tensor=1, expert=480),
             model=dict(emb_dim=2048, num_heads=16, mlp_dim=10624, num_layers=24,
-                       dtype="bfloat16", remat_policy="full"),
+                       dtype="float16", remat_policy="full"),  # V100: fp16 tensor cores
             batch_size=960, hw=ps.hardware(480, "V100-32GB", 32, host_memory_gb_per_node=512,
                                            **ps.V100_NODE),
             moe=dict(MOE, num_experts=960))
