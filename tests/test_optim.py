@@ -1,19 +1,21 @@
 """The optimizers against references we did not write: Adafactor worked by hand from
 Shazeer & Stern (2018), AdamW's decoupled decay convention, learning rate 0, stochastic
 rounding's expectation, and the learning rate the step reports."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from helpers import GRID, NUM_TASKS, PATCH_DIM, TEXT_LEN, synthetic_batch, tiny_config
 from m6jax import sharding
 from m6jax.train import optim, stages
-from m6jax.train.state import create_train_state, dummy_batch
+from m6jax.train.state import _init_fn, create_train_state, dummy_batch
 from m6jax.train.step import _accumulate, make_train_step
 
 EXAMPLE = dummy_batch(8, GRID * GRID, PATCH_DIM, TEXT_LEN)
+EXAMPLE_10T = dummy_batch(2, 16, 4, 48)  # m6_10t:mini's sequence: 16 patches of 2x2, 48 tokens
 
 
 def _opt_cfg(name, **kw):
@@ -92,17 +94,40 @@ def test_optimizer_state_is_float32_for_bfloat16_params(name):
     assert floats and all(x.dtype == jnp.float32 for x in floats)
 
 
-def test_stochastic_rounding_keeps_a_relative_update_of_1e4_in_expectation():
-    # bfloat16 has 8 significant bits: 1 + 1e-4 rounds to nearest as 1 (the update is
-    # lost); stochastically it rounds up with probability 1e-4 / 2**-7, so the mean moves.
+def test_a_relative_update_of_1e4_survives_under_the_m6_10t_precision_settings(devices):
+    # m6_10t stores bfloat16 masters, whose 8 significant bits round 1 + 1e-4 to 1 when
+    # rounded to nearest; stochastic rounding goes up with probability 1e-4 / 2**-7, so
+    # the mean moves by the update. Its norm scales (1.0) stay float32 and move exactly.
+    from configs import m6_10t
+    c = m6_10t.get_config("mini")
+    dtype = jnp.dtype(c.model.param_dtype)
+    assert dtype == jnp.bfloat16
+    model, _ = stages.model_and_optimizer(c, "real")
+    with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        params = nn.meta.unbox(jax.eval_shape(
+            _init_fn(model, optax.identity(), EXAMPLE_10T, 0)).params)
+    layer = params["stack"]["layers"]
+    assert layer["moe"]["wi"].dtype == jnp.bfloat16
+    assert layer["pre_attn_norm"]["scale"].dtype == layer["moe"]["router"].dtype == jnp.float32
     n = 200_000
-    p = dict(w=jnp.ones((n,), jnp.bfloat16))
-    u = dict(w=jnp.full((n,), 1e-4, jnp.float32))
+    p = dict(w=jnp.ones((n,), dtype), scale=jnp.ones((4,), jnp.float32))
+    u = dict(w=jnp.full((n,), 1e-4, jnp.float32), scale=jnp.full((4,), 1e-4, jnp.float32))
     assert float(optim.apply_updates(p, u)["w"].astype(jnp.float32).mean()) == 1.0  # nearest
-    moved = optim.apply_updates(p, u, jax.random.key(0))["w"].astype(jnp.float32)
-    assert set(np.unique(np.asarray(moved))) <= {1.0, 1.0 + 2 ** -7}
+    moved = optim.apply_updates(p, u, jax.random.key(0))
+    w = moved["w"].astype(jnp.float32)
+    assert set(np.unique(np.asarray(w))) <= {1.0, 1.0 + 2 ** -7}
     # the mean's standard error: 2**-7 * sqrt(q (1 - q) / n), q = 1e-4 / 2**-7 = 0.0128
-    assert float(moved.mean()) - 1.0 == pytest.approx(1e-4, abs=4 * 2 ** -7 * (0.0128 / n) ** 0.5)
+    assert float(w.mean()) - 1.0 == pytest.approx(1e-4, abs=4 * 2 ** -7 * (0.0128 / n) ** 0.5)
+    np.testing.assert_array_equal(moved["scale"], np.float32(1.0) + np.float32(1e-4))
+
+
+def test_bfloat16_masters_keep_the_router_and_norms_in_float32():
+    from m6jax.train.state import _cast_params
+    params = dict(moe=dict(router=jnp.ones((8, 4)), wi=jnp.ones((4, 8, 16))),
+                  ln=dict(scale=jnp.ones((8,)), bias=jnp.zeros((8,))), dense=dict(kernel=jnp.ones((8, 8))))
+    dtypes = jax.tree.map(lambda x: str(x.dtype), _cast_params(params, "bfloat16"))
+    assert dtypes == dict(moe=dict(router="float32", wi="bfloat16"),
+                          ln=dict(scale="float32", bias="float32"), dense=dict(kernel="bfloat16"))
 
 
 def test_stochastic_rounding_is_unbiased_between_neighbours():
