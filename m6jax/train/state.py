@@ -118,7 +118,7 @@ def _boxed_opt_state(tx, params):
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, seed: int,
              loss_scale=None):
-    param_dtype = getattr(model.cfg, "get", lambda *_: None)("param_dtype", None)
+    param_dtype = model.cfg.param_dtype
 
     def init():
         rng = jax.random.key(seed)
