@@ -1,5 +1,6 @@
 """The README is a landing page and docs/ holds the reference: README.md stays short, links
-every docs page, and every relative link (and #anchor) in README.md and docs/*.md resolves.
+every docs page, and every relative link (and #anchor) in README.md, BENCHMARKS.md and
+docs/*.md resolves.
 Plain text parsing, no JAX."""
 import glob
 import os
@@ -10,6 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
+BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")  # stays at the root; linked from the docs
 MAX_README_LINES = 300
 PAGES = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 FENCE = re.compile(r"^\s*(```|~~~)")
@@ -85,7 +87,7 @@ def test_every_docs_page_is_linked_from_the_readme():
     assert not missing, f"docs pages not linked from README.md: {missing}"
 
 
-@pytest.mark.parametrize("page", [README] + PAGES, ids=lambda p: os.path.relpath(p, ROOT))
+@pytest.mark.parametrize("page", [README, BENCHMARKS] + PAGES, ids=lambda p: os.path.relpath(p, ROOT))
 def test_relative_links_and_anchors_resolve(page):
     broken = []
     for target in relative_links(page):
