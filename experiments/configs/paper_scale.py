@@ -24,7 +24,7 @@ import m6_moe  # noqa: E402
 
 VARIANTS = ("paper", "mini", "mini_reference", "tiny")
 BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes the batch is split over
-MINI_DEVICES = 8  # the fake CPU devices tests and the README's mini commands use
+MINI_DEVICES = 8  # the fake CPU devices tests and the mini commands of docs/scale.md use
 
 
 def hardware(num_devices: int, device_kind: str, device_memory_gb: float, **fields):
