@@ -113,9 +113,6 @@ class Pipeline:
             examples.append(self._train_example(task, rng))
         return self._collate(examples, task_ids)
 
-    def iterator(self, step: int = 0) -> "DataIterator":
-        return DataIterator(self, step)
-
     def loader(self, start: int, stop: int, place=None) -> "loader_lib.Loader":
         """Batches of steps start..stop-1 from data.num_workers processes, prefetched."""
         return loader_lib.Loader(self, start, stop, place)
@@ -284,25 +281,3 @@ class Pipeline:
         """Digit class named by a generated caption, None unless exactly one is named."""
         return captions.caption_class(text, lang)
 
-
-class DataIterator:
-    """Steps through Pipeline.batch; its whole state is the next step."""
-
-    def __init__(self, pipeline: Pipeline, step: int = 0):
-        self.pipeline, self.step = pipeline, step
-
-    def next(self) -> dict[str, np.ndarray]:
-        batch = self.pipeline.batch(self.step)
-        self.step += 1
-        return batch
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def state(self) -> dict:
-        return {"step": self.step}
-
-    def restore(self, state: dict) -> None:
-        self.step = int(state["step"])
