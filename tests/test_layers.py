@@ -33,6 +33,11 @@ above the rest of `m6jax.train`, `m6jax.vq.model` below the rest of `m6jax.vq`).
   loop       train/loop: the pretraining run itself; only experiments/ call it.
 
 experiments/, benchmarks/, notebooks/ may import anything (not checked here).
+
+KNOWN_UPWARD lists the upward imports still there, each with its reason; their edges
+are left out of the cycle check too (offload -> plan closes config_checks -> offload ->
+plan -> config_checks until offload.check moves up), and an entry that is fixed fails
+the test until it is removed. No private name (`_x`) is imported from another module.
 """
 from __future__ import annotations
 
