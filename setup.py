@@ -24,6 +24,7 @@ setup(
         "tensorboard": ["tensorboard>=2.18,<3"],
         # pytest-xdist: the suite runs on two worker processes (pytest.ini).
         "dev": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "pyyaml>=6,<7", "nbclient>=0.10,<0.12", "nbformat>=5.10,<6",
+                "jupytext>=1.19,<2",
                 "ipykernel>=6.29,<8", "tensorboard>=2.18,<3"],
     },
 )

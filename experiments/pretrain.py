@@ -6,7 +6,7 @@ r"""M6 pretraining entry point.
 
 Several processes (hosts) form one mesh with `--distributed` (JAX detects SLURM, TPU
 pods, Kubernetes) or with all of --coordinator_address/--num_processes/--process_id
-(what launch/local.py passes); see launch/ and the README's "Multi-host launch".
+(what launch/local.py passes); see launch/ and docs/scale.md, "Multi-host launch".
 """
 import os
 import sys

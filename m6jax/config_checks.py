@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from m6jax import offload, pipeline, sharding
+from m6jax import offload, pipeline, schema, sharding
 from m6jax import pseudo_to_real as p2r
 from m6jax.model.block import REMAT_POLICIES
 from m6jax.model.mlp import ACTIVATIONS
@@ -25,6 +25,7 @@ def clamp_warmup(config) -> str | None:
 
 def validate_config(config, num_devices: int) -> tuple[int, ...]:
     """Checks model, mesh, batch and optimizer fields; returns the resolved mesh shape."""
+    schema.check_complete(config)
     m = config.model
     for f in ("emb_dim", "num_heads", "mlp_dim", "num_layers", "vocab_size"):
         if int(m[f]) <= 0:
@@ -33,7 +34,7 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
         raise ValueError(f"model.num_heads={m.num_heads} does not divide model.emb_dim={m.emb_dim}")
     if m.dtype not in _DTYPES:
         raise ValueError(f"model.dtype={m.dtype!r} is not one of {', '.join(_DTYPES)}")
-    if m.get("param_dtype", "float32") not in ("float32", "bfloat16"):
+    if m.param_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.param_dtype={m.param_dtype!r} is not one of float32, bfloat16")
     if m.remat_policy not in REMAT_POLICIES:
         raise ValueError(f"model.remat_policy={m.remat_policy!r} is not one of "
@@ -72,7 +73,7 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
     validate_moe(config, sizes)
     validate_image_encoder(config, sizes)
     from m6jax.train.profile import parse_profile_steps
-    window = parse_profile_steps(config.get("profile_steps", ""))
+    window = parse_profile_steps(config.profile_steps)
     if window and window[1] > config.total_steps:
         raise ValueError(f"config.profile_steps={config.profile_steps!r} ends after "
                          f"total_steps={config.total_steps}")
@@ -83,14 +84,14 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
             raise ValueError(f"{f}={config[f]} must be positive")
     o = config.optimizer
     from m6jax.train.optim import NAMES
-    if o.get("name", "adamw") not in NAMES:
+    if o.name not in NAMES:
         raise ValueError(f"optimizer.name={o.name!r} is not one of {', '.join(NAMES)}")
-    accum = int(o.get("grad_accum_steps", 1))
+    accum = int(o.grad_accum_steps)
     if accum < 1 or config.batch_size % (accum * shards):
         raise ValueError(f"optimizer.grad_accum_steps={accum} must be >= 1 and its microbatches "
                          f"of batch_size={config.batch_size} / {accum} rows must divide by the "
                          f"{shards} batch shards (mesh.data*mesh.fsdp*mesh.expert)")
-    if accum > 1 and config.get("offload") and offload.parse_layers(
+    if accum > 1 and offload.parse_layers(
             config.offload.param_layers, m.num_layers, "offload.param_layers"):
         raise ValueError(f"optimizer.grad_accum_steps={accum} with offload.param_layers="
                          f"{config.offload.param_layers!r}: accumulating offloaded gradients is "
@@ -182,14 +183,14 @@ def _check_moe_groups(config, moe, sizes: dict[str, int]) -> None:
     """group_size, priority, and dropless dispatch under expert parallelism."""
     from m6jax.model.moe.dispatch import PRIORITIES
     from m6jax.model.moe.layer import DROPLESS
-    if moe.get("priority", "order") not in PRIORITIES:
+    if moe.priority not in PRIORITIES:
         raise ValueError(f"model.moe.priority={moe.priority!r} is not one of "
                          f"{', '.join(PRIORITIES)}")
-    gs = int(moe.get("group_size", 0) or 0)
+    gs = int(moe.group_size)
     d = config.data
     seq = (d.image_size // d.patch_size) ** 2 + d.text_len
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-    accum = int(config.optimizer.get("grad_accum_steps", 1))
+    accum = int(config.optimizer.grad_accum_steps)
     local = config.batch_size // (shards * accum) * seq
     if gs < 0 or (gs and local % gs):
         raise ValueError(f"model.moe.group_size={gs} must be >= 0 and divide the tokens per "
@@ -220,17 +221,16 @@ def _check_pipeline(config, sizes: dict[str, int], shards: int) -> None:
     if stages == 1:
         return
     mb = pipeline.section(config)["microbatches"]
-    accum = int(config.optimizer.get("grad_accum_steps", 1))
+    accum = int(config.optimizer.grad_accum_steps)
     rows = config.batch_size // accum
     if rows % (mb * shards):
         raise ValueError(f"batch_size={config.batch_size} (/ optimizer.grad_accum_steps={accum})"
                          f" is not divisible by pipeline.microbatches={mb} x the {shards} batch "
                          "shards (mesh.data*mesh.fsdp*mesh.expert): each microbatch is split "
                          "over the batch shards")
-    if config.get("offload") and (offload.parse_layers(config.offload.param_layers, m.num_layers,
-                                                       "offload.param_layers") or
-                                  offload.parse_layers(config.offload.optimizer_layers,
-                                                       m.num_layers, "offload.optimizer_layers")):
+    if (offload.parse_layers(config.offload.param_layers, m.num_layers, "offload.param_layers")
+            or offload.parse_layers(config.offload.optimizer_layers, m.num_layers,
+                                    "offload.optimizer_layers")):
         raise ValueError(f"mesh.stage={stages} with offload.param_layers/optimizer_layers: "
                          "pipeline stages over a host-offloaded stack are not built; set "
                          "mesh.stage=1 or offload.*_layers='none'")
@@ -294,18 +294,18 @@ IMAGE_ENCODERS = ("patches", "resnet")
 def validate_image_encoder(config, sizes) -> None:
     """model.image_encoder and the ResNet's widths against the data and the mesh."""
     m = config.model
-    encoder = m.get("image_encoder", "patches")
+    encoder = m.image_encoder
     if encoder not in IMAGE_ENCODERS:
         raise ValueError(f"model.image_encoder={encoder!r} is not one of {', '.join(IMAGE_ENCODERS)}")
     if encoder != "resnet":
         return
-    p = int(config.data.get("patch_size", 2))
+    p = int(config.data.patch_size)
     if p & (p - 1):
         raise ValueError(f"model.image_encoder='resnet' downsamples by 2 per stage: "
                          f"data.patch_size={p} must be a power of 2")
-    width = int(m.get("resnet_width", 32))
+    width = int(m.resnet_width)
     if width <= 0 or width % sizes["fsdp"]:
         raise ValueError(f"model.resnet_width={width} must be positive and divisible by "
                          f"mesh.fsdp={sizes['fsdp']} (its channels shard like embed)")
-    if int(m.get("resnet_blocks", 1)) <= 0:
+    if int(m.resnet_blocks) <= 0:
         raise ValueError(f"model.resnet_blocks={m.resnet_blocks} must be positive")

@@ -62,7 +62,7 @@ def parse_layers(value, num_layers: int, field: str) -> tuple[int, ...]:
 
 
 def _section(config):
-    return config.get("offload") or {"optimizer_layers": "none", "param_layers": "none"}
+    return config.offload
 
 
 def validate(config) -> None:
@@ -97,7 +97,7 @@ def _device_memory_gb(config, devices):
     if "bytes_limit" in stats:
         return stats["bytes_limit"] / 2**30
     hw = config.get("hardware")
-    return float(hw.device_memory_gb) if hw is not None and hw.get("device_memory_gb") else None
+    return float(hw.device_memory_gb) if hw is not None and hw.device_memory_gb else None
 
 
 def check(config, devices) -> None:

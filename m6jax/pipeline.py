@@ -63,14 +63,14 @@ class Schedule:
 
 
 def section(config):
-    """The config's `pipeline` section as a dict (defaults for configs written before it)."""
-    sec = config.get("pipeline") or {}
-    return dict(microbatches=int(sec.get("microbatches", 1)), repeats=int(sec.get("repeats", 1)),
-                remat_stage=bool(sec.get("remat_stage", True)))
+    """The config's `pipeline` section as a dict (fields: m6jax/schema.py)."""
+    sec = config.pipeline
+    return dict(microbatches=int(sec.microbatches), repeats=int(sec.repeats),
+                remat_stage=bool(sec.remat_stage))
 
 
 def from_config(config) -> Schedule:
-    return Schedule(stages=int(config.mesh.get("stage", 1)), **section(config))
+    return Schedule(stages=int(config.mesh.stage), **section(config))
 
 
 def validate(config, stages: int, units: int) -> None:

@@ -131,7 +131,7 @@ def activation_bytes(config, mesh_shape) -> int:
     p, _, t = sequence_shape(config)
     s, d, tp = p + t, m.emb_dim, sizes["tensor"]
     # Activations are those of one microbatch (optimizer.grad_accum_steps).
-    accum = int(config.optimizer.get("grad_accum_steps", 1))
+    accum = int(config.optimizer.grad_accum_steps)
     b = config.batch_size / accum / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
     c = jnp.dtype(m.dtype).itemsize
     h = m.num_heads / tp
@@ -292,8 +292,8 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
         mesh=dict(zip(sharding.MESH_AXES, mesh_shape)),
         device_kind=hw["device_kind"], device_memory_gb=memory_gb,
         remat_policy=config.model.remat_policy,
-        optimizer=config.optimizer.get("name", "adamw"),
-        param_dtype=str(config.model.get("param_dtype", "float32")),
+        optimizer=config.optimizer.name,
+        param_dtype=str(config.model.param_dtype),
         per_device_bytes=per_device, per_device_total_bytes=per_device["device_peak"],
         per_node_host_bytes=per_node, host_memory_gb_per_node=hw["host_memory_gb_per_node"],
         transfer_bytes_per_step=int(off["traffic"]),
@@ -319,7 +319,7 @@ def _pipeline_plan(config, mesh_shape, abstract) -> dict[str, Any] | None:
         return None
     m, sizes = config.model, dict(zip(sharding.MESH_AXES, mesh_shape))
     p, _, t = sequence_shape(config)
-    accum = int(config.optimizer.get("grad_accum_steps", 1))
+    accum = int(config.optimizer.grad_accum_steps)
     b = config.batch_size / accum / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
     layer_input = jnp.dtype(m.dtype).itemsize * (p + t) * m.emb_dim
     acts = pipeline_activations(config, b, 0.0, 0.0, layer_input)
@@ -346,10 +346,10 @@ def moe_routing_plan(config) -> dict[str, Any]:
     from m6jax.model.moe.layer import DROPLESS
     moe = moe_config(config.model)
     p, _, t = sequence_shape(config)
-    group = int(moe.get("group_size", 0) or 0) or p + t
+    group = int(moe.group_size) or p + t
     k = int(moe.k) if moe.router in ("topk", "prototype") else 1
     e, factor = int(moe.num_experts), float(moe.capacity_factor or 0.0)
-    out = dict(group_size=group, priority=moe.get("priority", "order"), dispatch=moe.dispatch,
+    out = dict(group_size=group, priority=moe.priority, dispatch=moe.dispatch,
                capacity_per_expert=None, uniform_drop_fraction=0.0, warning=None)
     if moe.dispatch in DROPLESS or not factor:
         return out

@@ -73,15 +73,9 @@ OPTIMIZER_MODES = ("copy", "scaled", "reinit")
 LR_MODES = ("continue", "restart")
 
 
-def defaults() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(switch_step=0, optimizer="scaled",
-                                          switch_warmup_steps=0, lr_schedule="continue",
-                                          restart_warmup_steps=0))
-
-
 def section(config) -> ml_collections.ConfigDict:
-    """The config's `pseudo_to_real` section (defaults for configs written before it)."""
-    return config.get("pseudo_to_real") or defaults()
+    """The config's `pseudo_to_real` section (fields: m6jax/schema.py)."""
+    return config.pseudo_to_real
 
 
 def switch_step(config) -> int | None:
@@ -99,8 +93,8 @@ def stage_at(config, step: int) -> str:
 
 
 def switch_warmup_steps(config) -> int:
-    """`pseudo_to_real.switch_warmup_steps` (0 for configs written before it)."""
-    return int(section(config).get("switch_warmup_steps", 0) or 0)
+    """`pseudo_to_real.switch_warmup_steps`."""
+    return int(section(config).switch_warmup_steps)
 
 
 def stage_config(config, stage: str):

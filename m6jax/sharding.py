@@ -4,7 +4,7 @@ Model code names only logical axes (`embed`, `heads`, `mlp`, `batch`, ...); this
 the single place where they meet the mesh axes `data`, `fsdp`, `tensor`, `expert` and
 `stage` (pipeline: the stacked layers' unit axis, see m6jax/pipeline.py).
 All mesh axes are `AxisType.Auto`: GSPMD propagates shardings from the parameter and
-activation annotations (see README, "Design").
+activation annotations (see docs/design.md, "Design").
 """
 from __future__ import annotations
 

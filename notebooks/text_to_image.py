@@ -8,12 +8,13 @@
 # This notebook: train both stages small, look at reconstructions, draw every digit from
 # Chinese and English prompts, and compare the two decoders.
 #
-# Source: `notebooks/text_to_image.py` (percent format); `python notebooks/build_percent.py`
+# Source: `notebooks/text_to_image.py` (percent format); `python notebooks/build.py`
 # writes the `.ipynb`.
 
 # %%
 # Set-up: in Colab, clone the repository and install m6jax from it; locally, make this
-# clone importable.
+# clone importable. The experiment configs live in experiments/configs (not in the
+# installed package), which is why Colab gets a clone rather than only a pip install.
 import os
 import subprocess
 import sys
@@ -25,9 +26,11 @@ if "google.colab" in sys.modules:
     ROOT = "/content/m6jax"
     if not os.path.isdir(ROOT):
         subprocess.run(["git", "clone", "--depth=1", REPO, ROOT], check=True)
+    # the same as pip install "m6jax[EXTRA] @ git+REPO", from the clone
     subprocess.run([sys.executable, "-m", "pip", "install", "-q",
                     f"{ROOT}[{EXTRA}]" if EXTRA else ROOT], check=True)
 else:
+    # a local clone: this notebook sits in ROOT/notebooks (M6JAX_ROOT overrides)
     ROOT = os.environ.get("M6JAX_ROOT") or os.path.dirname(os.path.abspath(os.getcwd()))
     if not os.path.isdir(os.path.join(ROOT, "m6jax")):
         raise RuntimeError(f"no m6jax/ in {ROOT}: open the notebook from notebooks/ of a "
@@ -38,7 +41,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
 import jax
 from absl import logging
 
-logging.set_verbosity(logging.WARNING)
+logging.set_verbosity(logging.WARNING)  # training's info lines would flood the output
 print("backend:", jax.default_backend(), "| devices:", jax.devices())
 
 # %% tags=["parameters"]

@@ -1,5 +1,6 @@
-"""The README's first-day commands run as written: the override examples of "Running
-experiments" and the "Train on your own photos" recipe (on generated photos)."""
+"""The docs' first-day commands run as written: the override examples of "Running
+experiments" (docs/running-experiments.md) and the "Train on your own photos" recipe
+(docs/data.md, on generated photos)."""
 import json
 import os
 import re
@@ -15,9 +16,10 @@ CAPTIONS = ["一只红色的圆", "一个蓝色的方块", "绿色的草地", "�
 COLOURS = [(220, 30, 30), (30, 30, 220), (30, 180, 30), (230, 210, 30)]
 
 
-def readme_commands(heading: str) -> list[str]:
-    """The commands of the first ```bash block after `heading`, continuations joined."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def doc_commands(page: str, heading: str) -> list[str]:
+    """The commands of the first ```bash block after `heading` in `page` (a path from the
+    repository root), continuations joined."""
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
     section = text[text.index(heading):]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [c.strip() for c in block.replace("\\\n", " ").splitlines() if c.strip()]
@@ -44,7 +46,7 @@ def _workdir(command: str) -> str:
 
 @pytest.mark.slow
 def test_the_override_examples_run_as_written(tmp_path, cache):
-    commands = readme_commands("## Running experiments")
+    commands = doc_commands("docs/running-experiments.md", "## Running experiments")
     assert len(commands) == 2
     os.symlink(os.path.join(ROOT, "experiments"), tmp_path / "experiments")
     for command in commands:
@@ -69,7 +71,7 @@ def _photos(root):
 
 @pytest.mark.slow
 def test_the_own_photos_recipe_runs_as_written(tmp_path, cache):
-    train, generate = readme_commands("### Train on your own photos")
+    train, generate = doc_commands("docs/data.md", "### Train on your own photos")
     _photos(tmp_path)
     os.symlink(os.path.join(ROOT, "experiments"), tmp_path / "experiments")
     proc = _run(train, tmp_path, cache)

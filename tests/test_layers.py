@@ -9,8 +9,9 @@ LAYERS, lowest first. A module may import its own layer and the layers below; it
 layer is that of its longest matching prefix in LAYERS (so `m6jax.train.loop` sits
 above the rest of `m6jax.train`, `m6jax.vq.model` below the rest of `m6jax.vq`).
 
-  base       errors, sharding, pipeline, distributed, flops, checkpoint: parallelism,
-             storage and arithmetic that know nothing of M6. `pipeline` is the SPMD
+  base       errors, schema, sharding, pipeline, distributed, flops, checkpoint: the
+             config schema (every field's default), parallelism, storage and
+             arithmetic that know nothing of M6's modules. `pipeline` is the SPMD
              schedule the model's scanned stack runs under (model/block imports it);
              `checkpoint` is the Orbax store (the VQ tokenizer's loader uses it too).
   model      model/* (M6, its blocks, MoE) and vq/model (the VQ-VAE network);
@@ -48,7 +49,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "m6jax"
 
 LAYERS = [
-    ("base", ["m6jax", "m6jax.errors", "m6jax.sharding", "m6jax.pipeline",
+    ("base", ["m6jax", "m6jax.errors", "m6jax.schema", "m6jax.sharding", "m6jax.pipeline",
               "m6jax.distributed", "m6jax.flops", "m6jax.checkpoint"]),
     ("model", ["m6jax.model", "m6jax.vq.model"]),
     ("data", ["m6jax.data", "m6jax.vq", "m6jax.vq.data", "m6jax.vq.load", "m6jax.vq.checks",

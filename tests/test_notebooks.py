@@ -1,7 +1,10 @@
 """The notebooks in notebooks/ run top to bottom (nbclient, a fresh python3 kernel) and draw
 plots. Like papermill, a cell with even smaller parameters is injected after each
 notebook's `parameters` cell; the kernel gets one CPU device (not conftest's 8).
+Each committed NAME.ipynb is exactly what notebooks/build.py writes from NAME.py, and all
+notebooks share their first code cell (the set-up).
 """
+import importlib.util
 import os
 import time
 
@@ -23,6 +26,39 @@ PARAMETERS = {
     "text_to_image.ipynb": dict(VQ_STEPS=20, T2I_STEPS=4, SAMPLES_PER_DIGIT=2,
                                 OVERRIDES=SMALL_MODEL),
 }
+
+
+def load_build():
+    """notebooks/build.py as a module (notebooks/ is no package); needs jupytext."""
+    pytest.importorskip("jupytext")
+    spec = importlib.util.spec_from_file_location("notebooks_build",
+                                                  os.path.join(NOTEBOOKS, "build.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_ipynb_is_built_from_its_percent_source():
+    """A .py edited without `python notebooks/build.py` (or an .ipynb edited by hand) fails."""
+    build = load_build()
+    paths = build.sources()
+    assert sorted(os.path.basename(build.ipynb_path(p)) for p in paths) == sorted(PARAMETERS)
+    stale = []
+    for path in paths:
+        with open(build.ipynb_path(path), encoding="utf-8") as f:
+            if f.read() != build.render(path):
+                stale.append(os.path.basename(build.ipynb_path(path)))
+    assert not stale, f"{stale} differ from their .py: run python notebooks/build.py"
+
+
+def test_notebooks_share_the_setup_cell():
+    firsts = {}
+    for name in PARAMETERS:
+        nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+        firsts[name] = next(c.source for c in nb.cells if c.cell_type == "code")
+    assert len(set(firsts.values())) == 1, "the first code cells differ: " + ", ".join(
+        f"{n}: {s.splitlines()[:2]}" for n, s in firsts.items())
+    assert "sys.path.insert(0, ROOT)" in firsts["quickstart.ipynb"]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +96,7 @@ CASES = ["quickstart.ipynb", pytest.param("moe_routing.ipynb", marks=pytest.mark
 def test_notebook_runs_and_plots(name, tmp_path, tokenizer):
     nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
-        f"{name} is committed with outputs: run notebooks/make_notebooks.py"
+        f"{name} is committed with outputs: run python notebooks/build.py"
     inject_parameters(nb, dict(PARAMETERS[name], TOKENIZER=tokenizer,
                                WORKDIR=str(tmp_path / "workdir")))
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",

@@ -41,6 +41,7 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import m6  # noqa: E402
+from m6jax import schema  # noqa: E402
 
 # name -> (router, k): equal expert count, M6-T's comparison.
 ABLATION_ROUTINGS = {"top1": ("topk", 1), "top2": ("topk", 2), "2top1": ("prototype", 2),
@@ -48,12 +49,8 @@ ABLATION_ROUTINGS = {"top1": ("topk", 1), "top2": ("topk", 2), "2top1": ("protot
 
 
 def moe_section(**overrides) -> ml_collections.ConfigDict:
-    s = ml_collections.ConfigDict(dict(
-        num_experts=8, router="topk", k=1, every=2, capacity_factor=1.25,
-        eval_capacity_factor=2.0, aux_loss_weight=0.01, z_loss_weight=1e-3, jitter=0.0,
-        dispatch="gather", group_size=0, priority="order"))
-    s.update(overrides)
-    return s
+    """`model.moe` with `overrides` (every field and its default: m6jax/schema.py MOE)."""
+    return schema.moe_section(**overrides)
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

@@ -13,8 +13,12 @@ checks refuse a t2i.codebook_size that differs from the checkpoint in vq_from.
 """
 import importlib.util
 import os
+import sys
 
 import ml_collections
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from m6jax import schema  # noqa: E402
 
 
 def _base(arg):
@@ -40,27 +44,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.vq_from = ml_collections.FieldReference("")  # the image tokenizer's --workdir
     c.data.vq_from = c.get_ref("vq_from")  # the pipeline reads it from the data section
 
-    c.t2i = ml_collections.ConfigDict()
+    # Text-to-image fields, defaults and meanings: m6jax/schema.py (T2I, model.sparse_*).
+    c.t2i = schema.t2i_section()
     c.t2i.codebook_size = ml_collections.FieldReference(64)  # must equal vq_from's codebook
     c.model.vocab_size = vocab + c.t2i.get_ref("codebook_size") + 3
-    # Evaluation at the end of pretraining (summary.json: t2i_accuracy, t2i_accuracy_mask).
-    c.t2i.eval_samples_per_digit = 16
-    c.t2i.temperature = 0.7  # autoregressive sampling
-    c.t2i.top_k = 0
-    c.t2i.top_p = 1.0
-    c.t2i.guidance_scale = 3.0  # classifier-free guidance, both decoders (1 = off)
-    c.t2i.mask_steps = 8  # MaskGIT parallel steps
-    c.t2i.mask_temperature = 1.0  # code sampling in each parallel step
-    c.t2i.choice_temperature = 4.5  # MaskGIT's noise on which codes to keep, annealed to 0
-
     c.data.task_weights = ml_collections.ConfigDict(
         dict(caption=0.1, text_to_image=0.45, text_to_image_mask=0.45))
     c.data.caption_dropout = 0.1
-    c.model.attention = "dense"  # dense | sparse (m6jax/model/sparse.py)
-    c.model.sparse_block_size = 16  # must divide num_patches + text_len
-    c.model.sparse_window = 1  # neighbouring blocks seen on each side
-    c.model.sparse_stride = 3  # every stride-th block is a summary column all queries see
-    c.model.sparse_global_blocks = 2  # leading blocks (image + prompt) seen by and seeing all
+    c.model.update(sparse_stride=3, sparse_global_blocks=2)  # used when attention='sparse'
 
     if variant == "tiny":
         # [16 patches | 80 text slots] = 96 positions: prompt 16 + 64 codes.

@@ -19,27 +19,19 @@ import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import m6  # noqa: E402
+from m6jax import schema  # noqa: E402
 import m6_moe  # noqa: E402
 
 VARIANTS = ("paper", "mini", "mini_reference", "tiny")
 BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes the batch is split over
-MINI_DEVICES = 8  # the fake CPU devices tests and the README's mini commands use
+MINI_DEVICES = 8  # the fake CPU devices tests and the mini commands of docs/scale.md use
 
 
-def hardware(num_devices: int, device_kind: str, device_memory_gb: float, *,
-             devices_per_node: int = 8, host_memory_gb_per_node: float | None = None,
-             host_device_gb_per_s: float | None = None, device_tflops: float | None = None):
-    """What the dry run plans for: `num_devices` of `device_kind` with this memory each,
-    `devices_per_node` per node sharing `host_memory_gb_per_node` of host memory, a
-    host<->device link of `host_device_gb_per_s` per device and a peak of `device_tflops`
-    (the last three are optional: without them the plan leaves host fit and transfer
-    time out, and takes the peak from `device_kind` and model.dtype if the table in
-    m6jax/flops.py knows them)."""
-    return ml_collections.ConfigDict(dict(
-        num_devices=num_devices, device_kind=device_kind,
-        device_memory_gb=float(device_memory_gb), devices_per_node=devices_per_node,
-        host_memory_gb_per_node=host_memory_gb_per_node,
-        host_device_gb_per_s=host_device_gb_per_s, device_tflops=device_tflops))
+def hardware(num_devices: int, device_kind: str, device_memory_gb: float, **fields):
+    """What the dry run plans for: `num_devices` of `device_kind` with this memory each;
+    the other fields (per node, link, peak) and their defaults: m6jax/schema.py HARDWARE."""
+    return schema.hardware_section(num_devices=num_devices, device_kind=device_kind,
+                                   device_memory_gb=float(device_memory_gb), **fields)
 
 
 # V100-era 8-GPU servers (ours: the papers name the GPU, not the server): PCIe gen3 x16
@@ -81,7 +73,7 @@ def tiny_base(arg: str, moe: dict | None = None, remat_policy: str = "none"):
 
 
 def mini(paper: ml_collections.ConfigDict, num_layers: int = 4,
-         total_steps: int = 200) -> ml_collections.ConfigDict:
+         total_steps: int = 100) -> ml_collections.ConfigDict:
     """The `mini` twin of a paper variant: the same training choices at a size that
     trains on the shipped data here in a few minutes.
 
@@ -97,7 +89,7 @@ def mini(paper: ml_collections.ConfigDict, num_layers: int = 4,
 
     The peak learning rate is the quickstart's (2e-3) rather than the paper variant's
     3e-4: the papers give none, 3e-4 is ours for widths of thousands, and the rate that
-    trains a width-128 model in 200 steps is a size-dependent choice like the width.
+    trains a width-128 model in 100 steps is a size-dependent choice like the width.
     """
     tiny = m6.get_config("tiny")
     c = copy.deepcopy(paper)

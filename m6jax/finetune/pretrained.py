@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import ml_collections
 
-from m6jax import checkpoint
+from m6jax import checkpoint, schema
 from m6jax import pseudo_to_real as p2r
 
 _PATH_HELP = ("give --config.init_from=PRETRAIN_WORKDIR (the --workdir of "
@@ -70,7 +70,7 @@ def run_config(ft_config, pretrained: Pretrained) -> ml_collections.ConfigDict:
     data sections from pretraining (data.tokenizer_path pinned to the pretraining
     tokenizer), steps/batch/optimizer/mesh/seed from the fine-tune config.
     """
-    c = ml_collections.ConfigDict(pretrained.config)
+    c = schema.complete(ml_collections.ConfigDict(pretrained.config))  # an older run's too
     saved_mesh = dict(c.mesh)
     for field in _RUN_FIELDS:
         value = ft_config[field]

@@ -59,7 +59,7 @@ class M6(nn.Module):
         if not step:
             # Image: one embedding per patch (a linear projection, or the ResNet's grid)
             # + row/column position.
-            if cfg.get("image_encoder", "patches") == "resnet":
+            if cfg.image_encoder == "resnet":
                 img = ResNetEncoder(cfg, self.image_grid, dtype, name="resnet")(batch["patches"])
             else:
                 img = nn.Dense(cfg.emb_dim, dtype=dtype, kernel_init=dense_init(("patch", "embed")),

@@ -76,13 +76,13 @@ class ResNetEncoder(nn.Module):
         cfg = self.cfg
         x = unpatchify(patches, self.image_grid).astype(self.dtype)        # [B, S, S, C]
         stages = int(math.log2(x.shape[1] // self.image_grid))
-        width = int(cfg.get("resnet_width", 32))
+        width = int(cfg.resnet_width)
         block = _Block
         if cfg.remat_policy != "none":
             block = nn.remat(_Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
         x = constrain(_conv(width, 3, 1, self.dtype, "stem")(x), _ACT_AXES)
         for i in range(stages):
-            for j in range(int(cfg.get("resnet_blocks", 1))):
+            for j in range(int(cfg.resnet_blocks)):
                 x = block(width * 2 ** i, 2 if j == 0 else 1, self.dtype, name=f"stage{i}_block{j}")(x)
         x = nn.relu(layer_norm(self.dtype, "final_norm")(x))
         x = _conv(cfg.emb_dim, 1, 1, self.dtype, "to_embed")(x)            # [B, g, g, D]

@@ -44,18 +44,18 @@ class Pattern:
 
 
 def pattern_from_config(cfg) -> Pattern | None:
-    """The model section's pattern; None for model.attention='dense' (or absent)."""
-    if cfg.get("attention", "dense") != "sparse":
+    """The model section's pattern; None for model.attention='dense'."""
+    if cfg.attention != "sparse":
         return None
-    return Pattern(int(cfg.sparse_block_size), int(cfg.get("sparse_window", 1)),
-                   int(cfg.get("sparse_stride", 4)), int(cfg.get("sparse_global_blocks", 1)))
+    return Pattern(int(cfg.sparse_block_size), int(cfg.sparse_window),
+                   int(cfg.sparse_stride), int(cfg.sparse_global_blocks))
 
 
 def validate(config) -> None:
     """Refuses an unknown model.attention or a sparse block size that does not divide the
     sequence (num_patches + data.text_len), naming the field."""
     m = config.model
-    kind = m.get("attention", "dense")
+    kind = m.attention
     if kind not in KINDS:
         raise ValueError(f"model.attention={kind!r} is not one of {', '.join(KINDS)}")
     if kind == "dense":
@@ -63,11 +63,11 @@ def validate(config) -> None:
     d = config.data
     seq = (d.image_size // d.patch_size) ** 2 + d.text_len
     for f in ("sparse_block_size", "sparse_stride"):
-        if int(m.get(f, 1)) <= 0:
-            raise ValueError(f"model.{f}={m.get(f)} must be positive")
+        if int(m[f]) <= 0:
+            raise ValueError(f"model.{f}={m[f]} must be positive")
     for f in ("sparse_window", "sparse_global_blocks"):
-        if int(m.get(f, 0)) < 0:
-            raise ValueError(f"model.{f}={m.get(f)} must be >= 0")
+        if int(m[f]) < 0:
+            raise ValueError(f"model.{f}={m[f]} must be >= 0")
     if seq % m.sparse_block_size:
         raise ValueError(f"model.sparse_block_size={m.sparse_block_size} does not divide the "
                          f"sequence of {seq} positions ((data.image_size / data.patch_size)**2 "

@@ -53,12 +53,12 @@ class CodeVocab:
 
 def enabled(config) -> bool:
     """True if the config's data.task_weights give a text_to_image task weight."""
-    weights = dict(config.data.get("task_weights", {}))
+    weights = dict(config.data.task_weights)
     return any(float(weights.get(t, 0.0)) > 0 for t in T2I_TASKS)
 
 
 def vq_from(config) -> str:
-    return config.get("vq_from", "") or config.data.get("vq_from", "")
+    return config.vq_from or config.data.vq_from
 
 
 def code_vocab(config) -> CodeVocab:

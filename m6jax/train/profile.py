@@ -30,7 +30,7 @@ class StepProfiler:
     """Starts the trace before step A and stops it once step B's results are ready."""
 
     def __init__(self, config, workdir: str, start_step: int):
-        self.window = parse_profile_steps(config.get("profile_steps", ""))
+        self.window = parse_profile_steps(config.profile_steps)
         self.logdir = os.path.join(workdir, "tensorboard")
         self.active = False
         if self.window and start_step == self.window[0] - 1:

@@ -49,7 +49,7 @@ class Stage:
         self.offload = offload_lib.OffloadPlan(config, stage, state_shardings, shapes)
         self.train_step = make_train_step(
             self.train_model, self.tx, mesh, state_shardings, len(tasks), self.offload,
-            int(config.optimizer.get("grad_accum_steps", 1)), loss_scale.from_config(config))
+            int(config.optimizer.grad_accum_steps), loss_scale.from_config(config))
         eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks))
         self.evaluator = evaluation.Evaluator(pipe, self.model, mesh, state_shardings.params,
                                               eval_step, tasks)

@@ -120,7 +120,7 @@ def init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, s
              loss_scale=None):
     """The function that initialises the TrainState (params boxed with their logical
     axes): `jax.eval_shape` it for abstract shapes, jit it to create the state."""
-    param_dtype = getattr(model.cfg, "get", lambda *_: None)("param_dtype", None)
+    param_dtype = model.cfg.param_dtype
 
     def init():
         rng = jax.random.key(seed)

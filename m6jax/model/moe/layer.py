@@ -70,7 +70,7 @@ class MoeMlp(nn.Module):
         valid bool [B, S]: padding (False) takes no expert slot and gets output 0."""
         cfg = self.moe
         e, k, (b, s0, d) = int(cfg.num_experts), int(cfg.k), x.shape
-        g, s = (b, s0) if self.capacity_tokens else group_shape(b, s0, int(cfg.get("group_size", 0)))
+        g, s = (b, s0) if self.capacity_tokens else group_shape(b, s0, int(cfg.group_size))
         regroup = (g, s) != (b, s0)
         x = x.astype(self.dtype)
         valid = jnp.ones((b, s0), bool) if valid is None else valid.astype(bool)
@@ -106,7 +106,7 @@ class MoeMlp(nn.Module):
             kept = jnp.broadcast_to(valid[..., None], routing.expert_index.shape)
         else:
             cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))
-            slots = dsp.assign_slots(routing, e, cap, valid, cfg.get("priority", "order"))
+            slots = dsp.assign_slots(routing, e, cap, valid, cfg.priority)
             kept = slots.kept
             if cfg.dispatch == "grouped":
                 y = parallel.capacity_grouped(x, routing, kept, wi_c, wo_c, act, pure)
