@@ -49,7 +49,7 @@ def main(_):
 
     from configs import m6 as m6_config
     from m6jax import flops, generate, sharding
-    from m6jax.train.loop import build_model
+    from m6jax.model.build import build_model
     from m6jax.train.state import dummy_batch
 
     c = m6_config.get_config("tiny")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-from m6jax import schema, sharding
+from m6jax import offload, pipeline, schema, sharding
+from m6jax import pseudo_to_real as p2r
 from m6jax.model.block import REMAT_POLICIES
 from m6jax.model.mlp import ACTIVATIONS
 
@@ -90,7 +91,6 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
         raise ValueError(f"optimizer.grad_accum_steps={accum} must be >= 1 and its microbatches "
                          f"of batch_size={config.batch_size} / {accum} rows must divide by the "
                          f"{shards} batch shards (mesh.data*mesh.fsdp*mesh.expert)")
-    from m6jax import offload
     if accum > 1 and offload.parse_layers(
             config.offload.param_layers, m.num_layers, "offload.param_layers"):
         raise ValueError(f"optimizer.grad_accum_steps={accum} with offload.param_layers="
@@ -118,7 +118,6 @@ def validate_config(config, num_devices: int) -> tuple[int, ...]:
             raise ValueError(f"{f}={config[f]} must be >= 0")
     _check_checkpointing(config)
     _check_pseudo_to_real(config)
-    from m6jax import offload
     offload.validate(config)
     return shape
 
@@ -214,7 +213,6 @@ def _check_moe_groups(config, moe, sizes: dict[str, int]) -> None:
 
 
 def _check_pipeline(config, sizes: dict[str, int], shards: int) -> None:
-    from m6jax import offload, pipeline
     from m6jax.model.moe import moe_config
     m, stages = config.model, sizes["stage"]
     moe = moe_config(m)
@@ -260,7 +258,6 @@ def _check_checkpointing(config) -> None:
 
 
 def _check_pseudo_to_real(config) -> None:
-    from m6jax import pseudo_to_real as p2r
     sec = p2r.section(config)
     s = int(sec.switch_step)
     if s < 0 or s >= config.total_steps:

@@ -18,10 +18,9 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 
 from m6jax import flops, offload, pipeline, sharding
 from m6jax import pseudo_to_real as p2r
-from m6jax.model import M6
 from m6jax.model.moe import moe_config
-from m6jax.train import optim
-from m6jax.train.state import _init_fn, dummy_batch
+from m6jax.train.stages import model_and_optimizer
+from m6jax.train.state import dummy_batch, init_fn
 
 GIB = 2 ** 30
 
@@ -33,20 +32,21 @@ def sequence_shape(config) -> tuple[int, int, int]:
     return grid * grid, d.patch_size ** 2 * d.image_channels, d.text_len
 
 
-def build(config):
-    """The training-mode model, optimizer and example batch the train loop would build."""
+def build(config, stage: str | None = None):
+    """The training-mode model, optimizer and example batch the train loop builds for
+    `stage` (the same `train.stages.model_and_optimizer`: the stage's optimizer and the
+    pipeline schedule included); by default the stage `config.model` describes."""
     p, pd, t = sequence_shape(config)
-    grid = config.data.image_size // config.data.patch_size
-    model = M6(config.model, grid, t, deterministic=config.model.dropout_rate == 0.0)
-    tx = optim.make_optimizer(config.optimizer, config.total_steps)
+    stage = stage or (p2r.STAGE_PSEUDO if config.model.share_layers else p2r.STAGE_REAL)
+    model, tx = model_and_optimizer(config, stage)
     return model, tx, dummy_batch(config.batch_size, p, pd, t)
 
 
-def abstract_state(config, seed: int = 0):
+def abstract_state(config, seed: int = 0, stage: str | None = None):
     """The TrainState as ShapeDtypeStructs, leaves boxed with their logical axes."""
-    model, tx, example = build(config)
+    model, tx, example = build(config, stage)
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        return jax.eval_shape(_init_fn(model, tx, example, seed))
+        return jax.eval_shape(init_fn(model, tx, example, seed))
 
 
 def abstract_mesh(mesh_shape) -> AbstractMesh:
@@ -264,8 +264,8 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     mesh_shape += (1,) * (len(sharding.MESH_AXES) - len(mesh_shape))  # no stage given: 1
     # A Pseudo-to-Real run must fit in both stages; the Real one is the larger.
     stage = stage or p2r.stage_at(config, config.total_steps - 1)
+    abstract = abstract_state(config, stage=stage)  # the run's config: its stage optimizer
     config = p2r.stage_config(config, stage)
-    abstract = abstract_state(config)
     mesh = abstract_mesh(mesh_shape)
     counts = param_counts(config, abstract)
     off = offload_bytes(config, abstract, mesh, stage)

@@ -8,7 +8,7 @@ from m6jax import sharding
 from m6jax.checkpoint import Checkpointer, load_params
 from m6jax.config_checks import validate_config
 from m6jax.train import optim
-from m6jax.train.loop import build_model
+from m6jax.model.build import build_model
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
 from m6jax.train.step import make_eval_step, make_train_step
 

@@ -169,17 +169,6 @@ def test_process_index_and_seed_change_the_batch(env):
     assert not np.array_equal(pipe.batch(5)["text_tokens"], other_seed.batch(5)["text_tokens"])
 
 
-def test_restore_continues_with_the_identical_next_batch(pipe):
-    it = pipe.iterator()
-    it.next(), it.next()
-    state = it.state()
-    expected = it.next()
-    resumed = pipe.iterator()
-    resumed.restore(state)
-    assert state == {"step": 2}
-    assert_equal_batches(resumed.next(), expected)
-
-
 def test_eval_batches_are_fixed_full_and_mixed(pipe):
     first, second = pipe.eval_batches(), pipe.eval_batches()
     for a, b in zip(first, second):

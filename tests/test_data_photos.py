@@ -160,10 +160,10 @@ def test_workers_resumed_mid_run_give_bitwise_the_batches_of_an_uninterrupted_ru
     placed = []
     resumed = Loader(pipe, 3, 6, place=lambda step, b: placed.append(step) or b,
                      num_workers=2, prefetch=2)
-    assert resumed.state() == {"step": 3}
+    assert resumed.step == 3
     got = list(resumed)
     assert placed == [4, 5, 6]  # 1-based steps, as the loop's test hooks count them
-    assert len(got) == 3 and resumed.state() == {"step": 6}
+    assert len(got) == 3 and resumed.step == 6
     for a, b in zip(got, straight[3:]):
         assert_equal_batches(a, b)
     assert "segment_ids" in got[0]

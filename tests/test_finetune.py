@@ -14,7 +14,7 @@ from helpers import GRID, PATCH_DIM, TEXT_LEN, tiny_config
 
 from m6jax import sharding
 from m6jax.model import M6
-from m6jax.data.pipeline import default_cache_dir
+from m6jax.data.corpora import default_cache_dir
 from m6jax.data.sources import TextSource
 from m6jax.finetune import baseline, retrieval, scoring
 from m6jax.train import optim

@@ -8,7 +8,7 @@ import pytest
 from configs.m6_moe import moe_section
 from helpers import GRID, PATCH_DIM, TEXT_LEN, tiny_config
 from m6jax import generate, sharding
-from m6jax.train.loop import build_model
+from m6jax.model.build import build_model
 from m6jax.train.state import dummy_batch
 
 PROMPT_LEN, MAX_NEW, B = 2, 8, 8

@@ -11,7 +11,7 @@ import pytest
 from helpers import GRID, NUM_TASKS, PATCH_DIM, TEXT_LEN, synthetic_batch, tiny_config
 from m6jax import sharding
 from m6jax.train import optim, stages
-from m6jax.train.state import _init_fn, create_train_state, dummy_batch
+from m6jax.train.state import create_train_state, dummy_batch, init_fn
 from m6jax.train.step import _accumulate, make_train_step
 
 EXAMPLE = dummy_batch(8, GRID * GRID, PATCH_DIM, TEXT_LEN)
@@ -105,7 +105,7 @@ def test_a_relative_update_of_1e4_survives_under_the_m6_10t_precision_settings(d
     model, _ = stages.model_and_optimizer(c, "real")
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
         params = nn.meta.unbox(jax.eval_shape(
-            _init_fn(model, optax.identity(), EXAMPLE_10T, 0)).params)
+            init_fn(model, optax.identity(), EXAMPLE_10T, 0)).params)
     layer = params["stack"]["layers"]
     assert layer["moe"]["wi"].dtype == jnp.bfloat16
     assert layer["pre_attn_norm"]["scale"].dtype == layer["moe"]["router"].dtype == jnp.float32

@@ -14,7 +14,7 @@ from m6jax.errors import InputError
 from m6jax.t2i import decode as decode_lib
 from m6jax.t2i.data import pack_masked
 from m6jax.t2i.vocab import CodeVocab
-from m6jax.train.loop import build_model
+from m6jax.model.build import build_model
 from m6jax.train.state import dummy_batch
 
 VOCAB = CodeVocab(text_vocab=64, codebook_size=16, num_codes=16)

@@ -17,6 +17,10 @@ TEXT_FILES = ("sentiment.jsonl", "peoples_daily.jsonl")
 IMAGE_TEXT_FILES = ("digits.jsonl",)
 
 
+def default_cache_dir() -> str:
+    return os.environ.get("M6JAX_CACHE", os.path.expanduser("~/.cache/m6jax"))
+
+
 def shipped_corpora(cache_dir: str) -> tuple[list[str], list[str]]:
     """Returns (text_files, image_text_files), writing any that are missing."""
     root = os.path.join(cache_dir, "corpora")

@@ -131,10 +131,6 @@ class Loader:
             self.close()  # the workers are done: end their processes now
         return batch
 
-    def state(self) -> dict:
-        """What resume needs: the next step (the data order is a function of it)."""
-        return {"step": self.step}
-
     def close(self):
         if self._host is not None:
             self._stopping.set()

@@ -10,6 +10,8 @@ import importlib.util
 import os
 import shutil
 
+from m6jax.data.corpora import default_cache_dir
+
 # file -> (English caption, Chinese caption). Only photographs and photo-like scans.
 CAPTIONS = {
     "astronaut.png": ("an astronaut in a white space suit in front of a flag", "身穿白色宇航服的宇航员站在旗帜前"),
@@ -70,7 +72,6 @@ def photo_folder(out_dir: str, copies: int = 1, ext: str = "") -> str:
 def photo_shards(cache_dir: str | None = None, fmt: str = "webdataset", per_shard: int = 5) -> str:
     """The photos as shards under `cache_dir`/photos (written once); returns their glob."""
     from m6jax.data import shards
-    from m6jax.data.pipeline import default_cache_dir
     root = os.path.join(cache_dir or default_cache_dir(), "photos")
     ext = "tar" if fmt == "webdataset" else "parquet"
     out = os.path.join(root, fmt)

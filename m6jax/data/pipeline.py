@@ -27,15 +27,13 @@ from absl import logging
 from m6jax.data import captions, corpora, describe, images, packing, sources, tasks
 from m6jax.data import loader as loader_lib
 from m6jax.data import tokenizer as tokenizer_lib
+from m6jax.data.corpora import default_cache_dir
 from m6jax.data.config import (TASK_NAMES, TEXT_SUFFIXES, data_settings, expand_globs,
                                image_text_suffixes, task_probabilities)
 from m6jax.errors import InputError
+from m6jax.t2i import data as t2i_data
 
 _MAX_DRAWS = 100  # redraws for an example whose text tokenizes to nothing
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("M6JAX_CACHE", os.path.expanduser("~/.cache/m6jax"))
 
 
 class Pipeline:
@@ -78,8 +76,8 @@ class Pipeline:
             path, s["vocab_size"], self._tokenizer_texts,
             lambda: self.images.all_captions(tokenizer_lib.CAPTION_LINES * 10))
         self._eval_examples = None
-        from m6jax.t2i.data import for_pipeline  # None unless a text_to_image task is weighted
-        self.t2i = for_pipeline(self, image_files, cache_dir)
+        # None unless a text_to_image task is weighted
+        self.t2i = t2i_data.for_pipeline(self, image_files, cache_dir)
 
     def log_image_notice(self) -> None:
         """Logs what the first image-text record's image becomes (see data.describe)."""
@@ -114,9 +112,6 @@ class Pipeline:
             task_ids.append(task)
             examples.append(self._train_example(task, rng))
         return self._collate(examples, task_ids)
-
-    def iterator(self, step: int = 0) -> "DataIterator":
-        return DataIterator(self, step)
 
     def loader(self, start: int, stop: int, place=None) -> "loader_lib.Loader":
         """Batches of steps start..stop-1 from data.num_workers processes, prefetched."""
@@ -286,25 +281,3 @@ class Pipeline:
         """Digit class named by a generated caption, None unless exactly one is named."""
         return captions.caption_class(text, lang)
 
-
-class DataIterator:
-    """Steps through Pipeline.batch; its whole state is the next step."""
-
-    def __init__(self, pipeline: Pipeline, step: int = 0):
-        self.pipeline, self.step = pipeline, step
-
-    def next(self) -> dict[str, np.ndarray]:
-        batch = self.pipeline.batch(self.step)
-        self.step += 1
-        return batch
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def state(self) -> dict:
-        return {"step": self.step}
-
-    def restore(self, state: dict) -> None:
-        self.step = int(state["step"])

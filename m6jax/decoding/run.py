@@ -10,7 +10,7 @@ import ml_collections
 
 from m6jax import checkpoint, schema, sharding
 from m6jax import pseudo_to_real as p2r
-from m6jax.train.loop import build_model
+from m6jax.model.build import build_model
 from m6jax.train.state import dummy_batch
 
 

@@ -11,8 +11,8 @@ from typing import Callable
 import jax
 
 from m6jax import checkpoint, distributed, sharding
+from m6jax.model.build import build_model
 from m6jax.train import loss_scale, optim
-from m6jax.train.loop import build_model
 from m6jax.train.metrics import MetricsWriter, task_losses
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
 from m6jax.train.step import make_train_step

@@ -19,7 +19,7 @@ import zlib
 import numpy as np
 
 from m6jax.data import corpora, sources, tasks
-from m6jax.data.pipeline import default_cache_dir
+from m6jax.data.corpora import default_cache_dir
 
 
 def load_reviews(cache_dir: str | None = None) -> tuple[list[str], np.ndarray]:

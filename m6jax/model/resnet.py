@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m6jax.model.block import REMAT_POLICIES
 from m6jax.model.layers import constrain, layer_norm
 
 _ACT_AXES = ("batch", None, None, "act_embed")
@@ -72,7 +73,6 @@ class ResNetEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, patches):
-        from m6jax.model.block import REMAT_POLICIES
         cfg = self.cfg
         x = unpatchify(patches, self.image_grid).astype(self.dtype)        # [B, S, S, C]
         stages = int(math.log2(x.shape[1] // self.image_grid))

@@ -21,7 +21,6 @@ from m6jax.t2i import evaluate as t2i_evaluate
 from m6jax.train import moe_metrics, resume, stages
 from m6jax.train.metrics import MetricsWriter, Progress, task_losses
 from m6jax.train.profile import StepProfiler
-from m6jax.train.stages import build_model  # noqa: F401 (the public place to build an M6)
 from m6jax.train.state import dummy_batch
 
 

@@ -1,7 +1,7 @@
 """The loop's side of fault tolerance: where the state comes from and when it is saved.
 
-`RunCheckpoints.initial_state` restores the newest checkpoint of the workdir (onto the
-current mesh), or initialises fresh, optionally taking params from `init_from`.
+`RunCheckpoints.initial_stage_state` restores the newest checkpoint of the workdir (onto
+the current mesh), or initialises fresh, optionally taking params from `init_from`.
 `RunCheckpoints.after_step` saves by policy, stops on preemption after saving, and applies
 `nonfinite_policy`. The loop calls these two plus `close`; nothing else about
 checkpoints lives in the loop.
@@ -57,13 +57,6 @@ class RunCheckpoints:
         self.watch = checkpoint.PreemptionWatch()
         self.meta: dict = {}  # of the restored checkpoint; {} on a fresh start
         self._config_json = checkpoint.config_json(config)  # once: meta is built every step
-
-    def initial_state(self, model, tx, example_batch, mesh):
-        """(state, state_shardings, start_step) of a one-stage run: restored, or fresh
-        (+ init_from params)."""
-        state, shardings, start, _ = self.initial_stage_state(
-            lambda stage: (model, tx), example_batch, mesh)
-        return state, shardings, start
 
     def check_fits(self, model_and_optimizer, example_batch, mesh) -> None:
         """Refuses (InputError) a newest checkpoint of another model shape, from metadata

@@ -10,19 +10,12 @@ import jax
 from absl import logging
 
 from m6jax import offload as offload_lib
-from m6jax import pipeline
 from m6jax import pseudo_to_real as p2r
-from m6jax.model import M6
+from m6jax.model.build import build_model
 from m6jax.train import evaluation
 from m6jax.train import loss_scale
 from m6jax.train.state import abstract_train_state, dummy_batch
 from m6jax.train.step import make_eval_step, make_train_step
-
-
-def build_model(config, deterministic: bool = True) -> M6:
-    grid = config.data.image_size // config.data.patch_size
-    return M6(config.model, grid, config.data.text_len, deterministic=deterministic,
-              pipeline=pipeline.from_config(config))
 
 
 def model_and_optimizer(config, stage: str):

@@ -116,8 +116,10 @@ def _boxed_opt_state(tx, params):
                         or is_params_like(n))
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, seed: int,
+def init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, seed: int,
              loss_scale=None):
+    """The function that initialises the TrainState (params boxed with their logical
+    axes): `jax.eval_shape` it for abstract shapes, jit it to create the state."""
     param_dtype = model.cfg.param_dtype
 
     def init():
@@ -136,7 +138,7 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, example_batch, 
 def state_shardings(model, tx, example_batch, mesh, seed: int = 0):
     """NamedShardings of the TrainState, from abstract shapes and the rules table."""
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        abstract = jax.eval_shape(_init_fn(model, tx, example_batch, seed))
+        abstract = jax.eval_shape(init_fn(model, tx, example_batch, seed))
     return sharding.tree_shardings(mesh, abstract)
 
 
@@ -151,7 +153,7 @@ def create_train_state(model, tx, example_batch, mesh, seed: int, make_offload=N
     the full state never sits in device memory at once.
     """
     shardings = state_shardings(model, tx, example_batch, mesh, seed)
-    init = _init_fn(model, tx, example_batch, seed, loss_scale)
+    init = init_fn(model, tx, example_batch, seed, loss_scale)
     plan = None
     if make_offload is not None:
         with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
@@ -176,6 +178,6 @@ def abstract_train_state(model, tx, example_batch, mesh, seed: int = 0):
     """
     shardings = state_shardings(model, tx, example_batch, mesh, seed)
     with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        shapes = jax.eval_shape(lambda: nn.meta.unbox(_init_fn(model, tx, example_batch, seed)()))
+        shapes = jax.eval_shape(lambda: nn.meta.unbox(init_fn(model, tx, example_batch, seed)()))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, shardings), shardings

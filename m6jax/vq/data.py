@@ -10,7 +10,7 @@ import numpy as np
 
 from m6jax.data import corpora, sources
 from m6jax.data.config import IMAGE_TEXT_SUFFIXES, expand_globs
-from m6jax.data.pipeline import default_cache_dir
+from m6jax.data.corpora import default_cache_dir
 from m6jax.errors import InputError
 
 _PRELOAD_BYTES = 256 * 2 ** 20  # hold every image in memory below this (the digits: 7 MB)
