@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from m6jax import sharding
-from m6jax.model.block import REMAT_POLICIES
+from m6jax.model.remat import REMAT_POLICIES
 from m6jax.model.mlp import ACTIVATIONS
 
 _DTYPES = ("float32", "bfloat16", "float16")

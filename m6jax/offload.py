@@ -15,7 +15,7 @@ units that share a placement, each run its own [n, ...] array in device or host 
 Inside the step nothing is gathered back into a whole stack:
 
 - the forward and the rematerialised backward scan each run, and a host unit's weights
-  are copied to the device inside the scanned body (`model.block.scan_units`), so one
+  are copied to the device inside the scanned body (`model.scan.scan_units`), so one
   unit is resident at a time; its gradient leaves for host memory as its backward ends;
 - the update (`m6jax.streamed_update`) scans the host runs unit by unit: (param, grad,
   moments) come in, the optimizer's update runs on the device, the results go back.
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from m6jax import pseudo_to_real as p2r
-from m6jax.model.block import Segments, fetch, is_segments
+from m6jax.offload_layout import Segments, fetch, is_segments
 from m6jax.model.moe import moe_config
 
 HOST = "pinned_host"

@@ -10,7 +10,7 @@ import pytest
 from helpers import GRID, NUM_TASKS, PATCH_DIM, TEXT_LEN, synthetic_batch, tiny_config
 from m6jax import offload, sharding
 from m6jax import pseudo_to_real as p2r
-from m6jax.model.block import Segments
+from m6jax.offload_layout import Segments
 from m6jax.train import stages
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
 from m6jax.train.step import make_train_step

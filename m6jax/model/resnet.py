@@ -72,7 +72,7 @@ class ResNetEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, patches):
-        from m6jax.model.block import REMAT_POLICIES
+        from m6jax.model.remat import REMAT_POLICIES
         cfg = self.cfg
         x = unpatchify(patches, self.image_grid).astype(self.dtype)        # [B, S, S, C]
         stages = int(math.log2(x.shape[1] // self.image_grid))
