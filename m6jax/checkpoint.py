@@ -147,7 +147,7 @@ class Checkpointer:
         except (ValueError, KeyError, OSError):
             return  # damaged: restore_latest decides what to do with it
         target = abstract_state(stage) if callable(abstract_state) else abstract_state
-        _check_fits(max(steps), self.directory, saved, target)
+        check_fits(max(steps), self.directory, saved, target)
 
     def _agreed_candidate(self, steps):
         """The newest step that passes validation, decided by process 0 and followed by
