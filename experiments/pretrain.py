@@ -51,7 +51,7 @@ def main(argv):
     _maybe_initialize_distributed()
     import jax  # imported after flag parsing, so XLA flags from the caller apply
 
-    from m6jax import offload
+    from m6jax import plan
     from m6jax.config_checks import clamp_warmup, validate_config
     from m6jax.data import validate_data_config
     from m6jax.errors import InputError
@@ -63,7 +63,7 @@ def main(argv):
     try:  # refuse a bad config with one clear line, before anything is built
         validate_config(config, jax.device_count())
         validate_data_config(config)
-        offload.check(config, jax.devices())
+        plan.check_offload(config, jax.devices())
     except ValueError as e:
         cli.refuse(f"config error: {e}")
     if cli.verbose():

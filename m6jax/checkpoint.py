@@ -12,6 +12,11 @@ leaves the previous checkpoint as the newest. A step directory that fails valida
 (unreadable metadata, truncated or deleted array files) is moved to
 `WORKDIR/checkpoints_unreadable/` and the next older one is used, with a warning naming
 why; an I/O error is retried and then fatal (`Checkpointer.restore_latest`).
+
+This module is the manager (save policy, restore with validation, retries and the
+processes' agreement); reading a checkpoint directory without one is
+`m6jax.checkpoint_files`, the preemption signal `m6jax.preemption`. Their public names
+are importable from here too.
 """
 from __future__ import annotations
 
@@ -21,20 +26,15 @@ import shutil
 import signal
 import time
 
-import flax
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from m6jax.errors import InputError
-
-STAGE_DEFAULT = "real"  # checkpoints written before Pseudo-to-Real have no other stage
-
-
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), "checkpoints")
+from m6jax.checkpoint_files import (  # noqa: F401 (public here: callers use checkpoint.X)
+    STAGE_DEFAULT, check_fits, checkpoint_dir, config_json, load_params, read_meta, step_dir)
+from m6jax.preemption import PreemptionWatch  # noqa: F401
 
 
 class Checkpointer:
@@ -127,7 +127,7 @@ class Checkpointer:
                 target = abstract_state(stage) if callable(abstract_state) else abstract_state
                 # A readable checkpoint that does not fit this config is the user's mistake
                 # (a changed model in the same workdir), not damage: refuse, move nothing.
-                _check_fits(step, self.directory, saved, target)
+                check_fits(step, self.directory, saved, target)
                 out, error = self._read(step, target)
             failed = _any_process(error is not None)
             if not failed:
@@ -147,7 +147,7 @@ class Checkpointer:
         except (ValueError, KeyError, OSError):
             return  # damaged: restore_latest decides what to do with it
         target = abstract_state(stage) if callable(abstract_state) else abstract_state
-        _check_fits(max(steps), self.directory, saved, target)
+        check_fits(max(steps), self.directory, saved, target)
 
     def _agreed_candidate(self, steps):
         """The newest step that passes validation, decided by process 0 and followed by
@@ -306,101 +306,3 @@ def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
-
-
-def _check_fits(step: int, directory: str, saved, abstract_state) -> None:
-    def shapes(tree):  # "opt_state/1/0/mu/..." whether a level is a tuple, list or dict
-        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
-                tuple(getattr(x, "shape", ())) for path, x in leaves}
-    want = shapes(flax.serialization.to_state_dict(abstract_state))
-    have = shapes(saved)
-    diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-    if diff:
-        k = diff[0]
-        raise InputError(
-            f"checkpoint step {step} in {directory} does not fit this config: {k} is "
-            f"{have.get(k, 'absent')} there and {want.get(k, 'absent')} here ({len(diff)} "
-            "arrays differ). Use another --workdir, or --config.init_from to start from its "
-            "params with the same model shape")
-
-
-def step_dir(path: str) -> str:
-    """One checkpoint step directory from a run's workdir, its `checkpoints/` directory
-    (the newest step) or a `checkpoints/<step>` directory."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if not os.path.isdir(os.path.join(path, "state")):  # a checkpoints root: take the newest
-        steps = sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
-        if not steps:
-            raise ValueError(f"init_from={path!r} holds no checkpoint; give a run's workdir, "
-                             "its checkpoints/ directory or one checkpoints/<step> directory")
-        path = os.path.join(path, str(steps[-1]))
-    return path
-
-
-def read_meta(path: str) -> dict:
-    """The JSON meta (data position, stage, config, ...) of a checkpoint `step_dir(path)`.
-
-    Read as a plain file, not through an orbax Checkpointer: that one waits at a barrier
-    for every process, and process 0 reads metas alone when it picks the step to restore.
-    """
-    with open(os.path.join(step_dir(path), "meta", "metadata"), encoding="utf-8") as f:
-        return json.load(f)
-
-
-def load_params(path: str, abstract_params):
-    """Params only from a checkpoint (`.../checkpoints/<step>` or `.../checkpoints`).
-
-    For `init_from`: optimizer state, step and RNG of the source run are ignored, so the
-    fine-tuning run may use another optimizer or schedule; shapes must match the model.
-    """
-    path = step_dir(path)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        out = ckptr.restore(os.path.join(path, "state"), args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params}, restore_args={"params": restore_args},
-            partial_restore=True))
-    return out["params"]
-
-
-class PreemptionWatch:
-    """True once this run should checkpoint and stop: SIGTERM here, or JAX's sync point.
-
-    On one host a SIGTERM handler sets a flag that the loop checks after each step. On
-    several hosts JAX's preemption service (enabled by `jax.distributed.initialize`)
-    owns the signal and `reached_preemption_sync_point` makes every host agree on the
-    step, so no Python handler is installed there.
-    """
-
-    def __init__(self):
-        self.signalled = False
-        self._previous = None
-        if jax.process_count() == 1:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        logging.warning("received signal %d: will checkpoint after the current step", signum)
-        self.signalled = True
-
-    def should_stop(self, step: int) -> bool:
-        if self.signalled:
-            return True
-        if jax.process_count() > 1:
-            try:
-                return bool(jax.experimental.multihost_utils.reached_preemption_sync_point(step))
-            except RuntimeError:  # preemption service not enabled
-                return False
-        return False
-
-    def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-
-def config_json(config) -> dict:
-    """The config as plain JSON (stored in each checkpoint's meta, for the record)."""
-    return json.loads(config.to_json_best_effort())

@@ -5,7 +5,7 @@ import os
 
 from m6jax import offload, pipeline, schema, sharding
 from m6jax import pseudo_to_real as p2r
-from m6jax.model.block import REMAT_POLICIES
+from m6jax.model.remat import REMAT_POLICIES
 from m6jax.model.mlp import ACTIVATIONS
 
 _DTYPES = ("float32", "bfloat16", "float16")

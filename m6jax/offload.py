@@ -15,7 +15,7 @@ units that share a placement, each run its own [n, ...] array in device or host 
 Inside the step nothing is gathered back into a whole stack:
 
 - the forward and the rematerialised backward scan each run, and a host unit's weights
-  are copied to the device inside the scanned body (`model.block.scan_units`), so one
+  are copied to the device inside the scanned body (`model.scan.scan_units`), so one
   unit is resident at a time; its gradient leaves for host memory as its backward ends;
 - the update (`m6jax.streamed_update`) scans the host runs unit by unit: (param, grad,
   moments) come in, the optimizer's update runs on the device, the results go back.
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from m6jax import pseudo_to_real as p2r
-from m6jax.model.block import Segments, fetch, is_segments
+from m6jax.offload_layout import Segments, fetch, is_segments
 from m6jax.model.moe import moe_config
 
 HOST = "pinned_host"
@@ -88,40 +88,6 @@ def check_backend(config, devices) -> None:
         raise ValueError(f"offload.{field}={sec[field]!r}: the {devices[0].platform} backend has "
                          f"no {HOST} memory (it has {', '.join(sorted(kinds))}); set "
                          f"offload.{field}=none")
-
-
-def _device_memory_gb(config, devices):
-    """The device's memory limit as the backend reports it (GPU, TPU), else the config's
-    `hardware.device_memory_gb`, else None."""
-    stats = getattr(devices[0], "memory_stats", lambda: None)() or {}
-    if "bytes_limit" in stats:
-        return stats["bytes_limit"] / 2**30
-    hw = config.get("hardware")
-    return float(hw.device_memory_gb) if hw is not None and hw.device_memory_gb else None
-
-
-def check(config, devices) -> None:
-    """Refuses an offload setting the backend cannot hold (no pinned host memory) or whose
-    planned in-step peak does not fit the device, naming the field and the term over."""
-    if not requested(config):
-        return
-    check_backend(config, devices)
-    memory_gb = _device_memory_gb(config, devices)
-    if memory_gb is None:
-        return
-    from m6jax import plan, sharding
-    c = config.copy_and_resolve_references()
-    with c.unlocked():
-        hw = c.get("hardware")
-        c.hardware = dict(hw.to_dict() if hw is not None else {}, num_devices=len(devices),
-                          device_memory_gb=memory_gb)
-    result = plan.plan(c, sharding.resolve_mesh_shape(config.mesh, len(devices)))
-    over = plan.overflow(result)
-    if over is not None:
-        sec = _section(config)
-        raise ValueError(f"offload.param_layers={sec['param_layers']!r}, offload."
-                         f"optimizer_layers={sec['optimizer_layers']!r}: {over}; offload more "
-                         "layers (e.g. offload.param_layers=all) or use more devices")
 
 
 def in_stack(path) -> bool:

@@ -4,7 +4,8 @@ Everything here works from abstract shapes (`jax.eval_shape` of the TrainState i
 and the one rules table in `sharding.py`, on a `jax.sharding.AbstractMesh` of the
 config's mesh shape: nothing is allocated, so a 10T-parameter config plans in seconds
 on a laptop. `experiments/dry_run.py` prints the result; tests compare it with a real
-materialised model.
+materialised model. The memory estimates are `m6jax.plan_memory`, the pipeline and MoE
+routing parts `m6jax.plan_parallel`; their public names are importable from here too.
 """
 from __future__ import annotations
 
@@ -13,23 +14,19 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import AbstractMesh, AxisType
 
 from m6jax import flops, offload, pipeline, sharding
 from m6jax import pseudo_to_real as p2r
 from m6jax.model.moe import moe_config
 from m6jax.train.stages import model_and_optimizer
 from m6jax.train.state import dummy_batch, init_fn
+from m6jax.plan_memory import (  # noqa: F401 (public here: callers use plan.X)
+    UNITS_IN_FLIGHT, sharded_bytes, activation_bytes, offload_bytes, pipeline_activations,
+    sequence_shape)
+from m6jax.plan_parallel import MIN_CAPACITY, moe_routing_plan, pipeline_plan  # noqa: F401
 
 GIB = 2 ** 30
-
-
-def sequence_shape(config) -> tuple[int, int, int]:
-    """(num_patches, patch_dim, text_len) of one example, from the data config."""
-    d = config.data
-    grid = d.image_size // d.patch_size
-    return grid * grid, d.patch_size ** 2 * d.image_channels, d.text_len
 
 
 def build(config, stage: str | None = None):
@@ -86,111 +83,6 @@ def train_flops_per_token(config) -> float:
     return flops.train_flops_per_sequence(config.model, p, pd, t) / (p + t)
 
 
-def _sharded_bytes(abstract_tree, mesh, fraction=None) -> int:
-    """Bytes of the largest shard set any one device holds (even sharding: all equal);
-    `fraction(path)` (if given) weighs each leaf, e.g. the offloaded share of it."""
-    shardings = sharding.tree_shardings(mesh, abstract_tree)
-    unboxed = nn.meta.unbox(abstract_tree)
-    total = 0.0
-    for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(unboxed)[0], jax.tree.leaves(
-            shardings, is_leaf=lambda x: isinstance(x, NamedSharding))):
-        shape = tuple(-(-dim // n) for dim, n in zip(leaf.shape, _split_counts(sh, leaf.ndim)))
-        weight = fraction(path) if fraction is not None else 1.0
-        total += weight * math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-    return int(total)
-
-
-def _split_counts(sh: NamedSharding, ndim: int) -> list[int]:
-    spec = tuple(sh.spec) + (None,) * (ndim - len(sh.spec))
-    out = []
-    for entry in spec:
-        axes = entry if isinstance(entry, tuple) else (entry,)
-        out.append(math.prod(sh.mesh.shape[a] for a in axes if a is not None))
-    return out
-
-
-# One layer's working set in the backward pass, in units of its forward working set: the
-# recomputed forward plus the gradients alive at once. Calibrated on XLA:CPU's compiled
-# step (tests/test_dry_run.py): 2 overcounted the dense model by 32% with remat `full`
-# once the MLP ran on a 2-D view (XLA frees recomputed tensors as their gradients are
-# made); 1.5 puts it at 1.14 and remat `none` at 0.98.
-_WORKING_SETS = 1.5
-
-
-def activation_bytes(config, mesh_shape) -> int:
-    """Estimated peak activation bytes per device for one train step under the remat policy.
-
-    An estimate, not a measurement: per layer the policy decides what the scan keeps
-    for the backward pass (`full`: the layer input; `dots`: matmul outputs incl. the
-    attention scores; `dots_no_batch`: matmul outputs without scores; `none`:
-    everything); on top, one layer's working set 1.5 times (recomputed forward + its
-    gradients), the float32 logits and their gradient, and with FSDP one layer's
-    gathered weights and their unreduced gradient.
-    """
-    m, sizes = config.model, dict(zip(sharding.MESH_AXES, mesh_shape))
-    p, _, t = sequence_shape(config)
-    s, d, tp = p + t, m.emb_dim, sizes["tensor"]
-    # Activations are those of one microbatch (optimizer.grad_accum_steps).
-    accum = int(config.optimizer.grad_accum_steps)
-    b = config.batch_size / accum / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
-    c = jnp.dtype(m.dtype).itemsize
-    h = m.num_heads / tp
-    moe = moe_config(m)
-    ffn = m.mlp_dim / tp
-    route = 0.0
-    if moe is not None:
-        k = int(moe.k) if moe.router in ("topk", "prototype") else 1
-        ffn_moe = k * float(moe.capacity_factor or 1.0) * m.mlp_dim / tp
-        frac = 1.0 / int(moe.every)
-        ffn = (1 - frac) * ffn + frac * ffn_moe
-        # Routing buffers of an MoE layer: the choices' one-hot over experts and its
-        # running count for the slot positions (int32 [K*S, E] each), and the router's
-        # float32 logits and probabilities [S, E].
-        e = int(moe.num_experts)
-        route = frac * 4 * (2 * k * s * e + 2 * s * e)
-    scores = 2 * h * s * s * 4                                  # f32 scores + probs
-    dots = s * d + 4 * s * d / tp + s * ffn + s * d             # proj in/outs, mlp hidden
-    everything = c * (4 * s * d + 4 * s * d / tp + 2 * s * ffn) + scores + route
-    saved = {"full": c * s * d, "dots": c * dots + scores / 2, "dots_no_batch": c * dots,
-             "none": everything}[m.remat_policy]
-    logits = 2 * t * m.vocab_size / tp * 4
-    # FSDP gathers one layer's dense weights (compute dtype) and reduce-scatters their
-    # float32 gradient: both exist whole (over fsdp) while that layer runs.
-    gathered = 0.0
-    if sizes["fsdp"] > 1:
-        gathered = (4 * d * d + 2 * d * m.mlp_dim) / tp * (c + 4)
-    sched = pipeline.from_config(config)
-    if sched.active:
-        return int(pipeline_activations(config, b, saved, everything, c * s * d)["total"]
-                   + b * logits + gathered)
-    return int(b * (m.num_layers * saved + _WORKING_SETS * everything + logits) + gathered)
-
-
-def pipeline_activations(config, b, saved, everything, layer_input) -> dict[str, float]:
-    """Per-device activation bytes of the stack under a pipeline schedule (per example
-    terms as in `activation_bytes`, b examples per device in the step's batch).
-
-    A stage holds num_layers / stage layers. Its microbatch (b / microbatches examples)
-    runs one chunk of num_layers / (stage x repeats) layers per iteration; the backward
-    pass needs each of the R M + S - 1 iterations' saved values: with
-    `pipeline.remat_stage` only the stage's input (the chunk is recomputed), else what
-    the remat policy keeps for every layer of the chunk. On top: one chunk's backward
-    working set, and the M-microbatch buffer the last stage writes into (and its gradient).
-    """
-    sched, m = pipeline.from_config(config), config.model
-    mb = b / sched.microbatches
-    chunk_layers = m.num_layers / (sched.stages * sched.repeats)
-    per_iteration = layer_input if sched.remat_stage else chunk_layers * saved
-    in_flight = sched.iterations * mb * per_iteration
-    working = mb * (chunk_layers * saved + _WORKING_SETS * everything)
-    buffers = 2 * b * layer_input
-    return dict(in_flight=in_flight, working=working, buffers=buffers,
-                total=in_flight + working + buffers)
-
-
-# The streamed units in flight on the device at once: the one being computed and the
-# next one, which XLA's scheduler may fetch early to overlap the copy with compute.
-UNITS_IN_FLIGHT = 2
 # Extra forward FLOPs of a rematerialised backward pass (`full`: the whole forward again).
 _REMAT_FLOPS = {"full": 4.0 / 3.0}
 
@@ -213,32 +105,6 @@ def device_tflops(hw: dict, dtype) -> tuple[float | None, str | None]:
     if tf is None:
         return None, None
     return tf, f"spec sheet ({flops.known_device(hw['device_kind'])} {dtype})"
-
-
-def offload_bytes(config, abstract, mesh, stage: str) -> dict[str, float]:
-    """Per-device bytes of the offload plan's parts: what lives in host memory (params,
-    their gradients, optimizer state), one unit of each in flight, and the traffic."""
-    off = offload.OffloadPlan(config, stage)
-    params = _sharded_bytes(abstract.params, mesh)
-    opt = _sharded_bytes(abstract.opt_state, mesh)
-    p_host = _sharded_bytes(abstract.params, mesh, off.host_fraction("params"))
-    o_host = _sharded_bytes(abstract.opt_state, mesh, off.host_fraction("opt_state"))
-    n_p, n_o = len(off.host_units["params"]), len(off.host_units["opt_state"])
-    # A Pseudo stack is one unit: brought in whole, gradients and update on the device.
-    shared = off.shared
-    in_flight = (lambda total, n: total if shared else UNITS_IN_FLIGHT * total / max(n, 1))
-    unit_p = in_flight(p_host, n_p) if n_p else 0.0
-    unit_o = in_flight(o_host, n_o) if n_o else 0.0
-    grads_host = 0.0 if shared else p_host
-    # Traffic per step: a host unit's params come in for the forward and again for the
-    # rematerialised backward, its gradient goes out, and the update reads the gradient
-    # twice (norm, update) and the param once and writes the param back; host optimizer
-    # state is read and written once.
-    traffic = (2 * p_host if shared else 7 * p_host) + 2 * o_host
-    return dict(params=params - p_host + unit_p, gradients=params - grads_host + unit_p,
-                optimizer=opt - o_host + unit_o, host=p_host + grads_host + o_host,
-                traffic=traffic, params_host=p_host, optimizer_host=o_host)
-
 
 def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     """The dry run: counts, FLOPs, the in-step device peak and the host memory of
@@ -301,7 +167,7 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
                              if hw["host_device_gb_per_s"] else None),
         compute_dtype=str(config.model.dtype), device_tflops=tflops, device_tflops_source=source,
         compute_s_per_step=step_flops / n / (tflops * 1e12) if tflops else None,
-        fits=fits, pipeline=_pipeline_plan(config, mesh_shape, abstract))
+        fits=fits, pipeline=pipeline_plan(config, mesh_shape, abstract))
     out = result
     if out["compute_s_per_step"] is not None:  # stages idle in the bubble
         out["compute_s_per_step"] /= 1.0 - pipeline.from_config(config).bubble
@@ -310,60 +176,6 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     t, c = out["transfer_s_per_step"], out["compute_s_per_step"]
     out["step_s"] = max(t, c) if t is not None and c is not None else None
     return out
-
-
-def _pipeline_plan(config, mesh_shape, abstract) -> dict[str, Any] | None:
-    """The stage axis: schedule, bubble, per-stage params and microbatch activations."""
-    sched = pipeline.from_config(config)
-    if not sched.active:
-        return None
-    m, sizes = config.model, dict(zip(sharding.MESH_AXES, mesh_shape))
-    p, _, t = sequence_shape(config)
-    accum = int(config.optimizer.grad_accum_steps)
-    b = config.batch_size / accum / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
-    layer_input = jnp.dtype(m.dtype).itemsize * (p + t) * m.emb_dim
-    acts = pipeline_activations(config, b, 0.0, 0.0, layer_input)
-    # A stage's params: its chunk of the stack (what its stage group holds in all); a
-    # Pseudo stack's shared block is on every stage.
-    stack = nn.meta.unbox(abstract.params["stack"])
-    per_stage = sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(stack))
-    per_stage /= 1 if m.share_layers else sched.stages
-    return dict(stages=sched.stages, repeats=sched.repeats, microbatches=sched.microbatches,
-                iterations=sched.iterations, bubble=sched.bubble,
-                layers_per_stage=m.num_layers // sched.stages,
-                stack_params_bytes_per_stage=int(per_stage),
-                microbatch_examples_per_device=b / sched.microbatches,
-                microbatch_activations_in_flight_bytes=int(acts["in_flight"]))
-
-
-MIN_CAPACITY = 4  # below this many slots per expert and group, drops are noisy and large
-
-
-def moe_routing_plan(config) -> dict[str, Any]:
-    """Capacity of the training step's routing groups and the share of choices it would
-    drop even under perfectly uniform routing; `warning` when C < MIN_CAPACITY."""
-    from m6jax.model.moe import dispatch as dsp
-    from m6jax.model.moe.layer import DROPLESS
-    moe = moe_config(config.model)
-    p, _, t = sequence_shape(config)
-    group = int(moe.group_size) or p + t
-    k = int(moe.k) if moe.router in ("topk", "prototype") else 1
-    e, factor = int(moe.num_experts), float(moe.capacity_factor or 0.0)
-    out = dict(group_size=group, priority=moe.priority, dispatch=moe.dispatch,
-               capacity_per_expert=None, uniform_drop_fraction=0.0, warning=None)
-    if moe.dispatch in DROPLESS or not factor:
-        return out
-    cap = dsp.expert_capacity(group, k, e, factor)
-    out.update(capacity_per_expert=cap,
-               uniform_drop_fraction=dsp.uniform_drop_fraction(group, k, e, cap))
-    if cap < MIN_CAPACITY:
-        out["warning"] = (
-            f"moe.capacity_per_expert={cap} < {MIN_CAPACITY}: groups of {group} tokens give "
-            f"each of {e} experts {cap} slot(s), so {out['uniform_drop_fraction']:.1%} of "
-            "choices drop even under uniform routing; raise model.moe.group_size or "
-            "model.moe.capacity_factor")
-    return out
-
 
 def overflow(result) -> str | None:
     """The term that does not fit, with its size, or None (for one-line refusals)."""
@@ -379,3 +191,36 @@ def overflow(result) -> str | None:
         return (f"the host memory of a node {gib(result['per_node_host_bytes'])} exceeds "
                 f"hardware.host_memory_gb_per_node={host:g}")
     return None
+
+
+def _device_memory_gb(config, devices):
+    """The device's memory limit as the backend reports it (GPU, TPU), else the config's
+    `hardware.device_memory_gb`, else None."""
+    stats = getattr(devices[0], "memory_stats", lambda: None)() or {}
+    if "bytes_limit" in stats:
+        return stats["bytes_limit"] / 2**30
+    hw = config.get("hardware")
+    return float(hw.device_memory_gb) if hw is not None and hw.device_memory_gb else None
+
+
+def check_offload(config, devices) -> None:
+    """Refuses an offload setting the backend cannot hold (no pinned host memory) or whose
+    planned in-step peak does not fit the device, naming the field and the term over."""
+    if not offload.requested(config):
+        return
+    offload.check_backend(config, devices)
+    memory_gb = _device_memory_gb(config, devices)
+    if memory_gb is None:
+        return
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        hw = c.get("hardware")
+        c.hardware = dict(hw.to_dict() if hw is not None else {}, num_devices=len(devices),
+                          device_memory_gb=memory_gb)
+    result = plan(c, sharding.resolve_mesh_shape(config.mesh, len(devices)))
+    over = overflow(result)
+    if over is not None:
+        sec = config.offload
+        raise ValueError(f"offload.param_layers={sec['param_layers']!r}, offload."
+                         f"optimizer_layers={sec['optimizer_layers']!r}: {over}; offload more "
+                         "layers (e.g. offload.param_layers=all) or use more devices")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from m6jax.model.block import Segments, fetch, is_segments, on_host
+from m6jax.offload_layout import Segments, fetch, is_segments, on_host
 from m6jax.train import optim
 
 

@@ -135,7 +135,7 @@ def test_streamed_units_in_flight_replace_the_offloaded_state_on_the_device():
     c = _small(moe=False)
     c.model.num_layers = 8
     a = plan.abstract_state(c)
-    stack = plan._sharded_bytes(a.params["stack"], plan.abstract_mesh(MESH))
+    stack = plan.sharded_bytes(a.params["stack"], plan.abstract_mesh(MESH))
     opt_stack = full["optimizer"] - (full["params"] - stack) * 2  # AdamW: mu + nu
     unit = stack / 8
     assert off["params"] == pytest.approx(full["params"] - stack + 2 * unit, rel=1e-6)

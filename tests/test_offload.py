@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from helpers import GRID, NUM_TASKS, PATCH_DIM, TEXT_LEN, synthetic_batch, tiny_config
-from m6jax import offload, sharding
+from m6jax import offload, plan, sharding
 from m6jax import pseudo_to_real as p2r
-from m6jax.model.block import Segments
+from m6jax.offload_layout import Segments
 from m6jax.train import stages
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
 from m6jax.train.step import make_train_step
@@ -251,9 +251,9 @@ def test_an_offload_plan_that_cannot_fit_is_refused_naming_the_term(devices):
     with pytest.raises(ValueError, match=r"offload.param_layers='1', offload.optimizer_layers="
                                          r"'none': the device peak [\d.]+ GiB exceeds the 0.0001 GiB "
                                          r"of device memory \(largest term: \w+ [\d.]+ GiB\)"):
-        offload.check(c, devices[:2])
+        plan.check_offload(c, devices[:2])
     c.hardware.device_memory_gb = 4.0
-    offload.check(c, devices[:2])  # fits: no error
+    plan.check_offload(c, devices[:2])  # fits: no error
 
 
 def test_bf16_master_weights_and_adafactor_stream_and_train_the_same(devices):

@@ -7,7 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6jax.model.block import Stack
+from m6jax.model.stack import Stack
 from m6jax.model.layers import constrain, dense_init, layer_norm
 from m6jax.model.masks import prefix_lm_mask
 from m6jax.model.moe import moe_config

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from m6jax.model.block import REMAT_POLICIES
+from m6jax.model.remat import REMAT_POLICIES
 from m6jax.model.layers import constrain, layer_norm
 
 _ACT_AXES = ("batch", None, None, "act_embed")

@@ -140,11 +140,3 @@ def evaluate(config, model, mesh, params, pipe, workdir: str | None = None, seed
                t2i_samples_per_digit=per_digit)
     return out
 
-
-def summary(config, model, mesh, params, pipe, workdir: str) -> dict:
-    """The loop's hook: {} unless the run has a text_to_image task."""
-    if getattr(pipe, "t2i", None) is None:
-        return {}
-    out = evaluate(config, model, mesh, params, pipe, workdir if jax.process_index() == 0 else None)
-    print("text-to-image: " + " | ".join(f"{k} {v:.3g}" for k, v in out.items()), flush=True)
-    return out

@@ -56,7 +56,7 @@ class RunCheckpoints:
         self.ckpt = checkpoint.Checkpointer(workdir, config)
         self.watch = checkpoint.PreemptionWatch()
         self.meta: dict = {}  # of the restored checkpoint; {} on a fresh start
-        self._config_json = checkpoint.config_json(config)  # once: meta is built every step
+        self._config_json = checkpoint.config_json(config)  # once per run, not per save
 
     def check_fits(self, model_and_optimizer, example_batch, mesh) -> None:
         """Refuses (InputError) a newest checkpoint of another model shape, from metadata
@@ -109,11 +109,12 @@ class RunCheckpoints:
                          "checkpoint and this run starts Pseudo (model.share_layers=True): "
                          "layers cannot be re-shared; set model.share_layers=False")
 
-    def after_step(self, done: int, state, metrics, extra_meta: dict,
+    def after_step(self, done: int, state, metrics, extra_meta,
                    stage: str = checkpoint.STAGE_DEFAULT, canonical=None) -> None:
         """Called after step `done` (1-based); `extra_meta` (JSON) is saved with the state.
 
-        The loop passes `initial_eval` and the pipeline's `counters` there; this adds
+        The loop passes `initial_eval`, the pipeline's `counters` and `train_s` there,
+        as a function called only when a save is due (a dict is taken as is); this adds
         the data position, the training stage and the config.
         """
         if self.config.nonfinite_policy == "stop" and not bool(jax.device_get(metrics["finite"])):
@@ -127,14 +128,13 @@ class RunCheckpoints:
         last = done == self.config.total_steps
         preempted = self.watch.should_stop(done)
         force = (last or preempted) and self.ckpt.latest_step() != done
-        meta = dict(extra_meta, data={"step": done}, stage=stage,
-                    config=self._config_json)
-        if canonical is None:
-            self.ckpt.save(done, state, meta, force=force)
-        elif force or self.ckpt.should_save(done):
-            # `state` is in an offload layout: convert only when a save is due, and force
-            # that save so the policy is asked once.
-            self.ckpt.save(done, canonical(state), meta, force=True)
+        # Ask the policy once; the meta (and an offload layout's canonical state) are
+        # built only when a save is due, and that save is forced.
+        if force or self.ckpt.should_save(done):
+            extra = extra_meta() if callable(extra_meta) else extra_meta
+            meta = dict(extra, data={"step": done}, stage=stage, config=self._config_json)
+            self.ckpt.save(done, state if canonical is None else canonical(state), meta,
+                           force=True)
         if preempted:
             self.ckpt.wait()
             raise Preempted(f"preempted: saved the checkpoint of step {done} in "
