@@ -35,7 +35,6 @@ def main(argv):
 
     from m6jax import sharding
     from m6jax.config_checks import clamp_warmup, validate_config
-    from m6jax.data import validate_data_config
     from m6jax.errors import InputError
     from m6jax.finetune import caption, pretrained, retrieval, sentiment
     from m6jax.finetune.config import validate_finetune_config
@@ -50,7 +49,6 @@ def main(argv):
         source = pretrained.resolve(ft.init_from)
         config = pretrained.run_config(ft, source)
         validate_config(config, jax.device_count())
-        validate_data_config(config)
     except ValueError as e:
         cli.refuse(f"config error: {e}")
     if cli.verbose():

@@ -53,7 +53,6 @@ def main(argv):
 
     from m6jax import plan
     from m6jax.config_checks import clamp_warmup, validate_config
-    from m6jax.data import validate_data_config
     from m6jax.errors import InputError
     from m6jax.train.loop import train
     config = _CONFIG.value
@@ -62,7 +61,6 @@ def main(argv):
         logging.info(notice)
     try:  # refuse a bad config with one clear line, before anything is built
         validate_config(config, jax.device_count())
-        validate_data_config(config)
         plan.check_offload(config, jax.devices())
     except ValueError as e:
         cli.refuse(f"config error: {e}")

@@ -65,9 +65,21 @@ def _section(config):
     return config.offload
 
 
-def validate(config) -> None:
-    for f in ("optimizer_layers", "param_layers"):
-        parse_layers(_section(config)[f], config.model.num_layers, f"offload.{f}")
+def validate(config, sizes: dict[str, int]) -> None:
+    """The `offload` section: layer lists, and what offload is not built with."""
+    m, sec = config.model, _section(config)
+    params, opt = (parse_layers(sec[f], m.num_layers, f"offload.{f}")
+                   for f in ("param_layers", "optimizer_layers"))
+    accum = int(config.optimizer.grad_accum_steps)
+    if accum > 1 and params:
+        raise ValueError(f"optimizer.grad_accum_steps={accum} with offload.param_layers="
+                         f"{sec.param_layers!r}: accumulating offloaded gradients is "
+                         "not built; set one of them back (grad_accum_steps=1 or "
+                         "param_layers=none)")
+    if sizes["stage"] > 1 and (params or opt):
+        raise ValueError(f"mesh.stage={sizes['stage']} with offload.param_layers/"
+                         "optimizer_layers: pipeline stages over a host-offloaded stack are "
+                         "not built; set mesh.stage=1 or offload.*_layers='none'")
 
 
 def requested(config) -> bool:

@@ -73,8 +73,10 @@ def from_config(config) -> Schedule:
     return Schedule(stages=int(config.mesh.stage), **section(config))
 
 
-def validate(config, stages: int, units: int) -> None:
-    """Refuses a pipeline config that cannot be scheduled, naming the field."""
+def validate(config, sizes: dict[str, int], units: int) -> None:
+    """Refuses a pipeline config that cannot be scheduled, naming the field (`units`: the
+    scanned units of the stack, `sizes`: the resolved mesh)."""
+    stages = sizes["stage"]
     sec = section(config)
     m, r = sec["microbatches"], sec["repeats"]
     if m < 1 or r < 1:
@@ -93,6 +95,13 @@ def validate(config, stages: int, units: int) -> None:
         raise ValueError(f"pipeline.microbatches={m} is not a multiple of mesh.stage={stages} "
                          "(a microbatch must leave the last stage before it re-enters the "
                          "first; use microbatches >= 2 x stages for a small bubble)")
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    accum = int(config.optimizer.grad_accum_steps)
+    if config.batch_size // accum % (m * shards):
+        raise ValueError(f"batch_size={config.batch_size} (/ optimizer.grad_accum_steps={accum})"
+                         f" is not divisible by pipeline.microbatches={m} x the {shards} batch "
+                         "shards (mesh.data*mesh.fsdp*mesh.expert): each microbatch is split "
+                         "over the batch shards")
 
 
 def _ppermute_next(x, mesh):

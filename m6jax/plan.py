@@ -125,7 +125,7 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
         if num_devices is None:
             raise ValueError("config has no hardware.num_devices; add a `hardware` section "
                              "(see experiments/configs/paper_scale.py) or pass mesh_shape")
-        mesh_shape = validate_config(config, num_devices)
+        mesh_shape = validate_config(config, num_devices, check_files=False)
     mesh_shape = tuple(int(x) for x in mesh_shape)
     mesh_shape += (1,) * (len(sharding.MESH_AXES) - len(mesh_shape))  # no stage given: 1
     # A Pseudo-to-Real run must fit in both stages; the Real one is the larger.

@@ -168,6 +168,38 @@ _SCALED = {optax.ScaleByAdamState: dict(mu=1, nu=2),
 SCALED_OPTIMIZERS = ("adamw", "adafactor")
 
 
+def validate(config) -> None:
+    """The `pseudo_to_real` section."""
+    sec = section(config)
+    s = int(sec.switch_step)
+    if s < 0 or s >= config.total_steps:
+        raise ValueError(f"pseudo_to_real.switch_step={s} must be in [0, total_steps="
+                         f"{config.total_steps}) (0 = never delink)")
+    if s and not config.model.share_layers:
+        raise ValueError(f"pseudo_to_real.switch_step={s} needs model.share_layers=True "
+                         "(the Pseudo stage that shares one block's weights); set it, or "
+                         "pseudo_to_real.switch_step=0 for a plain Real run")
+    if sec.optimizer not in OPTIMIZER_MODES:
+        raise ValueError(f"pseudo_to_real.optimizer={sec.optimizer!r} is not one of "
+                         f"{', '.join(OPTIMIZER_MODES)}")
+    check_handoff(config)
+    if sec.lr_schedule not in LR_MODES:
+        raise ValueError(f"pseudo_to_real.lr_schedule={sec.lr_schedule!r} is not one of "
+                         f"{', '.join(LR_MODES)}")
+    sw = switch_warmup_steps(config)
+    if sw < 0:
+        raise ValueError(f"pseudo_to_real.switch_warmup_steps={sw} must be >= 0 (0 = no "
+                         "re-warmup at the switch)")
+    if s and s + sw > config.total_steps:
+        raise ValueError(f"pseudo_to_real.switch_warmup_steps={sw} runs past total_steps="
+                         f"{config.total_steps} (switch_step={s}); make it at most "
+                         f"{config.total_steps - s}")
+    w = int(sec.restart_warmup_steps)
+    if s and sec.lr_schedule == "restart" and not 0 <= w < config.total_steps - s:
+        raise ValueError(f"pseudo_to_real.restart_warmup_steps={w} must be in [0, total_steps"
+                         f" - switch_step = {config.total_steps - s})")
+
+
 def check_handoff(config) -> None:
     """Refuses a `scaled` handoff of an optimizer whose state it has no rule for."""
     if switch_step(config) is None or section(config).optimizer != "scaled":

@@ -10,7 +10,7 @@ GRID, PATCH_DIM, TEXT_LEN = 4, 4, 12
 def tiny_config(**mesh):
     c = m6_config.get_config("tiny")
     c.model.update(emb_dim=32, num_heads=4, mlp_dim=64, num_layers=2)
-    c.data.vocab_size = 64
+    c.data.vocab_size = 320  # >= data.MIN_VOCAB_SIZE; synthetic batches use ids < 64
     c.data.text_len = TEXT_LEN
     c.batch_size = 8
     c.total_steps = 10

@@ -89,3 +89,25 @@ class ResNetEncoder(nn.Module):
         b = x.shape[0]
         return constrain(x.reshape(b, self.image_grid ** 2, cfg.emb_dim), ("batch", "length", "act_embed"))
 
+
+IMAGE_ENCODERS = ("patches", "resnet")
+
+
+def validate(config, sizes) -> None:
+    """model.image_encoder and the ResNet's widths against the data and the mesh."""
+    m = config.model
+    encoder = m.image_encoder
+    if encoder not in IMAGE_ENCODERS:
+        raise ValueError(f"model.image_encoder={encoder!r} is not one of {', '.join(IMAGE_ENCODERS)}")
+    if encoder != "resnet":
+        return
+    p = int(config.data.patch_size)
+    if p & (p - 1):
+        raise ValueError(f"model.image_encoder='resnet' downsamples by 2 per stage: "
+                         f"data.patch_size={p} must be a power of 2")
+    width = int(m.resnet_width)
+    if width <= 0 or width % sizes["fsdp"]:
+        raise ValueError(f"model.resnet_width={width} must be positive and divisible by "
+                         f"mesh.fsdp={sizes['fsdp']} (its channels shard like embed)")
+    if int(m.resnet_blocks) <= 0:
+        raise ValueError(f"model.resnet_blocks={m.resnet_blocks} must be positive")

@@ -14,7 +14,7 @@ from m6jax import offload as offload_lib
 from m6jax import pipeline
 from m6jax import pseudo_to_real as p2r
 from m6jax.config_checks import validate_config
-from m6jax.data import Pipeline, validate_data_config
+from m6jax.data import Pipeline
 from m6jax.data.config import data_settings
 from m6jax.data.packing import real_token_scalars
 from m6jax.train import evaluators as evaluators_lib
@@ -110,7 +110,6 @@ def train(config, workdir: str) -> dict:
 def _checked_mesh(config, devices):
     """The config's mesh over `devices`, after the checks that need no compile."""
     validate_config(config, len(devices))
-    validate_data_config(config)
     plan.check_offload(config, devices)  # pinned host memory exists; the offload plan fits
     mesh = sharding.make_mesh(config.mesh, devices)
     logging.info("mesh %s over %d %s devices, %d local to process %d of %d", dict(mesh.shape),

@@ -70,3 +70,20 @@ def next_state(state: dict, finite, period: int) -> dict:
                       jnp.maximum(scale * 0.5, MIN_SCALE))
     good = jnp.where(finite & ~grow, good, 0)
     return dict(scale=scale.astype(jnp.float32), good_steps=good.astype(jnp.int32))
+
+
+def validate(config) -> None:
+    """The loss-scaling fields of the `optimizer` section."""
+    o = config.optimizer
+    if o.loss_scale not in MODES:
+        raise ValueError(f"optimizer.loss_scale={o.loss_scale!r} is not one of "
+                         f"{', '.join(MODES)}")
+    if config.model.dtype == "float16" and o.loss_scale == "none":
+        raise ValueError("model.dtype='float16' with optimizer.loss_scale='none': float16 "
+                         "gradients underflow unscaled; set optimizer.loss_scale='dynamic' "
+                         "(or 'auto'), or model.dtype='bfloat16'")
+    if not o.loss_scale_init >= 1.0:
+        raise ValueError(f"optimizer.loss_scale_init={o.loss_scale_init} must be >= 1")
+    if int(o.loss_scale_period) < 1:
+        raise ValueError(f"optimizer.loss_scale_period={o.loss_scale_period} must be >= 1 "
+                         "(finite steps before the scale doubles)")

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from m6jax.train import loss_scale
+
 NAMES = ("adamw", "adafactor")
 
 
@@ -153,3 +155,38 @@ def apply_updates(params, updates, key=None):
         else:
             out.append(stochastic_round(new, p.dtype, jax.random.fold_in(key, i)))
     return jax.tree.unflatten(treedef, out)
+
+
+def validate(config, sizes: dict[str, int]) -> None:
+    """The `optimizer` section (its loss-scaling fields: `loss_scale.validate`)."""
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    o = config.optimizer
+    if o.name not in NAMES:
+        raise ValueError(f"optimizer.name={o.name!r} is not one of {', '.join(NAMES)}")
+    accum = int(o.grad_accum_steps)
+    if accum < 1 or config.batch_size % (accum * shards):
+        raise ValueError(f"optimizer.grad_accum_steps={accum} must be >= 1 and its microbatches "
+                         f"of batch_size={config.batch_size} / {accum} rows must divide by the "
+                         f"{shards} batch shards (mesh.data*mesh.fsdp*mesh.expert)")
+    if o.learning_rate <= 0:
+        raise ValueError(f"optimizer.learning_rate={o.learning_rate} must be positive")
+    if o.warmup_steps < 0 or o.warmup_steps >= config.total_steps:
+        raise ValueError(f"optimizer.warmup_steps={o.warmup_steps} must be in "
+                         f"[0, total_steps={config.total_steps})")
+    if not 0.0 <= o.end_lr_fraction <= 1.0:
+        raise ValueError(f"optimizer.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
+    for f in ("b1", "b2"):
+        if not 0.0 <= o[f] < 1.0:
+            raise ValueError(f"optimizer.{f}={o[f]} must be in [0, 1) (an Adam decay rate)")
+    if o.weight_decay < 0:
+        raise ValueError(f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    if not 0.0 < o.decay_rate <= 1.0:
+        raise ValueError(f"optimizer.decay_rate={o.decay_rate} must be in (0, 1] (Adafactor's "
+                         "second-moment decay 1 - t**-decay_rate)")
+    if int(o.min_dim_size_to_factor) < 1:
+        raise ValueError(f"optimizer.min_dim_size_to_factor={o.min_dim_size_to_factor} must "
+                         "be >= 1")
+    loss_scale.validate(config)
+    if not o.grad_clip_norm > 0:
+        raise ValueError(f"optimizer.grad_clip_norm={o.grad_clip_norm} must be positive "
+                         "(clipping by global norm; use a large value to clip nothing)")
