@@ -91,7 +91,7 @@ def test_finetune_loads_an_fsdp_tensor_run_in_its_layout(fsdp_tensor_run, device
     ft = finetune_caption.get_config()
     ft.batch_size = 8
     run = pretrained.run_config(ft, source)
-    assert dict(run.mesh) == {"data": -1, "fsdp": 2, "tensor": 2, "expert": 1}
+    assert dict(run.mesh) == {"data": -1, "fsdp": 2, "tensor": 2, "expert": 1, "stage": 1}
     mesh = sharding.make_mesh(run.mesh, devices)
     params = loop.load_params(run, mesh, source.step_dir)
     assert jax.tree.map(lambda x: tuple(x.sharding.spec), params) == _specs(shardings.params)

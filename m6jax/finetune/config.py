@@ -18,7 +18,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     c.batch_size = 32
     c.log_every = 25
     # 0 = the pretraining run's value of that axis (pretrained.run_config): its layout.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=0, tensor=0, expert=0))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=0, tensor=0, expert=0, stage=0))
     c.eval_before = True  # also score the pretrained params before fine-tuning
     c.score_batch = 256  # rows per likelihood-scoring forward pass
 

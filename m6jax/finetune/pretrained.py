@@ -75,9 +75,9 @@ def run_config(ft_config, pretrained: Pretrained) -> ml_collections.ConfigDict:
     for field in _RUN_FIELDS:
         value = ft_config[field]
         c[field] = ml_collections.ConfigDict(value.to_dict()) if hasattr(value, "to_dict") else value
-    # mesh.fsdp/tensor/expert = 0 (the fine-tune configs' default): the pretraining run's
+    # mesh.fsdp/tensor/expert/stage = 0 (the fine-tune configs' default): the pretraining run's
     # value, so a model that needed FSDP or tensor/expert parallelism stays sharded.
-    for axis in ("fsdp", "tensor", "expert"):
+    for axis in ("fsdp", "tensor", "expert", "stage"):
         if int(c.mesh[axis]) == 0:
             c.mesh[axis] = int(saved_mesh.get(axis, 1))
     if -1 in (c.mesh.fsdp, c.mesh.tensor, c.mesh.expert) and c.mesh.data == -1:
