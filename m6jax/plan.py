@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh, AxisType
 
 from m6jax import flops, offload, pipeline, sharding
 from m6jax import pseudo_to_real as p2r
+from m6jax.config_checks import validate_config
 from m6jax.model.moe import moe_config
 from m6jax.train.stages import model_and_optimizer
 from m6jax.train.state import dummy_batch, init_fn
@@ -118,7 +119,6 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     the run ends in. `step_s` is the planned step time if the transfers overlap compute:
     max(transfer_s_per_step, compute_s_per_step).
     """
-    from m6jax.config_checks import validate_config
     hw = hardware(config)
     num_devices = int(hw["num_devices"]) if hw["num_devices"] is not None else None
     if mesh_shape is None:

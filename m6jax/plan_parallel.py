@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from m6jax import pipeline, sharding
+from m6jax.model.moe import dispatch as dsp
 from m6jax.model.moe import moe_config
+from m6jax.model.moe.layer import DROPLESS
 from m6jax.plan_memory import pipeline_activations, sequence_shape
 
 
@@ -46,8 +48,6 @@ MIN_CAPACITY = 4  # below this many slots per expert and group, drops are noisy 
 def moe_routing_plan(config) -> dict[str, Any]:
     """Capacity of the training step's routing groups and the share of choices it would
     drop even under perfectly uniform routing; `warning` when C < MIN_CAPACITY."""
-    from m6jax.model.moe import dispatch as dsp
-    from m6jax.model.moe.layer import DROPLESS
     moe = moe_config(config.model)
     p, _, t = sequence_shape(config)
     group = int(moe.group_size) or p + t

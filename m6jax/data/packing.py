@@ -40,7 +40,7 @@ def packed_rows(pipe, step: int) -> list[list[tuple]]:
             task = int(rng.choice(len(pipe.task_probs), p=pipe.task_probs))
             if task in tasks.IMAGE_TASKS and has_image:
                 continue
-            prefix, target, patches = pipe._train_example(task, rng, text_len=room)
+            prefix, target, patches = pipe.train_example(task, rng, text_len=room)
             examples.append((task, prefix, target, patches))
             used += len(prefix) + len(target)
             has_image |= patches is not None

@@ -110,7 +110,7 @@ class Pipeline:
             rng = np.random.default_rng([self.seed, step, row])
             task = int(rng.choice(len(TASK_NAMES), p=self.task_probs))
             task_ids.append(task)
-            examples.append(self._train_example(task, rng))
+            examples.append(self.train_example(task, rng))
         return self._collate(examples, task_ids)
 
     def loader(self, start: int, stop: int, place=None) -> "loader_lib.Loader":
@@ -141,7 +141,9 @@ class Pipeline:
             self._last_bad = str(e)
             return None
 
-    def _train_example(self, task, rng, text_len=None):
+    def train_example(self, task, rng, text_len=None):
+        """(prefix, target, patches) of one example of `task` (packing fills rows with
+        these, `text_len` capping its text), or a text-to-image example."""
         if task in tasks.T2I_TASKS:
             return self.t2i.example(task, rng)
         budget = tasks.target_budget(task, text_len or self.text_len)
