@@ -122,7 +122,14 @@ def test_offload_through_the_entry_point_keeps_the_loss_curve(p2r_reference, cac
                                         "--config.offload.param_layers=all"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MB offloaded to host" in proc.stderr
-    assert _losses(tmp_path) == _losses(p2r_reference)
+    # Equal to float rounding, not bitwise: the streamed update sums the global gradient
+    # norm unit by unit from host memory, the resident one in one reduction, and on some
+    # CPUs XLA rounds the two orders differently (seen here: 4.8e-7, one float32 ulp, at
+    # step 8; bitwise equal on the machine of the previous round). A wrong update or
+    # layout is orders of magnitude further off.
+    ours, ref = _losses(tmp_path), _losses(p2r_reference)
+    assert [s for s, _ in ours] == [s for s, _ in ref]
+    assert [x for _, x in ours] == pytest.approx([x for _, x in ref], rel=1e-5)
     # Checkpoints hold the ordinary layout: the Real stage's per-layer arrays.
     assert _steps(tmp_path) == _steps(p2r_reference)
 
