@@ -85,4 +85,6 @@ def run_config(ft_config, pretrained: Pretrained) -> ml_collections.ConfigDict:
     c.eval_every = c.total_steps
     c.checkpoint_every = 0  # fine-tune runs are short and not checkpointed
     c.data.tokenizer_path = pretrained.tokenizer_path
-    return p2r.checkpoint_config(c, pretrained.stage)
+    # The fine-tune's sections replace whole ones: their fields it does not set take the
+    # schema's defaults.
+    return p2r.checkpoint_config(schema.complete(c), pretrained.stage)
