@@ -252,16 +252,8 @@ def check_complete(config) -> None:
                                  "m6jax.schema.moe_section()")
 
 
-def _fill(section, table) -> None:
-    with section.unlocked() if hasattr(section, "unlocked") else _null():
+def _fill(section: ml_collections.ConfigDict, table) -> None:
+    with section.unlocked():
         for k, (default, _) in table.items():
             if k not in section:
                 section[k] = copy.deepcopy(default)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
