@@ -125,7 +125,8 @@ def _merge(a):
     return jnp.swapaxes(a, 0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
-def run(stage_fn, layers, x, args, schedule: Schedule, constrain, shared_units: int = 0):
+def run(stage_fn, layers, x, args, schedule: Schedule, constrain, shared_units: int = 0,
+        unit_axes=None):
     """Runs the stack as a pipeline: x [B, S, D] -> (x [B, S, D], per-unit outputs [U, ...]).
 
     stage_fn(chunk_params, x [mb, S, D], args, chunk, microbatch) -> (x, outputs [L, ...])
@@ -144,7 +145,11 @@ def run(stage_fn, layers, x, args, schedule: Schedule, constrain, shared_units: 
     else:  # [U, ...] -> [S, R, L, ...]: chunk r S + s at [s, r]
         chunks = jax.tree.map(lambda p: jnp.swapaxes(p.reshape(R, S, L, *p.shape[1:]), 0, 1),
                               layers)
-        chunks = jax.tree.map(lambda p: constrain(p, ("stage",) + (None,) * (p.ndim - 1)), chunks)
+        # Each leaf keeps its own axes inside a stage (fsdp / tensor / expert shards):
+        # `stage` on the stage dimension, nothing on repeat and unit, then the unit's names.
+        axes = unit_axes or jax.tree.map(lambda p: (None,) * (p.ndim - 3), chunks)
+        chunks = jax.tree.map(lambda p, a: constrain(p, ("stage", None, None, *a)), chunks, axes,
+                              is_leaf=lambda a: isinstance(a, tuple))
         param_axis = 0
     x_mb = constrain(_split(x, M), (None, "batch", "length", "act_embed"))  # [M, mb, S, D]
     args_mb = _split(args, M)

@@ -85,6 +85,9 @@ CASES = {
     "p2r_adafactor_copied": ("m6jax/pseudo_to_real.py", "dict(v_row=2, v_col=2, v=2)",
                              "dict(v_row=0, v_col=0, v=0)", 1,
                              ["tests/test_pseudo_to_real.py", "-k", "adafactor"]),
+    "pipeline_stage_replicates": ("m6jax/pipeline.py", 'constrain(p, ("stage", None, None, *a))',
+                                  'constrain(p, ("stage",) + (None,) * (p.ndim - 1))', 1,
+                                  ["tests/test_pipeline.py", "-k", "one_unit or stay_sharded"]),
 }
 
 
