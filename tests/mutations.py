@@ -88,6 +88,22 @@ CASES = {
     "pipeline_stage_replicates": ("m6jax/pipeline.py", 'constrain(p, ("stage", None, None, *a))',
                                   'constrain(p, ("stage",) + (None,) * (p.ndim - 1))', 1,
                                   ["tests/test_pipeline.py", "-k", "one_unit or stay_sharded"]),
+    "dropless_n_fold": ("m6jax/model/moe/parallel.py", "    if not factor:\n        return choices",
+                        "    if True:\n        return choices", 1,
+                        ["tests/test_moe_parallel.py", "-k", "dropless_bytes or overflow"]),
+    "groups_ignore_microbatches": ("m6jax/model/moe/checks.py",
+                                   'micro = int(config.pipeline.microbatches) if sizes.get("stage", 1) > 1 else 1',
+                                   "micro = 1", 1,
+                                   ["tests/test_moe_config.py", "-k", "pipeline_microbatch"]),
+    "sorting_under_tensor": ("m6jax/model/moe/checks.py",
+                             'if sorting and sizes["tensor"] > 1 and sizes["expert"] == 1:',
+                             "if False:", 1, ["tests/test_moe_config.py", "-k", "under_tensor"]),
+    "decode_groups_across_rows": ("m6jax/model/m6.py", "(1 if step else num_patches",
+                                  "(0 if step else num_patches", 1,
+                                  ["tests/test_moe_decode.py"]),
+    "checkpoint_minutes_local": ("m6jax/checkpoint.py",
+                                 "return _from_process_0(int(due), [])[0] == 1", "return due", 1,
+                                 ["tests/test_multihost.py", "-m", "", "-k", "skewed"]),
 }
 
 

@@ -43,7 +43,7 @@ class Stack(nn.Module):
     deterministic: bool = True
     training: bool = False
     decode: bool = False
-    capacity_tokens: int = 0   # decode: MoE capacity group size (0 = the call's length)
+    capacity_tokens: int = 0   # decode: MoE group size, one sequence's (0: moe.group_size)
     pipeline: pipeline_lib.Schedule | None = None  # train/eval run it when it is active
 
     @nn.compact
