@@ -21,7 +21,10 @@ about stages); the rules table shards the unit axis over `stage`, so with R = 1 
 stage group holds exactly its own chunk. With R > 1 stage s runs chunks s, S + s, ...,
 which the contiguous shards do not hold: the step reshuffles those weights between
 stage groups once per step (an all-to-all of (R - 1) / R of them, and the transpose for
-the gradient). A Pseudo stack's shared weights (no unit axis) are replicated over
+the gradient). Inside a stage each leaf keeps its own logical axes (`unit_axes`, stage
+in front): constraining the chunks to ("stage", None, ...) alone had GSPMD gather every
+expert of a stage's chunk and FSDP gather its whole chunk before the loop; with them the
+experts stay sharded and FSDP gathers one unit at a time in the unit scan. A Pseudo stack's shared weights (no unit axis) are replicated over
 stages; their gradient is summed over stages by the transpose of that broadcast.
 """
 from __future__ import annotations
@@ -133,7 +136,8 @@ def run(stage_fn, layers, x, args, schedule: Schedule, constrain, shared_units: 
     applies one chunk of L units (`scan_units`). layers: the stacked params [U, ...], or
     with `shared_units` = U the shared params of a Pseudo stack (no unit axis). args:
     what each unit takes after x, leaves [B, ...]. `constrain(a, logical_axes)` pins an
-    activation's sharding. Per-unit outputs (MoE metrics) are the microbatches' mean;
+    activation's sharding. unit_axes: each leaf of one unit's params -> its logical axis
+    names (a tuple; None: replicated inside a stage). Per-unit outputs (MoE metrics) are the microbatches' mean;
     integer leaves (MoE `expert_index`, per token) are not kept.
     """
     S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
