@@ -86,7 +86,7 @@ class Checkpointer:
         latest = self.manager.latest_step()
         due = (latest is None or latest < step) and (
             self._clock() - self._last_save_t >= self._interval_s)
-        return due
+        return _from_process_0(int(due), [])[0] == 1
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         """Starts an async save of step `step` if the policy (or `force`) says so."""

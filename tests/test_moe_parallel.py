@@ -184,3 +184,23 @@ def test_the_plan_counts_the_dropless_exchange_and_warns_when_it_grows():
             assert x["grows_with_expert_axis"] == (factor == 0)
             assert (r["warning"] is not None and "model.moe.peer_capacity_factor=0" in
                     r["warning"]) == (factor == 0)
+
+
+def test_the_layer_counts_peer_block_overflow_as_dropped(devices):
+    """MoeMlp (blocked, dropless) on (data 2, expert 4): with peer_capacity_factor 0.25
+    each peer block holds a quarter of a device's choices / 4, so routing any less even
+    than that drops some; `dropped_fraction` reports it (0 with factor 0)."""
+    import jax
+    from m6jax import schema, sharding
+    from m6jax.model.moe import MoeMlp
+    x = jax.random.normal(jax.random.key(0), (8, 16, D))
+    mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1, expert=4, stage=1), devices)
+    dropped = {}
+    for factor in (0.0, 0.25):
+        cfg = schema.moe_section(num_experts=E, k=2, every=1, dispatch="blocked",
+                                 peer_capacity_factor=factor)
+        layer = MoeMlp(cfg, M, "gelu")
+        with jax.set_mesh(mesh):
+            params = jax.jit(layer.init)(jax.random.key(1), x)
+            dropped[factor] = float(jax.jit(layer.apply)(params, x)[1]["dropped_fraction"])
+    assert dropped[0.0] == 0.0 and dropped[0.25] > 0.0, dropped

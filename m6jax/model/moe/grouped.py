@@ -36,15 +36,15 @@ def block_sizes(num_choices: int, num_experts: int) -> tuple[int, ...]:
     measured faster than four (less padding; BENCHMARKS.md), for ~1 s more compile."""
     share = max(1, 2 * num_choices // num_experts)
     top = int(min(1024, max(64, 1 << (share - 1).bit_length())))
-    # One expert (expert parallelism's e_local = 1) would get blocks past the buffer's end.
-    top = min(top, max(64, 1 << (num_choices.bit_length() - 1)))
     sizes = {16, 32, 48, 64}
     s = 64
     while s < top:
         sizes.update(s + s * k // 8 for k in range(8))
         s *= 2
     sizes.add(top)
-    return tuple(sorted(sizes))
+    # No block longer than the choices: its static slice would run past the buffer's
+    # end (one local expert, or a small exchange buffer under expert parallelism).
+    return tuple(sorted(s for s in sizes if s <= max(_STEP, num_choices)))
 
 
 def _tail(rows: int, sizes) -> int:
