@@ -24,8 +24,9 @@ stage groups once per step (an all-to-all of (R - 1) / R of them, and the transp
 the gradient). Inside a stage each leaf keeps its own logical axes (`unit_axes`, stage
 in front): constraining the chunks to ("stage", None, ...) alone had GSPMD gather every
 expert of a stage's chunk and FSDP gather its whole chunk before the loop; with them the
-experts stay sharded and FSDP gathers one unit at a time in the unit scan. A Pseudo stack's shared weights (no unit axis) are replicated over
-stages; their gradient is summed over stages by the transpose of that broadcast.
+experts stay sharded and FSDP gathers one unit at a time in the unit scan. A Pseudo
+stack's shared weights (no unit axis) are replicated over stages; their gradient is
+summed over stages by the transpose of that broadcast.
 """
 from __future__ import annotations
 
@@ -137,8 +138,8 @@ def run(stage_fn, layers, x, args, schedule: Schedule, constrain, shared_units: 
     with `shared_units` = U the shared params of a Pseudo stack (no unit axis). args:
     what each unit takes after x, leaves [B, ...]. `constrain(a, logical_axes)` pins an
     activation's sharding. unit_axes: each leaf of one unit's params -> its logical axis
-    names (a tuple; None: replicated inside a stage). Per-unit outputs (MoE metrics) are the microbatches' mean;
-    integer leaves (MoE `expert_index`, per token) are not kept.
+    names (a tuple; None: replicated inside a stage). Per-unit outputs (MoE metrics) are
+    the microbatches' mean; integer leaves (MoE `expert_index`, per token) are not kept.
     """
     S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
     mesh = jax.sharding.get_abstract_mesh()

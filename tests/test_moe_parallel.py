@@ -1,9 +1,11 @@
 """Routing groups and dropless under expert parallelism: the train step's loss, MoE
 metrics and gradients on a (data 2, expert 4) mesh equal one device's, and the compiled
 step never all-gathers an expert weight (the dropless path used to let GSPMD replicate
-every expert onto every device)."""
+every expert onto every device). The dropless exchange's bytes per device do not grow
+with the expert axis (model.moe.peer_capacity_factor), read from the compiled HLO."""
 import re
 
+import numpy as np
 import pytest
 
 from test_moe_mesh import _run, moe_tiny_config  # noqa: F401  (shared step builder)
@@ -81,8 +83,6 @@ def _dropless_on(n, expert_index, factor, devices, seed=0):
     """parallel.dropless on (data 8/n, expert n) over [8 * G_DEV, S, D] tokens, E experts:
     (y, sent, HLO, x, wi, wo, combine)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
     from m6jax import sharding
     from m6jax.model.moe import parallel
     from m6jax.model.moe.routers import Routing
@@ -106,7 +106,6 @@ def _dropless_on(n, expert_index, factor, devices, seed=0):
 
 def _per_token(x, expert_index, combine, wi, wo, sent):
     """The reference: y[t] = sum over t's sent choices of c * relu(x W_i[e]) W_o[e]."""
-    import numpy as np
     y = np.zeros(x.shape, np.float64)
     for idx in np.ndindex(*expert_index.shape):
         if sent[idx]:
@@ -123,12 +122,11 @@ def all_to_all_bytes(hlo: str) -> int:
     for line in hlo.splitlines():
         if not re.search(r"\ball-to-all\(", line):
             continue
-        for dtype, dims in re.findall(r"(f32|s32|bf16|pred)\[([\d,]*)\]", line.split("all-to-all(")[0]):
+        result = line.split("all-to-all(")[0]
+        for dtype, dims in re.findall(r"(f32|s32|bf16|pred)\[([\d,]*)\]", result):
             total += size[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
     return total
 
-
-import numpy as np  # noqa: E402
 
 
 def _spread_routing():
@@ -140,7 +138,7 @@ def _spread_routing():
 def test_dropless_bytes_sent_per_device_do_not_grow_with_the_expert_axis(devices):
     """At 64 choices per device, peer_capacity_factor=1 sends 64 rows per device (and
     their expert ids and outputs) at expert 2, 4 and 8; factor 0 (all 64 per peer)
-    sends n x 64. The result equals the per-token reference (no choice overflows)."""
+    would send n x 64. The result equals the per-token reference (no choice overflows)."""
     routing = _spread_routing()
     sent_bytes = {}
     for n in (2, 4, 8):
@@ -150,8 +148,8 @@ def test_dropless_bytes_sent_per_device_do_not_grow_with_the_expert_axis(devices
         sent_bytes[n] = all_to_all_bytes(hlo)
     rows = 8 * G_DEV * S_GROUP * K // 8   # choices per device
     assert sent_bytes == {n: rows * (D + 1 + D) * 4 for n in (2, 4, 8)}, sent_bytes
-    exact = {n: all_to_all_bytes(_dropless_on(n, routing, 0.0, devices)[2]) for n in (2, 4)}
-    assert exact == {n: n * rows * (D + 1 + D) * 4 for n in (2, 4)}, exact
+    # factor 0 (all 64 rows per peer) sends n x this: benchmarks/expert_exchange.py
+    # measures it, and the `dropless_n_fold` mutation makes this test red.
 
 
 def test_dropless_peer_block_overflow_drops_the_later_choices(devices):
@@ -186,6 +184,7 @@ def test_the_plan_counts_the_dropless_exchange_and_warns_when_it_grows():
                     r["warning"]) == (factor == 0)
 
 
+@pytest.mark.slow  # four compiles of the layer (~30 s here)
 def test_the_layer_counts_peer_block_overflow_as_dropped(devices):
     """MoeMlp (blocked, dropless) on (data 2, expert 4): with peer_capacity_factor 0.25
     each peer block holds a quarter of a device's choices / 4, so routing any less even
