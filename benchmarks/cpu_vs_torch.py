@@ -130,6 +130,7 @@ def main(_):
     import jax
     import jax.numpy as jnp
     import ml_collections
+    from m6jax import schema
     import numpy as np
 
     from m6jax.model.attention import SelfAttention
@@ -153,7 +154,7 @@ def main(_):
     relu_t = torch.relu
 
     def moe_cfg(dispatch):
-        return ml_collections.ConfigDict(dict(
+        return schema.moe_section(**dict(
             num_experts=e, router="topk", k=1, every=1, capacity_factor=FLAGS.capacity_factor,
             eval_capacity_factor=FLAGS.capacity_factor, aux_loss_weight=0.01,
             z_loss_weight=1e-3, jitter=0.0, dispatch=dispatch))

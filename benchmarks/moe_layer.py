@@ -77,7 +77,7 @@ def _time_pair(a, b) -> tuple[float, float]:
 def main(_):
     import jax
     import jax.numpy as jnp
-    import ml_collections
+    from m6jax import schema
     import numpy as np
 
     from m6jax.model.mlp import Mlp
@@ -111,7 +111,7 @@ def main(_):
             dense[k] = compiled(Mlp(k * m, "gelu"))
         for e in map(int, FLAGS.experts):
             for dispatch in FLAGS.dispatches:
-                cfg = ml_collections.ConfigDict(dict(
+                cfg = schema.moe_section(**dict(
                     num_experts=e, router=router, k=k, every=1,
                     capacity_factor=FLAGS.capacity_factor,
                     eval_capacity_factor=FLAGS.capacity_factor, aux_loss_weight=0.01,

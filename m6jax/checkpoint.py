@@ -53,7 +53,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str, config, clock=time.monotonic):
         self.directory = checkpoint_dir(workdir)
-        self._clock = clock
+        self._clock = _test_skewed(clock)
         self._interval_s = 60.0 * float(config.checkpoint_minutes)
         self._last_save_t = clock()
         # Preemption is not a policy here: the loop forces that save (PreemptionWatch).
@@ -79,9 +79,14 @@ class Checkpointer:
         return self._minutes_due(step) or self.manager.should_save(step)
 
     def _minutes_due(self, step: int) -> bool:
+        """Process 0's clock decides, broadcast to all: every process must join a save
+        (orbax syncs them), and a host whose clock runs ahead saving alone waited forever."""
+        if not self._interval_s:
+            return False
         latest = self.manager.latest_step()
-        return bool(self._interval_s) and (latest is None or latest < step) and (
+        due = (latest is None or latest < step) and (
             self._clock() - self._last_save_t >= self._interval_s)
+        return _from_process_0(int(due), [])[0] == 1
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
         """Starts an async save of step `step` if the policy (or `force`) says so."""
@@ -232,6 +237,8 @@ READ_RETRY_S = 2.0  # sleep before the k-th retry: k * this
 # Test hook, not a feature: "PROCESS:STEP,..." makes validation of STEP fail on PROCESS
 # (a process whose view of shared storage lags), to test that process 0 decides.
 UNREADABLE_ENV = "M6JAX_TEST_UNREADABLE_STEPS"
+# Test hook, not a feature: "P:S", process P's checkpoint clock jumps S seconds per read.
+CLOCK_JUMP_ENV = "M6JAX_TEST_CLOCK_JUMP"
 # Test hook, not a feature: SIGKILL right after the async save of this step started.
 KILL_SAVE_ENV = "M6JAX_TEST_KILL_DURING_SAVE"
 
@@ -260,6 +267,15 @@ def _is_io_error(e: BaseException) -> bool:
 def _reason(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _test_skewed(clock):
+    """Test hook: $CLOCK_JUMP_ENV's process reads a clock that runs ahead (a skewed host)."""
+    proc, _, jump = os.environ.get(CLOCK_JUMP_ENV, "").partition(":")
+    if not jump or int(proc) != jax.process_index():
+        return clock
+    reads = iter(range(1, 1 << 62))
+    return lambda: clock() + float(jump) * next(reads)
 
 
 def _test_kill_during_save(step: int, directory: str) -> None:

@@ -21,8 +21,12 @@ about stages); the rules table shards the unit axis over `stage`, so with R = 1 
 stage group holds exactly its own chunk. With R > 1 stage s runs chunks s, S + s, ...,
 which the contiguous shards do not hold: the step reshuffles those weights between
 stage groups once per step (an all-to-all of (R - 1) / R of them, and the transpose for
-the gradient). A Pseudo stack's shared weights (no unit axis) are replicated over
-stages; their gradient is summed over stages by the transpose of that broadcast.
+the gradient). Inside a stage each leaf keeps its own logical axes (`unit_axes`, stage
+in front): constraining the chunks to ("stage", None, ...) alone had GSPMD gather every
+expert of a stage's chunk and FSDP gather its whole chunk before the loop; with them the
+experts stay sharded and FSDP gathers one unit at a time in the unit scan. A Pseudo
+stack's shared weights (no unit axis) are replicated over stages; their gradient is
+summed over stages by the transpose of that broadcast.
 """
 from __future__ import annotations
 
@@ -125,15 +129,17 @@ def _merge(a):
     return jnp.swapaxes(a, 0, 1).reshape(a.shape[0] * a.shape[1], *a.shape[2:])
 
 
-def run(stage_fn, layers, x, args, schedule: Schedule, constrain, shared_units: int = 0):
+def run(stage_fn, layers, x, args, schedule: Schedule, constrain, shared_units: int = 0,
+        unit_axes=None):
     """Runs the stack as a pipeline: x [B, S, D] -> (x [B, S, D], per-unit outputs [U, ...]).
 
     stage_fn(chunk_params, x [mb, S, D], args, chunk, microbatch) -> (x, outputs [L, ...])
     applies one chunk of L units (`scan_units`). layers: the stacked params [U, ...], or
     with `shared_units` = U the shared params of a Pseudo stack (no unit axis). args:
     what each unit takes after x, leaves [B, ...]. `constrain(a, logical_axes)` pins an
-    activation's sharding. Per-unit outputs (MoE metrics) are the microbatches' mean;
-    integer leaves (MoE `expert_index`, per token) are not kept.
+    activation's sharding. unit_axes: each leaf of one unit's params -> its logical axis
+    names (a tuple; None: replicated inside a stage). Per-unit outputs (MoE metrics) are
+    the microbatches' mean; integer leaves (MoE `expert_index`, per token) are not kept.
     """
     S, M, R = schedule.stages, schedule.microbatches, schedule.repeats
     mesh = jax.sharding.get_abstract_mesh()
@@ -144,7 +150,11 @@ def run(stage_fn, layers, x, args, schedule: Schedule, constrain, shared_units: 
     else:  # [U, ...] -> [S, R, L, ...]: chunk r S + s at [s, r]
         chunks = jax.tree.map(lambda p: jnp.swapaxes(p.reshape(R, S, L, *p.shape[1:]), 0, 1),
                               layers)
-        chunks = jax.tree.map(lambda p: constrain(p, ("stage",) + (None,) * (p.ndim - 1)), chunks)
+        # Each leaf keeps its own axes inside a stage (fsdp / tensor / expert shards):
+        # `stage` on the stage dimension, nothing on repeat and unit, then the unit's names.
+        axes = unit_axes or jax.tree.map(lambda p: (None,) * (p.ndim - 3), chunks)
+        chunks = jax.tree.map(lambda p, a: constrain(p, ("stage", None, None, *a)), chunks, axes,
+                              is_leaf=lambda a: isinstance(a, tuple))
         param_axis = 0
     x_mb = constrain(_split(x, M), (None, "batch", "length", "act_embed"))  # [M, mb, S, D]
     args_mb = _split(args, M)

@@ -172,7 +172,7 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     if out["compute_s_per_step"] is not None:  # stages idle in the bubble
         out["compute_s_per_step"] /= 1.0 - pipeline.from_config(config).bubble
     if moe_config(config.model) is not None:
-        out["moe"] = moe_routing_plan(config)
+        out["moe"] = moe_routing_plan(config, mesh_shape)
     t, c = out["transfer_s_per_step"], out["compute_s_per_step"]
     out["step_s"] = max(t, c) if t is not None and c is not None else None
     return out

@@ -114,6 +114,8 @@ MOE = {
     "dispatch": ("gather", "gather | einsum | grouped (capacity) | blocked | ragged (dropless)"),
     "group_size": (0, "tokens per routing group; 0 = one example per group"),
     "priority": ("order", "which over-capacity choices drop: order | score"),
+    "peer_capacity_factor": (0.0, "dropless under mesh.expert=n: rows each device reserves "
+                                  "per peer, ceil(f * its choices / n); 0 = all (exact, n-fold)"),
 }
 
 PSEUDO_TO_REAL = {

@@ -33,6 +33,36 @@ def test_bad_moe_routing_fields_are_refused_naming_the_field(mesh, edit, message
         validate_config(c, 8)
 
 
+@pytest.mark.parametrize("mesh, edit, message", [
+    (dict(data=4, tensor=2), dict(dispatch="grouped"),
+     r"model.moe.dispatch='grouped' with mesh.tensor=2 would hold every expert whole"),
+    (dict(data=4, tensor=2), dict(dispatch="blocked"),
+     r"model.moe.dispatch='blocked' with mesh.tensor=2 would hold every expert whole"),
+    (dict(data=4, expert=2), dict(dispatch="blocked", peer_capacity_factor=-1.0),
+     r"model.moe.peer_capacity_factor=-1.0 must be >= 0"),
+])
+def test_sorting_dispatch_under_tensor_and_a_negative_peer_factor_are_refused(mesh, edit,
+                                                                             message):
+    c = _config(**mesh)
+    c.model.moe.update(edit)
+    with pytest.raises(ValueError, match=message):
+        validate_config(c, 8)
+
+
+def test_routing_groups_must_fit_a_pipeline_microbatch():
+    # 8 examples of 28 tokens over 4 batch shards: 56 tokens per device, but each of the
+    # 2 pipeline microbatches routes 28 of them, so a 56-token group would span both.
+    c = _config(stage=2, data=4)
+    c.model.num_layers = 4
+    c.pipeline.microbatches = 2
+    c.model.moe.group_size = 56
+    with pytest.raises(ValueError, match=r"model.moe.group_size=56 must be >= 0 and divide the "
+                       r"tokens per device and microbatch, 28 .*pipeline.microbatches=2"):
+        validate_config(c, 8)
+    c.model.moe.group_size = 28
+    validate_config(c, 8)
+
+
 def test_good_groups_and_dropless_on_a_data_expert_mesh_pass():
     c = _config(data=2, expert=4)
     c.model.moe.update(group_size=14, priority="score", dispatch="blocked")

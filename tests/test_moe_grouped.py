@@ -76,10 +76,10 @@ def test_each_expert_is_one_block_padded_by_at_most_an_eighth():
 
 
 def test_dropout_inside_the_dropless_layer_runs_the_two_pass_path():
-    import ml_collections
+    from m6jax import schema
 
     from m6jax.model.moe import MoeMlp
-    cfg = ml_collections.ConfigDict(dict(
+    cfg = schema.moe_section(**dict(
         num_experts=4, router="topk", k=1, every=1, capacity_factor=1.25,
         eval_capacity_factor=1.25, aux_loss_weight=0.01, z_loss_weight=1e-3, jitter=0.0,
         dispatch="blocked", group_size=0, priority="order"))

@@ -3,10 +3,10 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from m6jax import schema
 from m6jax.model.moe import MoeMlp
 from m6jax.model.moe import dispatch as dsp
 from m6jax.model.moe.routers import hash_expert
@@ -18,7 +18,7 @@ def moe_cfg(**kw):
     base = dict(num_experts=E, router="topk", k=1, every=1, capacity_factor=100.0,
                 eval_capacity_factor=100.0, aux_loss_weight=0.01, z_loss_weight=0.0,
                 jitter=0.0, dispatch="gather", group_size=0, priority="order")
-    return ml_collections.ConfigDict({**base, **kw})
+    return schema.moe_section(**{**base, **kw})
 
 
 def inputs(seed=0):

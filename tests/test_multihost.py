@@ -101,3 +101,30 @@ def test_two_processes_restore_the_step_process_0_chose(runs, tmp_path):
                    for line in multi.stdout.splitlines()), multi.stdout[-3000:]
     assert [s for s, _ in _losses(workdir)] == [1, 2, 3, 4, 5]
     assert not (workdir / "checkpoints_unreadable").exists()
+
+
+def _saved_steps(stdout: str, proc: int) -> list[int]:
+    return [int(line.split("checkpoint: saving step ")[1].split()[0])
+            for line in stdout.splitlines()
+            if line.startswith(f"[{proc}]") and "checkpoint: saving step " in line]
+
+
+@pytest.mark.slow  # one more 2-process run (~40 s here)
+def test_a_skewed_clock_on_one_process_saves_the_same_steps_on_both(tmp_path):
+    """checkpoint_minutes=10 over a run of seconds: only process 0's clock, made to jump
+    601 s per reading (a test hook), finds a save due, at every step. Process 0 decides
+    and both processes save steps 1, 2, 3; deciding on each process's own clock made
+    process 0 save alone and wait in orbax's sync for process 1 forever."""
+    args = [a for a in ARGS if not a.startswith(("--config.mesh.", "--config.total_steps"))]
+    multi = subprocess.run(
+        [sys.executable, "launch/local.py", "--num_processes=2", "--devices_per_process=1",
+         "--", *args, "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=1",
+         "--config.total_steps=3", "--config.checkpoint_every=0",
+         "--config.checkpoint_minutes=10", f"--workdir={tmp_path / 'w'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=dict(_env(tmp_path / "c"), M6JAX_TEST_CLOCK_JUMP="0:601"))
+    assert multi.returncode == 0, multi.stdout[-3000:] + multi.stderr[-3000:]
+    assert _saved_steps(multi.stdout, 0) == _saved_steps(multi.stdout, 1) == [1, 2, 3], \
+        multi.stdout[-3000:]
+    assert sorted(int(d.name) for d in (tmp_path / "w" / "checkpoints").iterdir()
+                  if d.name.isdigit()) == [1, 2, 3]

@@ -10,6 +10,7 @@ import pytest
 
 from configs.m6_moe import moe_section
 from helpers import GRID, NUM_TASKS, PATCH_DIM, TEXT_LEN, synthetic_batch, tiny_config
+from m6jax import plan
 from m6jax import pseudo_to_real as p2r
 from m6jax import sharding
 from m6jax.config_checks import validate_config
@@ -136,6 +137,63 @@ def test_stages_hold_their_own_chunk_and_pass_activations_by_collective_permute(
     for line in stack:
         groups = replica_groups(line)
         assert all(len({d // 4 for d in g}) == 1 for g in groups), line[:300]
+
+
+def stack_weight_gathers(hlo, layers):
+    """{leaf path: [units gathered at once]} for each stack weight sharded inside a stage
+    (a spec axis beyond `stage`): every all-gather whose result ends in the leaf's
+    one-unit shape, counted by the product of its leading dims (vmapped stage, units)."""
+    shapes = [_ints(m) for m in re.findall(r"= \w+\[([\d,]*)\]\S* all-gather\(", hlo)]
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(layers):
+        if all(a is None for a in tuple(leaf.sharding.spec)[1:]):
+            continue
+        unit = list(leaf.shape[1:])
+        out[jax.tree_util.keystr(path)] = [
+            int(np.prod(d[:len(d) - len(unit)])) for d in shapes
+            if len(d) >= len(unit) and d[len(d) - len(unit):] == unit]
+    return out
+
+
+def test_fsdp_inside_a_stage_gathers_one_unit_at_a_time(stage2_data2_fsdp2):
+    """Each FSDP-sharded weight is gathered one unit at a time (inside the unit loop),
+    never a stage's whole chunk; the per-device params are the plan's."""
+    run = stage2_data2_fsdp2
+    gathers = stack_weight_gathers(run["hlo"], run["state"].params["stack"]["layers"])
+    assert sum(map(len, gathers.values())) >= 6, gathers   # the gathers are there to check
+    assert all(n == 1 for units in gathers.values() for n in units), gathers
+    c = pipe_config(dict(stage=2, data=2, fsdp=2), microbatches=2)
+    assert plan.plan(c, (2, 2, 1, 1, 2))["per_device_bytes"]["params"] == \
+        sharding.per_device_bytes(run["state"].params)
+
+
+@pytest.fixture(scope="module")
+def stage2_expert2_data2(devices):
+    """The compiled MoE step (4 experts over expert=2 inside 2 stages) and its state."""
+    c = pipe_config(dict(stage=2, expert=2, data=2), microbatches=2,
+                    moe=dict(num_experts=4, k=2, every=1, capacity_factor=1.0))
+    mesh = _mesh(c, devices)
+    model, tx = stages.model_and_optimizer(c, p2r.STAGE_REAL)
+    state, sh = create_train_state(model, tx, dummy_batch(8, GRID * GRID, PATCH_DIM, TEXT_LEN),
+                                   mesh, seed=0)
+    step = make_train_step(model, tx, mesh, sh, NUM_TASKS)
+    with jax.set_mesh(mesh):
+        hlo = step.lower(state, sharding.global_batch(mesh, synthetic_batch(8))).compile().as_text()
+    return c, state, hlo
+
+
+def test_experts_stay_sharded_inside_a_stage(stage2_expert2_data2):
+    """No device gathers the experts of a stage: tokens travel (all-to-all), weights do
+    not; the per-device params are the plan's (wi, wo split over stage x expert)."""
+    c, state, hlo = stage2_expert2_data2
+    layers = state.params["stack"]["layers"]
+    gathers = stack_weight_gathers(hlo, layers)
+    assert gathers["['moe']['wi']"] == [] and gathers["['moe']['wo']"] == [], gathers
+    assert "all-to-all" in hlo
+    wi = layers["moe"]["wi"]
+    assert wi.addressable_shards[0].data.size * 4 == wi.size
+    assert plan.plan(c, (2, 1, 1, 2, 2))["per_device_bytes"]["params"] == \
+        sharding.per_device_bytes(state.params)
 
 
 def _iota(dims, perm):

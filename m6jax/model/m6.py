@@ -115,9 +115,11 @@ class M6(nn.Module):
         else:
             mask = prefix_lm_mask(batch["image_mask"], batch["text_mask"], batch["text_is_prefix"],
                                   batch.get("segment_ids"))
-        # MoE capacity in a prefill is that of a whole P + text_len sequence, the group
-        # the uncached decoder routes; a one-token step gets >= 1 slot per expert.
-        capacity_tokens = num_patches + self.text_len if self.decode and not step else 0
+        # Decoding routes each sequence in its own group (a sample must not depend on the
+        # rest of the batch): a prefill's capacity is that of a whole P + text_len
+        # sequence, the group the uncached decoder routes; a one-token step is a group of
+        # one token (>= 1 slot per expert), never `moe.group_size` tokens of several rows.
+        capacity_tokens = (1 if step else num_patches + self.text_len) if self.decode else 0
         stack = Stack(cfg, dtype, self.deterministic, self.training, self.decode,
                       capacity_tokens, self.pipeline, name="stack")
         # ys: MoE metrics (training, eval) or this call's keys/values (decode).

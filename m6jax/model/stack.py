@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from m6jax import pipeline as pipeline_lib
 from m6jax.model.block import Block, BlockGroup
@@ -42,7 +43,7 @@ class Stack(nn.Module):
     deterministic: bool = True
     training: bool = False
     decode: bool = False
-    capacity_tokens: int = 0   # decode: MoE capacity group size (0 = the call's length)
+    capacity_tokens: int = 0   # decode: MoE group size, one sequence's (0: moe.group_size)
     pipeline: pipeline_lib.Schedule | None = None  # train/eval run it when it is active
 
     @nn.compact
@@ -112,7 +113,8 @@ class Stack(nn.Module):
             return x, ys
 
         return pipeline_lib.run(stage_fn, layers, x, args, self.pipeline, constrain,
-                                shared_units=units if shared else 0)
+                                shared_units=units if shared else 0,
+                                unit_axes=_unit_axes(unit, x, args))
 
     def _streamed_layers(self):
         """The stacked block params if the offload plan stores them as `Segments`."""
@@ -132,3 +134,12 @@ class Stack(nn.Module):
         if sow and inter:
             self.put_variable("intermediates", "layers", inter)
         return x, ys
+
+
+def _unit_axes(unit, x, args):
+    """Each param leaf of one unit -> its logical axis names (a tuple), from an abstract
+    init: the stored params are unboxed, and a pipeline stage's chunk must keep them."""
+    key = jax.random.key(0)
+    boxed = jax.eval_shape(lambda: unit.init({"params": key, "dropout": key}, x, *args))
+    specs = nn.get_partition_spec(boxed)["params"]
+    return jax.tree.map(lambda s: tuple(s), specs, is_leaf=lambda s: isinstance(s, P))

@@ -55,18 +55,31 @@ def _check_moe_groups(config, moe, sizes: dict[str, int]) -> None:
     seq = (d.image_size // d.patch_size) ** 2 + d.text_len
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     accum = int(config.optimizer.grad_accum_steps)
-    local = config.batch_size // (shards * accum) * seq
+    # A pipeline routes each of its microbatches alone, inside each grad-accum one.
+    micro = int(config.pipeline.microbatches) if sizes.get("stage", 1) > 1 else 1
+    local = config.batch_size // (shards * accum * micro) * seq
     if gs < 0 or (gs and local % gs):
         raise ValueError(f"model.moe.group_size={gs} must be >= 0 and divide the tokens per "
                          f"device and microbatch, {local} (batch_size={config.batch_size} / "
-                         f"{shards * accum} batch shards x {seq} tokens per example), so that "
-                         "no routing group spans two devices")
+                         f"{shards} batch shards / optimizer.grad_accum_steps={accum} / "
+                         f"pipeline.microbatches={micro} x {seq} tokens per example), so that "
+                         "no routing group spans two devices or microbatches")
     if moe.dispatch == "grouped" and (sizes["expert"] > 1 or sizes.get("stage", 1) > 1):
         raise ValueError(
             "model.moe.dispatch='grouped' runs each device's tokens through all experts "
             f"(mesh.expert={sizes['expert']}, mesh.stage={sizes.get('stage', 1)} must be 1): use "
             "model.moe.dispatch='gather' to shard experts or stages")
     dropless = moe.dispatch in DROPLESS or not moe.capacity_factor or not moe.eval_capacity_factor
+    if moe.peer_capacity_factor < 0:
+        raise ValueError(f"model.moe.peer_capacity_factor={moe.peer_capacity_factor} must be "
+                         ">= 0 (0 = room for all of a device's choices per expert peer)")
+    sorting = moe.dispatch == "grouped" or dropless
+    if sorting and sizes["tensor"] > 1 and sizes["expert"] == 1:
+        raise ValueError(
+            f"model.moe.dispatch={moe.dispatch!r} with mesh.tensor={sizes['tensor']} would hold "
+            "every expert whole on each device and compute the same tokens on all tensor peers "
+            "(its grouped matmuls do not split mlp): use model.moe.dispatch='gather' with a "
+            "capacity factor, or put those devices on mesh.data")
     if dropless and sizes["expert"] > 1 and (sizes["fsdp"] > 1 or sizes["tensor"] > 1):
         raise ValueError(
             f"model.moe.dispatch={moe.dispatch!r} (dropless) with mesh.expert={sizes['expert']} "

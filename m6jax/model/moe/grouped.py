@@ -42,7 +42,9 @@ def block_sizes(num_choices: int, num_experts: int) -> tuple[int, ...]:
         sizes.update(s + s * k // 8 for k in range(8))
         s *= 2
     sizes.add(top)
-    return tuple(sorted(sizes))
+    # No block longer than the choices: its static slice would run past the buffer's
+    # end (one local expert, or a small exchange buffer under expert parallelism).
+    return tuple(sorted(s for s in sizes if s <= max(_STEP, num_choices)))
 
 
 def _tail(rows: int, sizes) -> int:

@@ -102,8 +102,9 @@ class MoeMlp(nn.Module):
         act = ACTIVATIONS[self.activation] if pure else hidden
         if cfg.dispatch in DROPLESS or not factor:
             impl = dropless_impl(cfg.dispatch if cfg.dispatch in DROPLESS else "dropless")
-            y = parallel.dropless(x, routing, wi_c, wo_c, act, impl, pure)
-            kept = jnp.broadcast_to(valid[..., None], routing.expert_index.shape)
+            y, sent = parallel.dropless(x, routing, wi_c, wo_c, act, impl, pure,
+                                        float(cfg.peer_capacity_factor))
+            kept = valid[..., None] & sent   # a peer block's overflow is dropped
         else:
             cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))
             slots = dsp.assign_slots(routing, e, cap, valid, cfg.priority)

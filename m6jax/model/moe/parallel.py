@@ -8,11 +8,17 @@ the inverse. Numerically both are the identity: only the placement changes, so a
 without an expert axis (or no mesh at all: init, eval_shape) skips the shard_map.
 
 The dropless paths have no [G, E, C, D] buffer: `dropless` sends each choice's row to
-the device of its expert with a padded all-to-all (each device reserves room for all of
-a peer's choices, since dropless means any routing must fit), runs the grouped matmuls
-on what arrived with the local experts' weights, and sends the outputs back. Expert
-weights stay sharded by expert: left to GSPMD, the sort-based paths gathered every
-expert onto every device.
+the device of its expert with a padded all-to-all, runs the grouped matmuls on what
+arrived with the local experts' weights, and sends the outputs back. Expert weights stay
+sharded by expert: left to GSPMD, the sort-based paths gathered every expert onto every
+device. The all-to-all's blocks have a static size: room for all of a device's N
+choices per peer (`model.moe.peer_capacity_factor=0`, exact for any routing) makes its
+send buffer n x N rows on an expert axis of n, traffic and memory growing with n; a
+factor f reserves ceil(f N / n) rows per peer (about f x N in all, whatever n) and a
+choice past its peer block's end is dropped like an over-capacity one.
+`jax.lax.ragged_all_to_all` would send only what is routed, but XLA:CPU cannot run it
+(jax 0.10.2: "ragged-all-to-all is not supported by XLA:CPU"), and its receive buffer
+needs the same static bound.
 """
 from __future__ import annotations
 
@@ -88,9 +94,12 @@ def from_experts(y_gecd):
     return f(y_gecd)
 
 
-def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True):
-    """x [G, S, D] -> [G, S, D]: every choice through its expert (`impl`: blocked or
-    ragged_dot), none dropped; with an expert mesh, tokens travel, weights do not.
+def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True,
+             peer_capacity_factor: float = 0.0):
+    """x [G, S, D] -> (y [G, S, D], sent bool [G, S, K]): every choice through its expert
+    (`impl`: blocked or ragged_dot); with an expert mesh tokens travel, weights do not.
+    `sent` is False only for a choice that overflowed its peer block
+    (`peer_rows`; with peer_capacity_factor 0 nothing does: exact dropless).
     fused: `activation` has no RNG, so the blocked path may fuse it (dispatch.py)."""
     mesh = _expert_mesh()
     if mesh is None:
@@ -99,14 +108,25 @@ def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True):
             if impl == "ragged_dot":
                 return dsp.dropless_ragged(x, r, wi, wo, activation)
             return dsp.dropless_blocked(x, r, wi, wo, activation, fused)
-        return _per_device(local, (x, routing.expert_index, routing.combine_weight), (wi, wo))
+        y = _per_device(local, (x, routing.expert_index, routing.combine_weight), (wi, wo))
+        return y, jnp.ones(routing.expert_index.shape, bool)
     batch = _batch_axes() or None
     tok, w = P(batch, None, None), P(EXPERT_AXIS, None, None)
     f = jax.shard_map(lambda *a: _dropless_local(*a, activation=activation, impl=impl,
-                                                 fused=fused),
-                      mesh=mesh, in_specs=(tok, tok, tok, w, w), out_specs=tok,
+                                                 fused=fused, factor=peer_capacity_factor),
+                      mesh=mesh, in_specs=(tok, tok, tok, w, w), out_specs=(tok, tok),
                       check_vma=False)  # the grouped-matmul loops start from unvarying zeros
     return f(x, routing.expert_index, routing.combine_weight, wi, wo)
+
+
+def peer_rows(choices: int, peers: int, factor: float) -> int:
+    """Rows a device reserves for each expert peer in the dropless exchange: all its
+    `choices` (factor 0: any routing fits, so the send buffer is peers x choices rows),
+    else ceil(factor * choices / peers), so the buffer is about factor x choices rows
+    whatever the expert axis."""
+    if not factor:
+        return choices
+    return max(1, min(choices, math.ceil(factor * choices / peers)))
 
 
 def capacity_grouped(x, routing, kept, wi, wo, activation, fused: bool = True):
@@ -133,8 +153,11 @@ def _per_device(fn, tokens, weights):
     return f(*tokens, *weights)
 
 
-def _dropless_local(x, expert_index, combine_weight, wi, wo, activation, impl, fused):
-    """One device: its groups' tokens x [g, S, D], its experts' weights wi [E/n, D, M]."""
+def _dropless_local(x, expert_index, combine_weight, wi, wo, activation, impl, fused, factor):
+    """One device: its groups' tokens x [g, S, D], its experts' weights wi [E/n, D, M].
+    Each peer gets a block of `peer_rows` rows; the choices past a block's end (in
+    (token, choice) order) are not sent and add 0 (the residual carries the token),
+    reported as not `sent`."""
     n = jax.lax.axis_size(EXPERT_AXIS)
     g, s, d = x.shape
     k, e_local = expert_index.shape[-1], wi.shape[0]
@@ -145,14 +168,18 @@ def _dropless_local(x, expert_index, combine_weight, wi, wo, activation, impl, f
     onehot = jax.nn.one_hot(dest, n, dtype=jnp.int32)                    # [N, n]
     pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)
     nc = expert.shape[0]
-    flat = dest * nc + pos                                               # [N] in [n * N]
-    send = jnp.zeros((n * nc, d), x.dtype).at[flat].set(rows)
-    send_e = jnp.full((n * nc,), -1, jnp.int32).at[flat].set(expert % e_local)
-    exchange = lambda a: jax.lax.all_to_all(a.reshape(n, nc, *a.shape[1:]), EXPERT_AXIS, 0, 0,
+    cap = peer_rows(nc, n, factor)
+    sent = pos < cap
+    flat = jnp.where(sent, dest * cap + pos, n * cap)                    # [N]; n*cap: not sent
+    send = jnp.zeros((n * cap, d), x.dtype).at[flat].set(rows, mode="drop")
+    send_e = jnp.full((n * cap,), -1, jnp.int32).at[flat].set(expert % e_local, mode="drop")
+    exchange = lambda a: jax.lax.all_to_all(a.reshape(n, cap, *a.shape[1:]), EXPERT_AXIS, 0, 0,
                                             tiled=True).reshape(a.shape)
-    recv, recv_e = exchange(send), exchange(send_e)                      # [n * N, ...]
+    recv, recv_e = exchange(send), exchange(send_e)                      # [n * cap, ...]
     live = recv_e >= 0
     y = dsp.expert_mlp_rows(recv, jnp.maximum(recv_e, 0), live, wi, wo, activation, impl,
-                            fused, live_rows=nc)
-    y = exchange(y)[flat].reshape(g, s, k, d)                            # back at the source
-    return jnp.einsum("gskd,gsk->gsd", y, combine_weight.astype(y.dtype))
+                            fused, live_rows=min(nc, n * cap))
+    y = jnp.where(sent[:, None], exchange(y)[jnp.minimum(flat, n * cap - 1)], 0)
+    y = y.reshape(g, s, k, d)                                            # back at the source
+    out = jnp.einsum("gskd,gsk->gsd", y, combine_weight.astype(y.dtype))
+    return out, sent.reshape(g, s, k)
