@@ -145,6 +145,7 @@ class OffloadPlan:
             if self.streamed and shapes is None:
                 raise ValueError("OffloadPlan: a streamed layout needs the state's shapes")
             self.stored_shardings = self._stored_shardings(shapes)
+        self._to_stored = self._to_stored_params = self._decode = None
 
     # ---- What is stored where.
     def on_host(self, part: str) -> bool:
@@ -224,16 +225,22 @@ class OffloadPlan:
         """A canonical state (restored, delinked, or made on the device by a test) ->
         the stored layout. Stack leaves go to host memory first and are split there
         (host computation), so no whole stack is made on the device."""
-        if not self.active:
-            return state
-        return jax.jit(self.store_on_host, out_shardings=self.stored_shardings)(state)
+        return self.to_stored_fn()(state) if self.active else state
+
+    def to_stored_fn(self):
+        """The jitted `to_stored` (one per plan: every restore reuses its compile)."""
+        if self._to_stored is None:
+            self._to_stored = jax.jit(self.store_on_host, out_shardings=self.stored_shardings)
+        return self._to_stored
 
     def to_stored_params(self, params):
         """`to_stored` of canonical params alone (`init_from`)."""
         if not self.active:
             return params
-        fn = lambda p: self.store_on_host(_Params(params=p, opt_state={})).params
-        return jax.jit(fn, out_shardings=self.stored_shardings.params)(params)
+        if self._to_stored_params is None:
+            fn = lambda p: self.store_on_host(_Params(params=p, opt_state={})).params
+            self._to_stored_params = jax.jit(fn, out_shardings=self.stored_shardings.params)
+        return self._to_stored_params(params)
 
     def store_on_host(self, state):
         """`store` inside jit, with each stack leaf copied to host memory first and split
@@ -267,7 +274,9 @@ class OffloadPlan:
         def load(params):
             return jax.tree.map(lambda x: jnp.concatenate([fetch(p) for p in x.parts], 0)
                                 if is_segments(x) else fetch(x), params, is_leaf=is_segments)
-        return jax.jit(load, out_shardings=param_shardings)(stored_params)
+        if self._decode is None:
+            self._decode = jax.jit(load, out_shardings=param_shardings)
+        return self._decode(stored_params)
 
 
 @flax.struct.dataclass

@@ -278,7 +278,12 @@ def delink_params(pseudo_params, real_abstract_params, real_param_shardings,
 
 
 def delink_state(state, config, real_tx, real_abstract_state, real_shardings, plan=None):
-    """The TrainState of the Real model that continues the Pseudo `state` (jitted,
+    """`delink_state_fn(...)(state)`."""
+    return delink_state_fn(config, real_tx, real_abstract_state, real_shardings, plan)(state)
+
+
+def delink_state_fn(config, real_tx, real_abstract_state, real_shardings, plan=None):
+    """The jitted function from the Pseudo TrainState to the Real one that continues it (
     re-sharded onto `real_shardings`, or with an active offload `plan` made straight
     into its stored layout: every delinked stack is broadcast on the host from the
     shared weights and split there, so no L-layer stack is made on the device).
@@ -307,4 +312,4 @@ def delink_state(state, config, real_tx, real_abstract_state, real_shardings, pl
         return plan.store_on_host(real) if host else real
 
     out = plan.stored_shardings if host else real_shardings
-    return jax.jit(delink, out_shardings=out)(state)
+    return jax.jit(delink, out_shardings=out)

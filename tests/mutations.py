@@ -85,6 +85,32 @@ CASES = {
     "p2r_adafactor_copied": ("m6jax/pseudo_to_real.py", "dict(v_row=2, v_col=2, v=2)",
                              "dict(v_row=0, v_col=0, v=0)", 1,
                              ["tests/test_pseudo_to_real.py", "-k", "adafactor"]),
+    # Issue 26: each phase of an offloaded run keeps the offloaded stacks off the device.
+    "offload_init_on_device": ("m6jax/offload.py", "            with compute_on(\"device_host\")"
+                               ":\n                return self.store(init_fn())",
+                               "            with jax.named_scope(\"init\"):\n                "
+                               "return self.store(init_fn())", 1,
+                               ["tests/test_offload_phases.py", "-k", "init"]),
+    "offload_restore_to_device": ("m6jax/offload.py",
+                                  "sh = sh.with_memory_kind(HOST) if self.on_host(part) else sh",
+                                  "sh = sh", 1, ["tests/test_offload_phases.py", "-k", "restore"]),
+    "offload_split_on_device": ("m6jax/offload.py", "            x = to_host(x)\n            "
+                                "with compute_on(\"device_host\"):", "            x = fetch(x)\n"
+                                "            with jax.named_scope(\"split\"):", 1,
+                                ["tests/test_offload_phases.py", "-k", "restore or switch"]),
+    "offload_save_join_on_device": ("m6jax/offload_layout.py",
+                                    "            parts = [to_host(p) for p in parts]\n"
+                                    "            with compute_on(\"device_host\"):",
+                                    "            parts = [fetch(p) for p in parts]\n"
+                                    "            with jax.named_scope(\"join\"):", 1,
+                                    ["tests/test_offload_phases.py", "-k", "save"]),
+    "offload_eval_whole_params": ("m6jax/train/step.py",
+                                  "params = offload.resident_params(params)",
+                                  "params = offload.decode_params(params, None)", 1,
+                                  ["tests/test_offload_phases.py", "-k", "eval"]),
+    "offload_delink_on_device": ("m6jax/pseudo_to_real.py", "            if not on_host:\n",
+                                 "            if True:\n", 1,
+                                 ["tests/test_offload_phases.py", "-k", "switch"]),
 }
 
 
