@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.compute_on import compute_on
 
+from m6jax import checkpoint_files
 from m6jax import pseudo_to_real as p2r
 from m6jax.offload_layout import HOST, Segments, fetch, is_segments, to_host
 from m6jax.model.moe import moe_config
@@ -266,17 +267,19 @@ class OffloadPlan:
         return self.resident(_Params(params=params, opt_state={})).params
 
     def decode_params(self, stored_params, param_shardings):
-        """The canonical params on the device, for KV-cache decoding (its `nn.scan`
-        reads a whole stack): the one phase that still brings every unit's weights
-        onto the device (the planner's `generate` phase budgets it)."""
-        if not self.active:
+        """The params KV-cache decoding takes: a streamed stack as stored (the decoder's
+        layer loop is `scan_units` too, one unit's weights on the device at a time); a
+        shared (Pseudo) stack, one unit, brought onto the device whole
+        (`param_shardings`: the canonical ones)."""
+        if not self.active or self.streamed:
             return stored_params
-        def load(params):
-            return jax.tree.map(lambda x: jnp.concatenate([fetch(p) for p in x.parts], 0)
-                                if is_segments(x) else fetch(x), params, is_leaf=is_segments)
         if self._decode is None:
-            self._decode = jax.jit(load, out_shardings=param_shardings)
+            self._decode = jax.jit(self.resident_params, out_shardings=param_shardings)
         return self._decode(stored_params)
+
+    def decode_shardings(self, param_shardings):
+        """The shardings of `decode_params`'s result (a decoder's in_shardings)."""
+        return self.stored_shardings.params if self.streamed else param_shardings
 
 
 @flax.struct.dataclass
@@ -284,3 +287,19 @@ class _Params:
     """A params-only stand-in for a TrainState (`OffloadPlan._map` on params)."""
     params: Any
     opt_state: Any
+
+
+def load_params(config, stage: str, step_dir: str, abstract_params):
+    """(params, their shardings) of a checkpoint for decoding outside training
+    (`experiments/generate.py`), in the run's stored layout: with the run's offload
+    setting a streamed stack is read into host memory and split there, and the decoder
+    streams it; otherwise (or a Pseudo stack, one unit) the params sit on the device.
+    `abstract_params`: canonical ShapeDtypeStructs carrying the device shardings."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+    plan = OffloadPlan(config, stage, _Params(params=shardings, opt_state={}),
+                       _Params(params=abstract_params, opt_state={}))
+    if not plan.streamed:
+        return checkpoint_files.load_params(step_dir, abstract_params), shardings
+    target = plan.restore_target(_Params(params=abstract_params, opt_state={})).params
+    params = checkpoint_files.load_params(step_dir, target)
+    return plan.to_stored_params(params), plan.decode_shardings(shardings)

@@ -181,9 +181,9 @@ def phase_peaks(config, abstract, mesh, stage: str, step_peak: int, eval_activat
       switch   the Pseudo stage's resident state + the Real stage's (both live while
                the delink runs; the shared stack is broadcast on the host); 0 without a
                switch
-      generate the resident state + every offloaded param brought to the device (KV-cache
-               decoding reads whole stacks: `OffloadPlan.decode_params`) + the KV cache
-               of one batch of `batch_size` rows over the whole sequence
+      generate the resident state + `UNITS_IN_FLIGHT` units of params (KV-cache decoding
+               scans the stored units as the eval step does) + the KV cache of one batch
+               of `batch_size` rows over the whole sequence
     """
     off = offload_bytes(config, abstract, mesh, stage)
     params = sharded_bytes(abstract.params, mesh)
@@ -210,8 +210,7 @@ def phase_peaks(config, abstract, mesh, stage: str, step_peak: int, eval_activat
     rows = config.batch_size / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
     kv = (rows * m.num_layers * (p + t) * 2 * m.emb_dim / sizes["tensor"]
           * jnp.dtype(m.dtype).itemsize)
-    phases["generate"] = dict(resident_state=resident, offloaded_params=off["params_host"],
-                              kv_cache=kv)
+    phases["generate"] = dict(resident_state=resident, units_in_flight=unit_p, kv_cache=kv)
     for terms in phases.values():
         terms["device_peak"] = int(sum(terms.values()))
         for k in terms:

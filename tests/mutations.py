@@ -106,8 +106,17 @@ CASES = {
                                     ["tests/test_offload_phases.py", "-k", "save"]),
     "offload_eval_whole_params": ("m6jax/train/step.py",
                                   "params = offload.resident_params(params)",
-                                  "params = offload.decode_params(params, None)", 1,
+                                  "params = jax.tree.map(lambda x: jnp.concatenate([jax.device_put("
+                                  "p, jax.memory.Space.Device) for p in x.parts]) if hasattr(x, "
+                                  "'parts') else x, params, is_leaf=lambda x: hasattr(x, 'parts'))",
+                                  1,
                                   ["tests/test_offload_phases.py", "-k", "eval"]),
+    "offload_decode_canonical": ("m6jax/model/stack.py",
+                                 "        if self.is_initializing() or self.cfg.share_layers:\n"
+                                 "            return None\n        layers =",
+                                 "        if self.is_initializing() or self.cfg.share_layers or "
+                                 "self.decode:\n            return None\n        layers =", 1,
+                                 ["tests/test_offload_phases.py", "-k", "decoding"]),
     "offload_delink_on_device": ("m6jax/pseudo_to_real.py", "            if not on_host:\n",
                                  "            if True:\n", 1,
                                  ["tests/test_offload_phases.py", "-k", "switch"]),

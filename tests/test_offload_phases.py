@@ -172,3 +172,47 @@ def test_the_checker_sees_a_whole_stack_made_on_the_device(everything):
         text = _cuda(jax.jit(init, out_shardings=sh))
     assert device_whole_stacks(text, _whole_stacks(abstract))
     np.testing.assert_equal(sorted(_whole_stacks(abstract))[0][0], UNITS)
+
+
+def _decoder(c, mesh, shardings):
+    from m6jax.generate import make_decoder
+    return make_decoder(stages.build_model(c), mesh, shardings, prompt_len=3, max_new=4,
+                        eos_id=1, return_logits=True)
+
+
+def _prompt_batch(mesh):
+    b = synthetic_batch(8)
+    return sharding.shard_full_batch(mesh, dict(p=b["patches"], m=b["image_mask"],
+                                                prompt=b["text_tokens"][:, :3]))
+
+
+def test_decoding_streams_the_stored_params(everything):
+    """The generate phase: KV-cache decoding (prefill and every token step) scans the
+    stored units, one unit's weights on the device at a time."""
+    mesh, _, _, abstract, sh, plan = everything
+    decode = _decoder(_config("all", "all"), mesh, plan.decode_shardings(sh.params))
+    b = _prompt_batch(mesh)
+    with jax.set_mesh(mesh):
+        text = jax.jit(decode).trace(_stored(plan, abstract).params, b["p"], b["m"],
+                                     b["prompt"]).lower(lowering_platforms=("cuda",)).as_text()
+    whole = _whole_stacks(abstract)
+    assert not device_whole_stacks(text, whole)
+    assert '_xla_buffer_placement = "device"' in text  # units do come in
+
+
+def test_decoding_the_stored_params_gives_the_canonical_logits(everything):
+    """Against the nn.scan decoder on the canonical params (prefill + 4 steps)."""
+    mesh, model, tx, abstract, sh, plan = everything
+    from m6jax.train.state import create_train_state
+    state, _ = create_train_state(model, tx, EXAMPLE, mesh, seed=0)
+    c = _config("all", "all")
+    b = _prompt_batch(mesh)
+    with jax.set_mesh(mesh):
+        stored = plan.to_stored(state).params
+        ref_tokens, ref_logits = _decoder(c, mesh, sh.params)(state.params, b["p"], b["m"],
+                                                              b["prompt"])
+        tokens, logits = _decoder(c, mesh, plan.decode_shardings(sh.params))(
+            stored, b["p"], b["m"], b["prompt"])
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(ref_tokens))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), rtol=1e-5,
+                               atol=1e-5)

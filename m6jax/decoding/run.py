@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from m6jax import checkpoint, schema, sharding
+from m6jax import checkpoint, offload, schema, sharding
 from m6jax import pseudo_to_real as p2r
 from m6jax.model.build import build_model
 from m6jax.train.state import dummy_batch
@@ -41,7 +41,8 @@ def load_config(step_dir: str) -> ml_collections.ConfigDict:
 def load_run(workdir: str, devices=None):
     """(config, model, mesh, params, param_shardings, checkpoint dir) of the newest
     checkpoint in `workdir`, params in the run's own layout: its fsdp/tensor/expert axes,
-    `data` taking the remaining devices (`sharding.run_layout`)."""
+    `data` taking the remaining devices (`sharding.run_layout`), and its offload setting
+    (a streamed stack in host memory, which the decoders stream: `offload.load_params`)."""
     step_dir = newest_checkpoint(workdir)
     config = load_config(step_dir)
     d = config.data
@@ -55,4 +56,7 @@ def load_run(workdir: str, devices=None):
     param_sh = sharding.tree_shardings(mesh, boxed)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             nn.meta.unbox(boxed), param_sh)
-    return config, model, mesh, checkpoint.load_params(step_dir, abstract), param_sh, step_dir
+    stage = checkpoint.read_meta(step_dir).get("stage", checkpoint.STAGE_DEFAULT)
+    with jax.set_mesh(mesh):  # an offloaded run's params in its stored layout
+        params, param_sh = offload.load_params(config, stage, step_dir, abstract)
+    return config, model, mesh, params, param_sh, step_dir

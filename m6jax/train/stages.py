@@ -28,9 +28,9 @@ class Stage:
     """The jitted train/eval steps and the evaluator of one stage, for `state_shardings`.
 
     The loop holds the state in the stage's *stored* layout (`offload`: offloaded
-    layers in host memory) in every phase: the eval step reads the stored params
-    (`scan_units`), decoding reads `decode_params(state)`, the switch delinks into the
-    next stage's stored layout.
+    layers in host memory) in every phase: the eval step and the caption decoder read
+    the stored params (`scan_units`), the switch delinks into the next stage's stored
+    layout.
     """
 
     def __init__(self, config, stage: str, mesh, state_shardings, pipe, tasks):
@@ -54,7 +54,8 @@ class Stage:
         eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks),
                                    self.offload)
         self.evaluator = evaluation.Evaluator(
-            pipe, self.model, mesh, state_shardings.params, eval_step, tasks,
+            pipe, self.model, mesh, self.offload.decode_shardings(state_shardings.params),
+            eval_step, tasks,
             decode_params=lambda p: self.offload.decode_params(p, state_shardings.params))
 
     def next_stage(self, state, example_batch, pipe, tasks):
