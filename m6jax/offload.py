@@ -43,7 +43,7 @@ from jax.experimental.compute_on import compute_on
 
 from m6jax import checkpoint_files
 from m6jax import pseudo_to_real as p2r
-from m6jax.offload_layout import HOST, Segments, fetch, is_segments, to_host
+from m6jax.offload_layout import HOST, Segments, fetch, is_segments, on_host, to_host
 from m6jax.model.moe import moe_config
 
 
@@ -204,10 +204,10 @@ class OffloadPlan:
         unit-by-unit on the device would be another init)."""
         if not self.active:
             return jax.jit(init_fn, out_shardings=self.stored_shardings)
-        def on_host():
+        def made_on_host():
             with compute_on("device_host"):
                 return self.store(init_fn())
-        return jax.jit(on_host, out_shardings=self.stored_shardings)
+        return jax.jit(made_on_host, out_shardings=self.stored_shardings)
 
     def restore_target(self, abstract):
         """The canonical ShapeDtypeStructs to restore a checkpoint into: a stack leaf
@@ -244,14 +244,19 @@ class OffloadPlan:
         return self._to_stored_params(params)
 
     def store_on_host(self, state):
-        """`store` inside jit, with each stack leaf copied to host memory first and split
-        there (host computation)."""
+        """`store` inside jit, with each stack leaf that has an offloaded unit copied to
+        host memory first and split there (host computation); a stack with none (all its
+        runs on the device) is split where it is."""
         def leaf(part, x):
             if not self.shared and not self._per_unit(x):
                 return x
+            split = lambda x: (Segments(tuple(x[a:b] for a, b, _ in self.runs))
+                               if self.streamed else x)
+            if not self.on_host(part) and not on_host(x):
+                return split(x)
             x = to_host(x)
             with compute_on("device_host"):
-                return Segments(tuple(x[a:b] for a, b, _ in self.runs)) if self.streamed else x
+                return split(x)
         return self._map(leaf, state)
 
     def resident(self, stored):
