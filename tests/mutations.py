@@ -117,6 +117,11 @@ CASES = {
                                  "        if self.is_initializing() or self.cfg.share_layers or "
                                  "self.decode:\n            return None\n        layers =", 1,
                                  ["tests/test_offload_phases.py", "-k", "decoding"]),
+    "offload_save_stored_layout": ("m6jax/offload_layout.py",
+                                   "    stored, treedef = jax.tree.flatten(tree, is_leaf=is_segments)\n",
+                                   "    return tree\n", 1,
+                                   ["tests/test_offload_resume.py", "-m", "slow", "-k",
+                                    "restores_without"]),
     "offload_delink_on_device": ("m6jax/pseudo_to_real.py", "            if not on_host:\n",
                                  "            if True:\n", 1,
                                  ["tests/test_offload_phases.py", "-k", "switch"]),
