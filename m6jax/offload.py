@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.compute_on import compute_on
 
-from m6jax import checkpoint_files
 from m6jax import pseudo_to_real as p2r
 from m6jax.offload_layout import HOST, Segments, fetch, is_segments, on_host, to_host
 from m6jax.model.moe import moe_config
@@ -216,9 +215,8 @@ class OffloadPlan:
         if not self.active:
             return abstract
         def leaf(part, x):
-            sh = x.sharding
-            if self.shared or (self._per_unit(x) and self.on_host(part)):
-                sh = sh.with_memory_kind(HOST) if self.on_host(part) else sh
+            host = self.on_host(part) and (self.shared or self._per_unit(x))
+            sh = x.sharding.with_memory_kind(HOST) if host else x.sharding
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
         return self._map(leaf, abstract)
 
@@ -239,7 +237,7 @@ class OffloadPlan:
         if not self.active:
             return params
         if self._to_stored_params is None:
-            fn = lambda p: self.store_on_host(_Params(params=p, opt_state={})).params
+            fn = lambda p: self.store_on_host(ParamsOnly(params=p, opt_state={})).params
             self._to_stored_params = jax.jit(fn, out_shardings=self.stored_shardings.params)
         return self._to_stored_params(params)
 
@@ -269,7 +267,7 @@ class OffloadPlan:
 
     def resident_params(self, params):
         """`resident` of the params alone (the eval step's input)."""
-        return self.resident(_Params(params=params, opt_state={})).params
+        return self.resident(ParamsOnly(params=params, opt_state={})).params
 
     def decode_params(self, stored_params, param_shardings):
         """The params KV-cache decoding takes: a streamed stack as stored (the decoder's
@@ -288,23 +286,8 @@ class OffloadPlan:
 
 
 @flax.struct.dataclass
-class _Params:
-    """A params-only stand-in for a TrainState (`OffloadPlan._map` on params)."""
+class ParamsOnly:
+    """A params-only stand-in for a TrainState: an OffloadPlan over params alone
+    (`OffloadPlan(config, stage, ParamsOnly(shardings, {}), ParamsOnly(shapes, {}))`)."""
     params: Any
     opt_state: Any
-
-
-def load_params(config, stage: str, step_dir: str, abstract_params):
-    """(params, their shardings) of a checkpoint for decoding outside training
-    (`experiments/generate.py`), in the run's stored layout: with the run's offload
-    setting a streamed stack is read into host memory and split there, and the decoder
-    streams it; otherwise (or a Pseudo stack, one unit) the params sit on the device.
-    `abstract_params`: canonical ShapeDtypeStructs carrying the device shardings."""
-    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-    plan = OffloadPlan(config, stage, _Params(params=shardings, opt_state={}),
-                       _Params(params=abstract_params, opt_state={}))
-    if not plan.streamed:
-        return checkpoint_files.load_params(step_dir, abstract_params), shardings
-    target = plan.restore_target(_Params(params=abstract_params, opt_state={})).params
-    params = checkpoint_files.load_params(step_dir, target)
-    return plan.to_stored_params(params), plan.decode_shardings(shardings)

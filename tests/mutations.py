@@ -92,8 +92,8 @@ CASES = {
                                "return self.store(init_fn())", 1,
                                ["tests/test_offload_phases.py", "-k", "init"]),
     "offload_restore_to_device": ("m6jax/offload.py",
-                                  "sh = sh.with_memory_kind(HOST) if self.on_host(part) else sh",
-                                  "sh = sh", 1, ["tests/test_offload_phases.py", "-k", "restore"]),
+                                  "sh = x.sharding.with_memory_kind(HOST) if host else x.sharding",
+                                  "sh = x.sharding", 1, ["tests/test_offload_phases.py", "-k", "restore"]),
     "offload_split_on_device": ("m6jax/offload.py", "            x = to_host(x)\n            "
                                 "with compute_on(\"device_host\"):", "            x = fetch(x)\n"
                                 "            with jax.named_scope(\"split\"):", 1,

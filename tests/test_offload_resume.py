@@ -113,3 +113,10 @@ def test_offloaded_run_killed_before_the_switch_resumes_to_the_same_losses(cache
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 3" in proc.stderr and "delinked at step 5" in proc.stderr
     assert _losses(killed) == _losses(ref)  # float equality of every loss
+    # generate.py's loader reads the run into its stored layout (the decoders stream it)
+    from m6jax.decoding.run import load_run
+    _, _, _, params, param_sh, _ = load_run(str(ref), jax.devices()[:2])
+    experts = jax.tree.leaves(params["stack"]["layers"], is_leaf=lambda x: isinstance(
+        x, Segments))
+    assert experts and all(isinstance(x, Segments) for x in experts)
+    assert {p.sharding.memory_kind for x in experts for p in x.parts} == {"pinned_host"}
