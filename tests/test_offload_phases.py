@@ -200,6 +200,7 @@ def test_decoding_streams_the_stored_params(everything):
     assert '_xla_buffer_placement = "device"' in text  # units do come in
 
 
+@pytest.mark.slow  # two decoders compiled (~30 s on 2 loaded cores)
 def test_decoding_the_stored_params_gives_the_canonical_logits(everything):
     """Against the nn.scan decoder on the canonical params (prefill + 4 steps)."""
     mesh, model, tx, abstract, sh, plan = everything
@@ -218,7 +219,8 @@ def test_decoding_the_stored_params_gives_the_canonical_logits(everything):
                                atol=1e-5)
 
 
-@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("moe", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["dense", "moe"])
 def test_planned_eval_activations_against_xla(moe, devices):
     """The eval phase's activation term against XLA:CPU's compiled eval step (its
     temporaries), on test_dry_run's (1, 2, 2, 2) mesh. Measured here (jax 0.10.2): dense
