@@ -34,6 +34,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from m6jax.checkpoint_files import (  # noqa: F401 (public here: callers use checkpoint.X)
     STAGE_DEFAULT, check_fits, checkpoint_dir, config_json, load_params, read_meta, step_dir)
+from m6jax.offload_layout import for_disk
 from m6jax.preemption import PreemptionWatch  # noqa: F401
 
 
@@ -89,8 +90,14 @@ class Checkpointer:
         return _from_process_0(int(due), [])[0] == 1
 
     def save(self, step: int, state, meta: dict, force: bool = False) -> bool:
-        """Starts an async save of step `step` if the policy (or `force`) says so."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+        """Starts an async save of step `step` if the policy (or `force`) says so.
+
+        `state` may be in an offload plan's stored layout: its `Segments` are joined on
+        the host (`offload_layout.for_disk`), so every checkpoint has the canonical format
+        whatever the offload setting, and no device copy of an offloaded stack is made."""
+        if not self.manager.should_save(step) and not (force or self._minutes_due(step)):
+            return False
+        args = ocp.args.Composite(state=ocp.args.StandardSave(for_disk(state)),
                                   meta=ocp.args.JsonSave(dict(meta, step=int(step))))
         saved = self.manager.save(step, args=args, force=force or self._minutes_due(step))
         if saved:

@@ -22,21 +22,29 @@ Inside the step nothing is gathered back into a whole stack:
 
 Non-offloaded leaves (embeddings, final norm, device runs) are used where they are.
 A Pseudo (shared-layer) stack has one layer's weights: offloaded if any layer is listed,
-and brought in whole for the step (it *is* one unit). Checkpoints hold the ordinary
-(canonical) state, so a run can resume with another offload setting.
+and brought in whole for the step (it *is* one unit).
+
+Every phase keeps this one stored layout (docs/pseudo-to-real-and-offload.md): init
+creates into it (`init`, on the host), restore reads into host memory and splits there
+(`restore_target`, `to_stored`), saves join the runs on the host
+(`offload_layout.for_disk`: checkpoints hold the canonical format, so a run can resume
+with another offload setting or mesh), evaluation scans the stored units, the
+Pseudo-to-Real switch delinks on the host (`pseudo_to_real.delink_state`).
 """
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
+import flax
 import jax
 import jax.numpy as jnp
+from jax.experimental.compute_on import compute_on
 
 from m6jax import pseudo_to_real as p2r
-from m6jax.offload_layout import Segments, fetch, is_segments
+from m6jax.offload_layout import HOST, Segments, fetch, is_segments, on_host, to_host
 from m6jax.model.moe import moe_config
 
-HOST = "pinned_host"
 
 
 def parse_layers(value, num_layers: int, field: str) -> tuple[int, ...]:
@@ -137,6 +145,7 @@ class OffloadPlan:
             if self.streamed and shapes is None:
                 raise ValueError("OffloadPlan: a streamed layout needs the state's shapes")
             self.stored_shardings = self._stored_shardings(shapes)
+        self._to_stored = self._to_stored_params = self._decode = None
 
     # ---- What is stored where.
     def on_host(self, part: str) -> bool:
@@ -177,23 +186,76 @@ class OffloadPlan:
             share = len(self.host_units[part]) / self.units
         return lambda path: share if in_stack(path) else 0.0
 
-    # ---- Layout conversions (inside jit).
+    # ---- Layout conversions.
     def store(self, state):
-        """Canonical state -> stored layout (output shardings put the host parts there)."""
+        """Canonical state -> stored layout, inside jit (output shardings put the host
+        parts there)."""
         if not self.streamed:
             return state
         return self._map(lambda part, x: Segments(tuple(x[a:b] for a, b, _ in self.runs))
                          if self._per_unit(x) else x, state)
 
-    def load(self, stored):
-        """Stored layout -> canonical state on the device (whole stacks: checkpoints,
-        evaluation and the P2R switch, not the train step)."""
-        def leaf(part, x, sh):
-            if is_segments(x):
-                parts = [jax.device_put(p, jax.memory.Space.Device) for p in x.parts]
-                return jnp.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
-            return jax.device_put(x, sh) if self.shared and self.on_host(part) else x
-        return self._map(leaf, stored, self.canonical)
+    def init(self, init_fn):
+        """`init_fn() -> canonical state` jitted into the stored layout. With an active
+        plan the whole init runs as host computation (`compute_on("device_host")`):
+        a stack leaf exists whole only in host memory, resident leaves are copied to
+        the device as they leave (Flax's `nn.scan` init makes every unit at once, so
+        unit-by-unit on the device would be another init)."""
+        if not self.active:
+            return jax.jit(init_fn, out_shardings=self.stored_shardings)
+        def made_on_host():
+            with compute_on("device_host"):
+                return self.store(init_fn())
+        return jax.jit(made_on_host, out_shardings=self.stored_shardings)
+
+    def restore_target(self, abstract):
+        """The canonical ShapeDtypeStructs to restore a checkpoint into: a stack leaf
+        with any unit offloaded is read straight into host memory (its device runs are
+        split off on the host by `to_stored`)."""
+        if not self.active:
+            return abstract
+        def leaf(part, x):
+            host = self.on_host(part) and (self.shared or self._per_unit(x))
+            sh = x.sharding.with_memory_kind(HOST) if host else x.sharding
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+        return self._map(leaf, abstract)
+
+    def to_stored(self, state):
+        """A canonical state (restored, delinked, or made on the device by a test) ->
+        the stored layout. Stack leaves go to host memory first and are split there
+        (host computation), so no whole stack is made on the device."""
+        return self.to_stored_fn()(state) if self.active else state
+
+    def to_stored_fn(self):
+        """The jitted `to_stored` (one per plan: every restore reuses its compile)."""
+        if self._to_stored is None:
+            self._to_stored = jax.jit(self.store_on_host, out_shardings=self.stored_shardings)
+        return self._to_stored
+
+    def to_stored_params(self, params):
+        """`to_stored` of canonical params alone (`init_from`)."""
+        if not self.active:
+            return params
+        if self._to_stored_params is None:
+            fn = lambda p: self.store_on_host(ParamsOnly(params=p, opt_state={})).params
+            self._to_stored_params = jax.jit(fn, out_shardings=self.stored_shardings.params)
+        return self._to_stored_params(params)
+
+    def store_on_host(self, state):
+        """`store` inside jit, with each stack leaf that has an offloaded unit copied to
+        host memory first and split there (host computation); a stack with none (all its
+        runs on the device) is split where it is."""
+        def leaf(part, x):
+            if not self.shared and not self._per_unit(x):
+                return x
+            split = lambda x: (Segments(tuple(x[a:b] for a, b, _ in self.runs))
+                               if self.streamed else x)
+            if not self.on_host(part) and not on_host(x):
+                return split(x)
+            x = to_host(x)
+            with compute_on("device_host"):
+                return split(x)
+        return self._map(leaf, state)
 
     def resident(self, stored):
         """What the train step works on: a streamed stack stays as stored (its units come
@@ -203,20 +265,29 @@ class OffloadPlan:
             return stored
         return self._map(lambda part, x: fetch(x), stored)
 
-    # ---- Jitted conversions for the loop (restore, save, evaluate).
-    def to_stored(self, state):
-        if not self.active:
-            return state
-        store = self.store if self.streamed else (lambda s: s)
-        return jax.jit(store, out_shardings=self.stored_shardings)(state)
+    def resident_params(self, params):
+        """`resident` of the params alone (the eval step's input)."""
+        return self.resident(ParamsOnly(params=params, opt_state={})).params
 
-    def to_canonical(self, stored):
-        if not self.active:
-            return stored
-        return jax.jit(self.load, out_shardings=self.canonical)(stored)
+    def decode_params(self, stored_params, param_shardings):
+        """The params KV-cache decoding takes: a streamed stack as stored (the decoder's
+        layer loop is `scan_units` too, one unit's weights on the device at a time); a
+        shared (Pseudo) stack, one unit, brought onto the device whole
+        (`param_shardings`: the canonical ones)."""
+        if not self.active or self.streamed:
+            return stored_params
+        if self._decode is None:
+            self._decode = jax.jit(self.resident_params, out_shardings=param_shardings)
+        return self._decode(stored_params)
 
-    def params(self, stored):
-        """The canonical params of a stored state (for evaluation)."""
-        if not self.on_host("params") and not self.streamed:
-            return stored.params
-        return self.to_canonical(stored).params
+    def decode_shardings(self, param_shardings):
+        """The shardings of `decode_params`'s result (a decoder's in_shardings)."""
+        return self.stored_shardings.params if self.streamed else param_shardings
+
+
+@flax.struct.dataclass
+class ParamsOnly:
+    """A params-only stand-in for a TrainState: an OffloadPlan over params alone
+    (`OffloadPlan(config, stage, ParamsOnly(shardings, {}), ParamsOnly(shapes, {}))`)."""
+    params: Any
+    opt_state: Any

@@ -23,8 +23,8 @@ from m6jax.model.moe import moe_config
 from m6jax.train.stages import model_and_optimizer
 from m6jax.train.state import dummy_batch, init_fn
 from m6jax.plan_memory import (  # noqa: F401 (public here: callers use plan.X)
-    UNITS_IN_FLIGHT, sharded_bytes, activation_bytes, offload_bytes, pipeline_activations,
-    sequence_shape)
+    UNITS_IN_FLIGHT, sharded_bytes, activation_bytes, offload_bytes, phase_peaks,
+    pipeline_activations, sequence_shape)
 from m6jax.plan_parallel import MIN_CAPACITY, moe_routing_plan, pipeline_plan  # noqa: F401
 
 GIB = 2 ** 30
@@ -109,12 +109,14 @@ def device_tflops(hw: dict, dtype) -> tuple[float | None, str | None]:
 
 def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     """The dry run: counts, FLOPs, the in-step device peak and the host memory of
-    `config` on its intended grid, and the step's transfer vs compute time.
+    `config` on its intended grid, the step's transfer vs compute time, and the device
+    peak of every phase of the run (`phases`: init, restore, step, save, eval, switch,
+    generate; `plan_memory.phase_peaks` says what each models; `peak_phase` the largest).
 
     The device peak is resident state (params, their gradients and optimizer state not
     offloaded) + the streamed units in flight (`UNITS_IN_FLIGHT` of params, gradients and
-    optimizer state) + activations (`activation_bytes`). `fits`: the peak fits the
-    device memory and the host bytes of a node fit `host_memory_gb_per_node`.
+    optimizer state) + activations (`activation_bytes`). `fits`: every phase's peak fits
+    the device memory and the host bytes of a node fit `host_memory_gb_per_node`.
     `stage` (pseudo / real) plans that stage of a Pseudo-to-Real run; by default the one
     the run ends in. `step_s` is the planned step time if the transfers overlap compute:
     max(transfer_s_per_step, compute_s_per_step).
@@ -131,6 +133,8 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     # A Pseudo-to-Real run must fit in both stages; the Real one is the larger.
     stage = stage or p2r.stage_at(config, config.total_steps - 1)
     abstract = abstract_state(config, stage=stage)  # the run's config: its stage optimizer
+    switches = stage == p2r.STAGE_REAL and p2r.switch_step(config) is not None
+    pseudo = abstract_state(config, stage=p2r.STAGE_PSEUDO) if switches else None
     config = p2r.stage_config(config, stage)
     mesh = abstract_mesh(mesh_shape)
     counts = param_counts(config, abstract)
@@ -146,9 +150,11 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
     memory_gb = float(hw["device_memory_gb"]) if hw["device_memory_gb"] is not None else None
     tflops, source = device_tflops(hw, config.model.dtype)
     per_node = hw["devices_per_node"] and per_device["host"] * min(int(hw["devices_per_node"]), n)
+    phases = phase_peaks(config, abstract, mesh, stage, per_device["device_peak"],
+                         activation_bytes(config, mesh_shape, forward_only=True), pseudo)
     fits = None
-    if memory_gb is not None:
-        fits = per_device["device_peak"] <= memory_gb * GIB
+    if memory_gb is not None:  # every phase of the run, not the step alone
+        fits = all(p["device_peak"] <= memory_gb * GIB for p in phases.values())
         if hw["host_memory_gb_per_node"] is not None and per_node is not None:
             fits = fits and per_node <= float(hw["host_memory_gb_per_node"]) * GIB
     result = dict(
@@ -167,7 +173,8 @@ def plan(config, mesh_shape=None, stage: str | None = None) -> dict[str, Any]:
                              if hw["host_device_gb_per_s"] else None),
         compute_dtype=str(config.model.dtype), device_tflops=tflops, device_tflops_source=source,
         compute_s_per_step=step_flops / n / (tflops * 1e12) if tflops else None,
-        fits=fits, pipeline=pipeline_plan(config, mesh_shape, abstract))
+        fits=fits, phases=phases, peak_phase=max(phases, key=lambda k: phases[k]["device_peak"]),
+        pipeline=pipeline_plan(config, mesh_shape, abstract))
     out = result
     if out["compute_s_per_step"] is not None:  # stages idle in the bubble
         out["compute_s_per_step"] /= 1.0 - pipeline.from_config(config).bubble
@@ -185,6 +192,12 @@ def overflow(result) -> str | None:
         big = max(("params", "gradients", "optimizer", "activations"), key=lambda k: pd[k])
         return (f"the device peak {gib(pd['device_peak'])} exceeds the {mem:g} GiB of device "
                 f"memory (largest term: {big} {gib(pd[big])})")
+    for name, terms in result.get("phases", {}).items():
+        if mem is not None and terms["device_peak"] > mem * GIB:
+            big = max((k for k in terms if k != "device_peak"), key=lambda k: terms[k])
+            return (f"the {name} phase's device peak {gib(terms['device_peak'])} exceeds the "
+                    f"{mem:g} GiB of device memory by {gib(terms['device_peak'] - mem * GIB)} "
+                    f"(largest term: {big} {gib(terms[big])})")
     host = result["host_memory_gb_per_node"]
     if host is not None and result["per_node_host_bytes"] and \
             result["per_node_host_bytes"] > host * GIB:

@@ -55,7 +55,7 @@ def _split_counts(sh: NamedSharding, ndim: int) -> list[int]:
 _WORKING_SETS = 1.5
 
 
-def activation_bytes(config, mesh_shape) -> int:
+def activation_bytes(config, mesh_shape, forward_only: bool = False) -> int:
     """Estimated peak activation bytes per device for one train step under the remat policy.
 
     An estimate, not a measurement: per layer the policy decides what the scan keeps
@@ -64,12 +64,16 @@ def activation_bytes(config, mesh_shape) -> int:
     everything); on top, one layer's working set 1.5 times (recomputed forward + its
     gradients), the float32 logits and their gradient, and with FSDP one layer's
     gathered weights and their unreduced gradient.
+
+    `forward_only` (the eval step: a global batch of `batch_size` rows, nothing kept
+    for a backward pass): one layer's working set, the logits and, with FSDP, one
+    layer's gathered weights.
     """
     m, sizes = config.model, dict(zip(sharding.MESH_AXES, mesh_shape))
     p, _, t = sequence_shape(config)
     s, d, tp = p + t, m.emb_dim, sizes["tensor"]
     # Activations are those of one microbatch (optimizer.grad_accum_steps).
-    accum = int(config.optimizer.grad_accum_steps)
+    accum = 1 if forward_only else int(config.optimizer.grad_accum_steps)
     b = config.batch_size / accum / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
     c = jnp.dtype(m.dtype).itemsize
     h = m.num_heads / tp
@@ -96,7 +100,9 @@ def activation_bytes(config, mesh_shape) -> int:
     # float32 gradient: both exist whole (over fsdp) while that layer runs.
     gathered = 0.0
     if sizes["fsdp"] > 1:
-        gathered = (4 * d * d + 2 * d * m.mlp_dim) / tp * (c + 4)
+        gathered = (4 * d * d + 2 * d * m.mlp_dim) / tp * (c if forward_only else c + 4)
+    if forward_only:
+        return int(b * (everything + logits / 2) + gathered)  # no logits gradient
     sched = pipeline.from_config(config)
     if sched.active:
         return int(pipeline_activations(config, b, saved, everything, c * s * d)["total"]
@@ -154,3 +160,59 @@ def offload_bytes(config, abstract, mesh, stage: str) -> dict[str, float]:
     return dict(params=params - p_host + unit_p, gradients=params - grads_host + unit_p,
                 optimizer=opt - o_host + unit_o, host=p_host + grads_host + o_host,
                 traffic=traffic, params_host=p_host, optimizer_host=o_host)
+
+
+def phase_peaks(config, abstract, mesh, stage: str, step_peak: int, eval_activations: int,
+                pseudo_abstract=None) -> dict[str, dict]:
+    """Per-device device bytes of each phase of a run in the offload plan's stored
+    layout (`m6jax.offload`; docs/pseudo-to-real-and-offload.md), {phase: {device_peak,
+    ...its terms}}. What is modelled (the rest is taken as negligible):
+
+      init     the resident state (state not offloaded): offloaded stacks are made by
+               host computation and never exist on the device
+      restore  the resident state: offloaded stacks are read into host memory and split
+               there; resident arrays are read straight into their device shardings
+      step     the train step's peak (`plan`): resident state + units in flight +
+               gradients + activations
+      save     the resident state: the runs of a stack are joined on the host, device
+               arrays are copied out by Orbax (no device buffer is added)
+      eval     the resident state + `UNITS_IN_FLIGHT` units of params (a Pseudo stack:
+               its one unit) + forward activations of one eval batch
+      switch   the Pseudo stage's resident state + the Real stage's (both live while
+               the delink runs; the shared stack is broadcast on the host); 0 without a
+               switch
+      generate the resident state + `UNITS_IN_FLIGHT` units of params (KV-cache decoding
+               scans the stored units as the eval step does) + the KV cache of one batch
+               of `batch_size` rows over the whole sequence
+    """
+    off = offload_bytes(config, abstract, mesh, stage)
+    params = sharded_bytes(abstract.params, mesh)
+    opt = sharded_bytes(abstract.opt_state, mesh)
+    resident = params - off["params_host"] + opt - off["optimizer_host"]
+    plan_ = offload.OffloadPlan(config, stage)
+    n_p = len(plan_.host_units["params"])
+    unit_p = (off["params_host"] if plan_.shared else
+              UNITS_IN_FLIGHT * off["params_host"] / max(n_p, 1)) if n_p else 0.0
+    phases = dict(
+        init=dict(resident_state=resident), restore=dict(resident_state=resident),
+        step=dict(step=step_peak), save=dict(resident_state=resident),
+        eval=dict(resident_state=resident, units_in_flight=unit_p,
+                  activations=eval_activations))
+    if pseudo_abstract is not None:
+        p_off = offload_bytes(config, pseudo_abstract, mesh, "pseudo")
+        pseudo = (sharded_bytes(pseudo_abstract.params, mesh) - p_off["params_host"]
+                  + sharded_bytes(pseudo_abstract.opt_state, mesh) - p_off["optimizer_host"])
+        phases["switch"] = dict(pseudo_resident_state=pseudo, real_resident_state=resident)
+    else:
+        phases["switch"] = {}
+    m, sizes = config.model, dict(zip(sharding.MESH_AXES, mesh.axis_sizes))
+    p, _, t = sequence_shape(config)
+    rows = config.batch_size / (sizes["data"] * sizes["fsdp"] * sizes["expert"])
+    kv = (rows * m.num_layers * (p + t) * 2 * m.emb_dim / sizes["tensor"]
+          * jnp.dtype(m.dtype).itemsize)
+    phases["generate"] = dict(resident_state=resident, units_in_flight=unit_p, kv_cache=kv)
+    for terms in phases.values():
+        terms["device_peak"] = int(sum(terms.values()))
+        for k in terms:
+            terms[k] = int(terms[k])
+    return phases

@@ -59,13 +59,16 @@ and scaled. An optimizer state the handoff has no rule for is refused at config 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.experimental.compute_on import compute_on
 
+from m6jax.offload_layout import to_host
 from m6jax.train import optim
 
 STAGE_PSEUDO, STAGE_REAL = "pseudo", "real"
@@ -143,17 +146,27 @@ def stage_optimizer(config, stage: str):
     return optim.make_optimizer(opt_cfg, horizon, schedule), lambda step: schedule(step - offset)
 
 
-def delink_tree(shared_tree, real_abstract_tree, divide_by_layers_power: int = 0):
+def delink_tree(shared_tree, real_abstract_tree, divide_by_layers_power: int = 0,
+                on_host: bool = False):
     """Copies each shared leaf into every layer: a leaf that has one dimension fewer than
     its Real counterpart is broadcast along a new leading `layers` axis of size L (and
     divided by L**divide_by_layers_power: 1 for Adam's first moment, 2 for its second,
-    under `scaled`); other leaves (embeddings, final norm, counters) are kept as they are."""
+    under `scaled`); other leaves (embeddings, final norm, counters) are kept as they are.
+    `on_host` (inside jit): the broadcast runs as host computation on a host copy of the
+    shared leaf, so the L-layer stack is made in host memory only (offload)."""
+    def broadcast(x, target):
+        y = jnp.broadcast_to(x[None], target.shape).astype(target.dtype)
+        if divide_by_layers_power:
+            y = y / jnp.asarray(target.shape[0] ** divide_by_layers_power, target.dtype)
+        return y
+
     def leaf(x, target):
         if x.ndim + 1 == len(target.shape) and tuple(target.shape[1:]) == tuple(x.shape):
-            y = jnp.broadcast_to(x[None], target.shape).astype(target.dtype)
-            if divide_by_layers_power:
-                y = y / jnp.asarray(target.shape[0] ** divide_by_layers_power, target.dtype)
-            return y
+            if not on_host:
+                return broadcast(x, target)
+            x = to_host(x)
+            with compute_on("device_host"):
+                return broadcast(x, target)
         if tuple(x.shape) != tuple(target.shape):
             raise ValueError(f"cannot delink a leaf of shape {x.shape} into {target.shape}: "
                              "the Pseudo and Real models differ in more than share_layers")
@@ -211,7 +224,8 @@ def check_handoff(config) -> None:
                          "'copy' or 'reinit'")
 
 
-def delink_opt_state(shared_opt_state, real_abstract_opt_state, scaled: bool):
+def delink_opt_state(shared_opt_state, real_abstract_opt_state, scaled: bool,
+                     on_host: bool = False):
     """The shared optimizer state copied into every layer (`copy`), with each moment
     divided by its power of L (`_SCALED`) if `scaled` (the module docstring says why).
     Under `scaled` a per-parameter state of a kind without a rule is an error: copying it
@@ -221,9 +235,9 @@ def delink_opt_state(shared_opt_state, real_abstract_opt_state, scaled: bool):
     def node(s, target):
         if scaled and isinstance(s, kinds):
             powers = _SCALED[type(s)]
-            return s._replace(**{f: delink_tree(getattr(s, f), getattr(target, f), k)
+            return s._replace(**{f: delink_tree(getattr(s, f), getattr(target, f), k, on_host)
                                  for f, k in powers.items()})
-        out = delink_tree(s, target)
+        out = delink_tree(s, target, on_host=on_host)
         if scaled and _broadcasts(s, target):
             raise ValueError(f"pseudo_to_real.optimizer='scaled' has no rule for optimizer "
                              f"state {type(s).__name__}; use 'copy' or 'reinit'")
@@ -254,16 +268,25 @@ def _set_counts(opt_state, adam_count=None, schedule_count=None):
     return jax.tree.map(fix, opt_state, is_leaf=lambda s: isinstance(s, kinds))
 
 
-def delink_params(pseudo_params, real_abstract_params, real_param_shardings):
-    """Pseudo params -> Real params, placed with the Real shardings (jitted)."""
-    fn = jax.jit(lambda p: delink_tree(p, real_abstract_params),
+def delink_params(pseudo_params, real_abstract_params, real_param_shardings,
+                  on_host: bool = False):
+    """Pseudo params -> Real params, placed with `real_param_shardings` (jitted); with
+    `on_host` (offload) the stacks are broadcast on the host (`delink_tree`)."""
+    fn = jax.jit(lambda p: delink_tree(p, real_abstract_params, on_host=on_host),
                  out_shardings=real_param_shardings)
     return fn(pseudo_params)
 
 
-def delink_state(state, config, real_tx, real_abstract_state, real_shardings):
-    """The TrainState of the Real model that continues the Pseudo `state` (jitted,
-    re-sharded onto `real_shardings`).
+def delink_state(state, config, real_tx, real_abstract_state, real_shardings, plan=None):
+    """`delink_state_fn(...)(state)`."""
+    return delink_state_fn(config, real_tx, real_abstract_state, real_shardings, plan)(state)
+
+
+def delink_state_fn(config, real_tx, real_abstract_state, real_shardings, plan=None):
+    """The jitted function from the Pseudo TrainState to the Real one that continues it (
+    re-sharded onto `real_shardings`, or with an active offload `plan` made straight
+    into its stored layout: every delinked stack is broadcast on the host from the
+    shared weights and split there, so no L-layer stack is made on the device).
 
     Params are copied into every layer, so the Real model's outputs equal the Pseudo
     model's at the switch. The optimizer state follows `pseudo_to_real.optimizer`
@@ -273,16 +296,20 @@ def delink_state(state, config, real_tx, real_abstract_state, real_shardings):
     """
     p2r = section(config)
     restart = p2r.lr_schedule == "restart"
+    host = plan is not None and plan.active
 
     def delink(state):
-        params = delink_tree(state.params, real_abstract_state.params)
+        params = delink_tree(state.params, real_abstract_state.params, on_host=host)
         if p2r.optimizer in ("copy", "scaled"):
             opt_state = delink_opt_state(state.opt_state, real_abstract_state.opt_state,
-                                         scaled=p2r.optimizer == "scaled")
+                                         scaled=p2r.optimizer == "scaled", on_host=host)
             opt_state = _set_counts(opt_state, schedule_count=0 if restart else None)
         else:
-            opt_state = _set_counts(real_tx.init(params),
-                                    schedule_count=0 if restart else state.step)
-        return state.replace(params=params, opt_state=opt_state)
+            with compute_on("device_host") if host else contextlib.nullcontext():
+                opt_state = real_tx.init(params)  # fresh zeros, in host memory if offloaded
+            opt_state = _set_counts(opt_state, schedule_count=0 if restart else state.step)
+        real = state.replace(params=params, opt_state=opt_state)
+        return plan.store_on_host(real) if host else real
 
-    return jax.jit(delink, out_shardings=real_shardings)(state)
+    out = plan.stored_shardings if host else real_shardings
+    return jax.jit(delink, out_shardings=out)

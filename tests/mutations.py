@@ -107,6 +107,46 @@ CASES = {
     "peer_overflow_unreported": ("m6jax/model/moe/layer.py", "kept = valid[..., None] & sent",
                                  "kept = jnp.broadcast_to(valid[..., None], sent.shape)", 1,
                                  ["tests/test_moe_parallel.py", "-m", "", "-k", "counts_peer"]),
+    # Issue 26: each phase of an offloaded run keeps the offloaded stacks off the device.
+    "offload_init_on_device": ("m6jax/offload.py", "            with compute_on(\"device_host\")"
+                               ":\n                return self.store(init_fn())",
+                               "            with jax.named_scope(\"init\"):\n                "
+                               "return self.store(init_fn())", 1,
+                               ["tests/test_offload_phases.py", "-k", "init"]),
+    "offload_restore_to_device": ("m6jax/offload.py",
+                                  "sh = x.sharding.with_memory_kind(HOST) if host else x.sharding",
+                                  "sh = x.sharding", 1, ["tests/test_offload_phases.py", "-k", "restore"]),
+    "offload_split_on_device": ("m6jax/offload.py", "            x = to_host(x)\n            "
+                                "with compute_on(\"device_host\"):", "            x = fetch(x)\n"
+                                "            with jax.named_scope(\"split\"):", 1,
+                                ["tests/test_offload_phases.py", "-k", "restore or switch"]),
+    "offload_save_join_on_device": ("m6jax/offload_layout.py",
+                                    "            parts = [to_host(p) for p in parts]\n"
+                                    "            with compute_on(\"device_host\"):",
+                                    "            parts = [fetch(p) for p in parts]\n"
+                                    "            with jax.named_scope(\"join\"):", 1,
+                                    ["tests/test_offload_phases.py", "-k", "save"]),
+    "offload_eval_whole_params": ("m6jax/train/step.py",
+                                  "params = offload.resident_params(params)",
+                                  "params = jax.tree.map(lambda x: jnp.concatenate([jax.device_put("
+                                  "p, jax.memory.Space.Device) for p in x.parts]) if hasattr(x, "
+                                  "'parts') else x, params, is_leaf=lambda x: hasattr(x, 'parts'))",
+                                  1,
+                                  ["tests/test_offload_phases.py", "-k", "eval"]),
+    "offload_decode_canonical": ("m6jax/model/stack.py",
+                                 "        if self.is_initializing() or self.cfg.share_layers:\n"
+                                 "            return None\n        layers =",
+                                 "        if self.is_initializing() or self.cfg.share_layers or "
+                                 "self.decode:\n            return None\n        layers =", 1,
+                                 ["tests/test_offload_phases.py", "-k", "decoding"]),
+    "offload_save_stored_layout": ("m6jax/offload_layout.py",
+                                   "    stored, treedef = jax.tree.flatten(tree, is_leaf=is_segments)\n",
+                                   "    return tree\n", 1,
+                                   ["tests/test_offload_resume.py", "-m", "slow", "-k",
+                                    "restores_without"]),
+    "offload_delink_on_device": ("m6jax/pseudo_to_real.py", "            if not on_host:\n",
+                                 "            if True:\n", 1,
+                                 ["tests/test_offload_phases.py", "-k", "switch"]),
 }
 
 

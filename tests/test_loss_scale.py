@@ -9,6 +9,7 @@ from helpers import GRID, NUM_TASKS, PATCH_DIM, TEXT_LEN, synthetic_batch, tiny_
 from m6jax import checkpoint, offload, sharding
 from m6jax import pseudo_to_real as p2r
 from m6jax.config_checks import validate_config
+from m6jax.offload_layout import for_disk
 from m6jax.train import loss_scale, stages
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
 from m6jax.train.step import make_train_step
@@ -83,7 +84,7 @@ def _run(c, devices, steps=1, batches=None):
             state, m = step(state, sharding.global_batch(mesh, batch))
             metrics.append(jax.device_get(m))
         if plan is not None:
-            state = plan.to_canonical(state)
+            state = for_disk(state)
     return jax.device_get(state), metrics
 
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import GRID, NUM_TASKS, PATCH_DIM, TEXT_LEN, synthetic_batch, tiny_config
 from m6jax import offload, plan, sharding
 from m6jax import pseudo_to_real as p2r
-from m6jax.offload_layout import Segments
+from m6jax.offload_layout import Segments, for_disk
 from m6jax.train import stages
 from m6jax.train.state import abstract_train_state, create_train_state, dummy_batch
 from m6jax.train.step import make_train_step
@@ -52,7 +52,7 @@ def _train(c, devices):
         for i in range(STEPS):
             state, m = step(state, sharding.global_batch(mesh, synthetic_batch(8, seed=i)))
             losses.append(float(m["loss"]))
-        canonical = plan.to_canonical(state)
+        canonical = for_disk(state)
     return losses, state, canonical
 
 
@@ -218,19 +218,18 @@ def _across_switch(c, devices, steps=(2, 2)):
         for stage, n in zip((p2r.STAGE_PSEUDO, p2r.STAGE_REAL), steps):
             model, tx = stages.model_and_optimizer(c, stage)
             abstract, sh = abstract_train_state(model, tx, example, mesh)
-            if state is None:
-                state, sh = create_train_state(model, tx, example, mesh, seed=0)
-            else:
-                state = p2r.delink_state(state, c, tx, abstract, sh)
             plan = offload.OffloadPlan(c, stage, sh, abstract)
+            if state is None:  # both made straight into the stored layout
+                state, sh = create_train_state(model, tx, example, mesh, seed=0,
+                                               make_offload=lambda *_: plan)
+            else:
+                state = p2r.delink_state(state, c, tx, abstract, sh, plan)
             step = make_train_step(model, tx, mesh, sh, NUM_TASKS, offload=plan)
-            state = plan.to_stored(state)
             for i in range(n):
                 batch = sharding.global_batch(mesh, synthetic_batch(8, seed=len(losses)))
                 state, m = step(state, batch)
                 losses.append(float(m["loss"]))
-            state = plan.to_canonical(state)
-    return losses, None, state
+    return losses, None, for_disk(state)
 
 
 @pytest.mark.slow

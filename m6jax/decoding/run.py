@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from m6jax import checkpoint, schema, sharding
+from m6jax import checkpoint, offload, schema, sharding
 from m6jax import pseudo_to_real as p2r
 from m6jax.model.build import build_model
 from m6jax.train.state import dummy_batch
@@ -41,7 +41,8 @@ def load_config(step_dir: str) -> ml_collections.ConfigDict:
 def load_run(workdir: str, devices=None):
     """(config, model, mesh, params, param_shardings, checkpoint dir) of the newest
     checkpoint in `workdir`, params in the run's own layout: its fsdp/tensor/expert axes,
-    `data` taking the remaining devices (`sharding.run_layout`)."""
+    `data` taking the remaining devices (`sharding.run_layout`), and its offload setting
+    (a streamed stack in host memory, which the decoders stream: `load_params`)."""
     step_dir = newest_checkpoint(workdir)
     config = load_config(step_dir)
     d = config.data
@@ -55,4 +56,22 @@ def load_run(workdir: str, devices=None):
     param_sh = sharding.tree_shardings(mesh, boxed)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             nn.meta.unbox(boxed), param_sh)
-    return config, model, mesh, checkpoint.load_params(step_dir, abstract), param_sh, step_dir
+    stage = checkpoint.read_meta(step_dir).get("stage", checkpoint.STAGE_DEFAULT)
+    with jax.set_mesh(mesh):  # an offloaded run's params in its stored layout
+        params, param_sh = load_params(config, stage, step_dir, abstract)
+    return config, model, mesh, params, param_sh, step_dir
+
+
+def load_params(config, stage: str, step_dir: str, abstract_params):
+    """(params, their shardings) of a checkpoint for decoding, in the run's stored
+    layout: with the run's offload setting a streamed stack is read into host memory and
+    split there, and the decoders stream it (`m6jax.offload`); otherwise (or a Pseudo
+    stack, one unit) the params sit on the device. `abstract_params`: canonical
+    ShapeDtypeStructs carrying the device shardings."""
+    shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+    only = lambda tree: offload.ParamsOnly(params=tree, opt_state={})
+    plan = offload.OffloadPlan(config, stage, only(shardings), only(abstract_params))
+    if not plan.streamed:
+        return checkpoint.load_params(step_dir, abstract_params), shardings
+    params = checkpoint.load_params(step_dir, plan.restore_target(only(abstract_params)).params)
+    return plan.to_stored_params(params), plan.decode_shardings(shardings)

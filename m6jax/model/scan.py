@@ -30,7 +30,7 @@ def _to_device(w):
 
 
 def scan_units(unit: nn.Module, layers, x, args, remat_policy: str, rng=None, sow=False,
-               shared_units: int = 0):
+               shared_units: int = 0, unit_args=None):
     """Applies the scanned unit (a Block or BlockGroup) once per unit of `layers`.
 
     layers: the stack's params, each leaf `Segments` of [n_i, ...] parts (the same runs
@@ -38,12 +38,15 @@ def scan_units(unit: nn.Module, layers, x, args, remat_policy: str, rng=None, so
     Pseudo stack). x: [B, S, D]; args: what each unit takes after x (mask, route...).
     A unit in host memory is copied to the device inside its rematerialised body, so
     the forward and the recomputed backward hold one unit's weights at a time.
+    unit_args: None, or a pytree whose leaves have a leading units axis; unit i gets
+    its slice after `args` (KV-cache decoding: each unit's cache).
     Returns (x, per-unit outputs stacked along axis 0, sown intermediates or {}).
     """
     policy = REMAT_POLICIES[remat_policy] or _NOT_THE_WEIGHTS
 
-    def apply_unit(x, params, index, args):
+    def apply_unit(x, params, index, args, mine):
         params = jax.tree.map(_to_device, params)
+        args = args if mine is None else (*args, mine)
         rngs = {} if rng is None else {"dropout": jax.random.fold_in(rng, index)}
         if sow:
             out, state = unit.apply({"params": params}, x, *args, rngs=rngs,
@@ -54,20 +57,21 @@ def scan_units(unit: nn.Module, layers, x, args, remat_policy: str, rng=None, so
     apply_unit = jax.checkpoint(apply_unit, policy=policy, prevent_cse=False)
 
     def body(x, xs):
-        params, index = xs
-        (x, out), inter = apply_unit(x, params, index, args)
+        params, index, mine = xs
+        (x, out), inter = apply_unit(x, params, index, args, mine)
         return x, (out, inter)
 
     if shared_units:
-        x, (out, inter) = jax.lax.scan(lambda x, i: body(x, (layers, i)), x,
-                                       jnp.arange(shared_units))
+        x, (out, inter) = jax.lax.scan(lambda x, xs: body(x, (layers, *xs)), x,
+                                       (jnp.arange(shared_units), unit_args))
         return x, out, inter
     num_parts = len(jax.tree.leaves(layers, is_leaf=is_segments)[0].parts)
     start, ys = 0, []
     for i in range(num_parts):
         part = jax.tree.map(lambda s: s.parts[i], layers, is_leaf=is_segments)
         n = jax.tree.leaves(part)[0].shape[0]
-        x, y = jax.lax.scan(body, x, (part, jnp.arange(start, start + n)))
+        mine = jax.tree.map(lambda a: a[start:start + n], unit_args)
+        x, y = jax.lax.scan(body, x, (part, jnp.arange(start, start + n), mine))
         ys.append(y)
         start += n
     out, inter = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *ys) if len(ys) > 1 else ys[0]

@@ -1,9 +1,9 @@
 """The scanned stack of transformer blocks (`Stack`) and its three layer loops.
 
 Initialisation and KV-cache decoding use Flax's `nn.scan`, which creates the stacked
-`layers` parameters. Training and evaluation on a *streamed* stack (the offload plan
-stores its layer leaves as `Segments`, some in host memory) run `scan.scan_units`, one
-Block applied functionally per unit. With a pipeline schedule (`m6jax.pipeline`,
+`layers` parameters. Training, evaluation and decoding on a *streamed* stack (the offload
+plan stores its layer leaves as `Segments`, some in host memory) run `scan.scan_units`,
+one Block applied functionally per unit. With a pipeline schedule (`m6jax.pipeline`,
 mesh.stage > 1) training runs the same `scan_units` once per stage and iteration, over
 that stage's chunk of units.
 """
@@ -117,8 +117,9 @@ class Stack(nn.Module):
                                 unit_axes=_unit_axes(unit, x, args))
 
     def _streamed_layers(self):
-        """The stacked block params if the offload plan stores them as `Segments`."""
-        if self.is_initializing() or self.decode or self.cfg.share_layers:
+        """The stacked block params if the offload plan stores them as `Segments`
+        (training, evaluation and KV-cache decoding alike)."""
+        if self.is_initializing() or self.cfg.share_layers:
             return None
         layers = self.variables.get("params", {}).get("layers")
         leaves = jax.tree.leaves(layers, is_leaf=is_segments)
@@ -127,12 +128,23 @@ class Stack(nn.Module):
         return layers
 
     def _scan_units(self, unit, layers, x, args):
-        """`scan_units` over every segment in turn, with this stack's rngs and sows."""
+        """`scan_units` over every segment in turn, with this stack's rngs and sows.
+        Decoding: each unit reads its slice of the cache (axis 1 of [B, units, ...]) and
+        the keys/values come back as `nn.scan`'s out_axes=1 gives them, per layer."""
         rng = self.make_rng("dropout") if self.has_rng("dropout") else None
         sow = self.is_mutable_collection("intermediates")
-        x, ys, inter = scan_units(unit, layers, x, args, self.cfg.remat_policy, rng, sow)
+        cached = None
+        if self.decode:
+            args, cached = args[:-1], args[-1]
+            cached = None if cached is None else jax.tree.map(
+                lambda c: jnp.moveaxis(c, 1, 0), cached)
+        x, ys, inter = scan_units(unit, layers, x, args, self.cfg.remat_policy, rng, sow,
+                                  unit_args=cached)
         if sow and inter:
             self.put_variable("intermediates", "layers", inter)
+        if self.decode:  # [units, B, (every,) S, ...] -> [B, num_layers, S, ...]
+            ys = tuple(jnp.moveaxis(o, 0, 1) for o in ys)
+            ys = tuple(o.reshape(o.shape[0], self.cfg.num_layers, *o.shape[-3:]) for o in ys)
         return x, ys
 
 

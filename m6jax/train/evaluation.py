@@ -27,8 +27,12 @@ class Evaluator:
     """Evaluates params on the pipeline's fixed held-out batches and digit images."""
 
     def __init__(self, pipe, model, mesh, param_shardings, eval_step, tasks,
-                 caption_max_new: int = 12, decode_batch: int = 128):
+                 caption_max_new: int = 12, decode_batch: int = 128, decode_params=None):
+        """`eval_step` takes the params as the caller holds them (an offload plan's
+        stored layout); `decode_params(params)` gives the decoder's canonical params
+        (identity by default)."""
         self.pipe, self.mesh, self.tasks = pipe, mesh, tasks
+        self.decode_params = decode_params or (lambda p: p)
         self.eval_step = eval_step
         self.shards = sharding.batch_shards(mesh)
         self.batches = [sharding.shard_full_batch(mesh, pad_batch(b, self.shards))
@@ -58,6 +62,8 @@ class Evaluator:
     def captions(self, params, patches, image_mask, lang: str) -> list[str]:
         """Greedy captions for images (patches f32 [N, P, patch_dim], image_mask [N, P])."""
         texts = []
+        with jax.set_mesh(self.mesh):
+            params = self.decode_params(params)
         for start in range(0, len(patches), self.decode_batch):
             p, m = patches[start:start + self.decode_batch], image_mask[start:start + self.decode_batch]
             prompt = np.repeat(self.prompts[lang][None], len(p), axis=0)

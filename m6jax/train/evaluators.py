@@ -21,7 +21,7 @@ class Pretraining:
         self.num_examples = config.num_caption_samples
 
     def __call__(self, stage, state) -> dict:
-        params = stage.params(state)
+        params = state.params  # the stored layout: the eval step and the decoder stream it
         losses = stage.evaluator.losses(params)
         captions = stage.evaluator.caption_accuracy(params)
         return {**losses, **{k: v for k, v in captions.items() if k.startswith("caption_")},
@@ -41,8 +41,10 @@ class TextToImage:
         return getattr(pipe, "t2i", None) is not None
 
     def __call__(self, stage, state) -> dict:
-        out = t2i_evaluate.evaluate(self.config, stage.model, self.mesh, stage.params(state),
-                                    self.pipe, self.workdir)
+        with jax.set_mesh(self.mesh):
+            params = stage.evaluator.decode_params(state.params)  # streamed stacks: as stored
+        out = t2i_evaluate.evaluate(self.config, stage.model, self.mesh, params, self.pipe,
+                                    self.workdir)
         print("text-to-image: " + " | ".join(f"{k} {v:.3g}" for k, v in out.items()), flush=True)
         return out
 

@@ -54,9 +54,7 @@ def train(config, workdir: str) -> dict:
     if start >= config.total_steps and summary_lib.exists(workdir):
         return summary_lib.already_complete(workdir, start, main, run_ckpt)
     pipe.restore_counters(run_ckpt.meta.get("counters", {}))
-    stage = stages.Stage(config, stage_name, mesh, state_sh, pipe, tasks)
-    with jax.set_mesh(mesh):
-        state = stage.store(state)  # offloaded layers' states go to host memory
+    stage = stages.Stage(config, stage_name, mesh, state_sh, pipe, tasks)  # state: stored layout
     if p2r.stage_at(config, start) != stage.name:  # resumed from the switch step's checkpoint
         state, stage = stage.next_stage(state, example, pipe, tasks)
     _describe_model(config, state, stage, main)
@@ -90,7 +88,7 @@ def train(config, workdir: str) -> dict:
             # Last, so a checkpoint follows its step's metrics line; meta built if one is due.
             run_ckpt.after_step(done, state, metrics, lambda: dict(
                 initial_eval=initial_eval, counters=pipe.counters(), train_s=chrono.train_s()),
-                stage.name, canonical=stage.canonical if stage.offload.active else None)
+                stage.name)
     run_ckpt.close()
     chrono.stop_training()
 
@@ -130,7 +128,7 @@ def _data_pipeline(config, workdir) -> Pipeline:
 def _initial_eval(meta, stage, state, writer, start) -> dict:
     """Eval losses of the initial params: measured on a fresh start, kept in the
     checkpoint meta so a resumed run reports the same."""
-    initial_eval = meta.get("initial_eval") or stage.evaluator.losses(stage.params(state))
+    initial_eval = meta.get("initial_eval") or stage.evaluator.losses(state.params)
     if not start:
         writer.write(0, initial_eval, jsonl=False)
     logging.info("initial eval loss %.4f%s", initial_eval["eval_loss"],
@@ -139,7 +137,7 @@ def _initial_eval(meta, stage, state, writer, start) -> dict:
 
 
 def _periodic_eval(writer, done, stage, state) -> None:
-    ev = stage.evaluator.losses(stage.params(state))
+    ev = stage.evaluator.losses(state.params)
     writer.write(done, ev, jsonl=False)
     logging.info("step %d eval loss %.4f", done, ev["eval_loss"])
 

@@ -1,7 +1,8 @@
 """The loop's side of fault tolerance: where the state comes from and when it is saved.
 
 `RunCheckpoints.initial_stage_state` restores the newest checkpoint of the workdir (onto
-the current mesh), or initialises fresh, optionally taking params from `init_from`.
+the current mesh), or initialises fresh, optionally taking params from `init_from`,
+either way straight into the stored layout of the offload plan (`m6jax.offload`).
 `RunCheckpoints.after_step` saves by policy, stops on preemption after saving, and applies
 `nonfinite_policy`. The loop calls these two plus `close`; nothing else about
 checkpoints lives in the loop.
@@ -15,7 +16,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from m6jax import checkpoint
+from m6jax import checkpoint, offload
 from m6jax import pseudo_to_real as p2r
 from m6jax.train import loss_scale
 from m6jax.train.state import abstract_train_state, create_train_state
@@ -71,12 +72,19 @@ class RunCheckpoints:
         stage ("pseudo" or "real"); a restored state has the stage saved with it, which
         may be behind the config's stage at that step (the caller delinks then).
         """
-        seed = self.config.seed
+        seed, plans = self.config.seed, {}
 
         def abstract(stage):
             return abstract_train_state(*model_and_optimizer(stage), example_batch, mesh, seed)
 
-        restored = self.ckpt.restore_latest(lambda stage: abstract(stage)[0])
+        def plan(stage):  # the stored layout of `stage`'s state (offload.OffloadPlan)
+            if stage not in plans:
+                a, sh = abstract(stage)
+                plans[stage] = offload.OffloadPlan(self.config, stage, sh, a)
+            return plans[stage]
+
+        restored = self.ckpt.restore_latest(
+            lambda stage: plan(stage).restore_target(abstract(stage)[0]))
         if restored is not None:
             state, self.meta = restored
             stage = self.meta.get("stage", checkpoint.STAGE_DEFAULT)
@@ -84,38 +92,45 @@ class RunCheckpoints:
             if start != int(jax.device_get(state.step)):
                 raise ValueError(f"checkpoint in {self.ckpt.directory}: data position {start} "
                                  f"differs from state.step {int(state.step)}")
-            return state, abstract(stage)[1], start, stage
+            with jax.set_mesh(mesh):
+                return plan(stage).to_stored(state), abstract(stage)[1], start, stage
         stage = p2r.stage_at(self.config, 0)
         state, shardings = create_train_state(*model_and_optimizer(stage), example_batch,
-                                              mesh, seed,
+                                              mesh, seed, make_offload=lambda *_: plan(stage),
                                               loss_scale=loss_scale.from_config(self.config))
         if self.config.init_from:
-            state = state.replace(params=self._init_params(stage, abstract, shardings))
+            with jax.set_mesh(mesh):
+                state = state.replace(params=plan(stage).to_stored_params(
+                    self._init_params(stage, abstract, shardings, plan)))
         return state, shardings, 0, stage
 
-    def _init_params(self, stage, abstract, shardings):
-        """Params of `init_from`; a Pseudo checkpoint is delinked into a Real model."""
+    def _init_params(self, stage, abstract, shardings, plan):
+        """Params of `init_from` (offloaded leaves read into host memory); a Pseudo
+        checkpoint is delinked into a Real model."""
         src = checkpoint.read_meta(self.config.init_from).get("stage", checkpoint.STAGE_DEFAULT)
+        target = lambda s: plan(s).restore_target(abstract(s)[0]).params
         if src == stage:
             logging.info("init_from: params from %s", self.config.init_from)
-            return checkpoint.load_params(self.config.init_from, abstract(stage)[0].params)
+            return checkpoint.load_params(self.config.init_from, target(stage))
         if src == p2r.STAGE_PSEUDO and stage == p2r.STAGE_REAL:
-            shared = checkpoint.load_params(self.config.init_from,
-                                            abstract(p2r.STAGE_PSEUDO)[0].params)
+            shared = checkpoint.load_params(self.config.init_from, target(p2r.STAGE_PSEUDO))
             logging.info("init_from: delinking the Pseudo (shared-layer) params of %s",
                          self.config.init_from)
-            return p2r.delink_params(shared, abstract(stage)[0].params, shardings.params)
+            return p2r.delink_params(shared, abstract(stage)[0].params,
+                                     jax.tree.map(lambda x: x.sharding, target(stage)),
+                                     on_host=plan(stage).active)
         raise ValueError(f"init_from={self.config.init_from!r} is a Real (per-layer) "
                          "checkpoint and this run starts Pseudo (model.share_layers=True): "
                          "layers cannot be re-shared; set model.share_layers=False")
 
     def after_step(self, done: int, state, metrics, extra_meta,
-                   stage: str = checkpoint.STAGE_DEFAULT, canonical=None) -> None:
+                   stage: str = checkpoint.STAGE_DEFAULT) -> None:
         """Called after step `done` (1-based); `extra_meta` (JSON) is saved with the state.
 
         The loop passes `initial_eval`, the pipeline's `counters` and `train_s` there,
         as a function called only when a save is due (a dict is taken as is); this adds
-        the data position, the training stage and the config.
+        the data position, the training stage and the config. `state` is in its stored
+        layout; the Checkpointer writes the canonical format from it.
         """
         if self.config.nonfinite_policy == "stop" and not bool(jax.device_get(metrics["finite"])):
             # One scalar sync per step, paid only under 'stop': the message names the step.
@@ -128,13 +143,12 @@ class RunCheckpoints:
         last = done == self.config.total_steps
         preempted = self.watch.should_stop(done)
         force = (last or preempted) and self.ckpt.latest_step() != done
-        # Ask the policy once; the meta (and an offload layout's canonical state) are
-        # built only when a save is due, and that save is forced.
+        # Ask the policy once; the meta is built only when a save is due, and that save
+        # is forced.
         if force or self.ckpt.should_save(done):
             extra = extra_meta() if callable(extra_meta) else extra_meta
             meta = dict(extra, data={"step": done}, stage=stage, config=self._config_json)
-            self.ckpt.save(done, state if canonical is None else canonical(state), meta,
-                           force=True)
+            self.ckpt.save(done, state, meta, force=True)
         if preempted:
             self.ckpt.wait()
             raise Preempted(f"preempted: saved the checkpoint of step {done} in "

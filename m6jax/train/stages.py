@@ -28,8 +28,9 @@ class Stage:
     """The jitted train/eval steps and the evaluator of one stage, for `state_shardings`.
 
     The loop holds the state in the stage's *stored* layout (`offload`: offloaded
-    layers in host memory); `canonical(state)` is the ordinary TrainState (checkpoints)
-    and `params(state)` its params (evaluation).
+    layers in host memory) in every phase: the eval step and the caption decoder read
+    the stored params (`scan_units`), the switch delinks into the next stage's stored
+    layout.
     """
 
     def __init__(self, config, stage: str, mesh, state_shardings, pipe, tasks):
@@ -50,36 +51,29 @@ class Stage:
         self.train_step = make_train_step(
             self.train_model, self.tx, mesh, state_shardings, len(tasks), self.offload,
             int(config.optimizer.grad_accum_steps), loss_scale.from_config(config))
-        eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks))
-        self.evaluator = evaluation.Evaluator(pipe, self.model, mesh, state_shardings.params,
-                                              eval_step, tasks)
-
-    def store(self, state):
-        return self.offload.to_stored(state)
-
-    def canonical(self, state):
-        return self.offload.to_canonical(state)
-
-    def params(self, state):
-        return self.offload.params(state)
+        eval_step = make_eval_step(self.model, mesh, state_shardings.params, len(tasks),
+                                   self.offload)
+        self.evaluator = evaluation.Evaluator(
+            pipe, self.model, mesh, self.offload.decode_shardings(state_shardings.params),
+            eval_step, tasks,
+            decode_params=lambda p: self.offload.decode_params(p, state_shardings.params))
 
     def next_stage(self, state, example_batch, pipe, tasks):
         """(Real state, Real Stage) continuing this Pseudo stage's stored `state`."""
         real_model, real_tx = model_and_optimizer(self.config, p2r.STAGE_REAL)
         abstract, shardings = abstract_train_state(real_model, real_tx, example_batch,
                                                    self.mesh, self.config.seed)
-        with jax.set_mesh(self.mesh):
-            real_state = p2r.delink_state(self.canonical(state), self.config, real_tx,
-                                          abstract, shardings)
+        real = Stage(self.config, p2r.STAGE_REAL, self.mesh, shardings, pipe, tasks)
+        with jax.set_mesh(self.mesh):  # straight into the Real stored layout
+            real_state = p2r.delink_state(state, self.config, real_tx, abstract, shardings,
+                                          real.offload)
         logging.info("pseudo-to-real: delinked at step %d (optimizer %s, lr schedule %s, "
                      "switch warmup %d steps); %s -> %s parameters",
                      int(jax.device_get(state.step)), p2r.section(self.config).optimizer,
                      p2r.section(self.config).lr_schedule, p2r.switch_warmup_steps(self.config),
                      f"{_count(state.params):,}", f"{_count(real_state.params):,}")
-        real = Stage(self.config, p2r.STAGE_REAL, self.mesh, shardings, pipe, tasks)
-        with jax.set_mesh(self.mesh):
-            return real.store(real_state), real
+        return real_state, real
 
 
 def _count(params) -> int:
-    return sum(x.size for x in jax.tree.leaves(params))
+    return sum(x.size for x in jax.tree.leaves(params))  # Segments: the sum of their parts

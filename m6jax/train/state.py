@@ -149,8 +149,8 @@ def create_train_state(model, tx, example_batch, mesh, seed: int, make_offload=N
     `loss_scale` (`m6jax.train.loss_scale.LossScale`, None = off) sets the first scale.
 
     `make_offload(shardings, shapes)` may return an `m6jax.offload.OffloadPlan`: the state is
-    then created straight into its stored layout (offloaded layers in host memory), so
-    the full state never sits in device memory at once.
+    then created straight into its stored layout (`OffloadPlan.init`: offloaded layers
+    made and kept in host memory), so the full state never sits in device memory.
     """
     shardings = state_shardings(model, tx, example_batch, mesh, seed)
     init = init_fn(model, tx, example_batch, seed, loss_scale)
@@ -159,14 +159,15 @@ def create_train_state(model, tx, example_batch, mesh, seed: int, make_offload=N
         with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
             shapes = jax.eval_shape(lambda: nn.meta.unbox(init()))
         plan = make_offload(shardings, shapes)
-    store = plan.store if plan is not None and plan.active else (lambda s: s)
 
     def unboxed_init():
-        return store(nn.meta.unbox(init()))
+        return nn.meta.unbox(init())
 
-    out_shardings = plan.stored_shardings if plan is not None else shardings
     with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-        state = jax.jit(unboxed_init, out_shardings=out_shardings)()
+        if plan is not None:
+            state = plan.init(unboxed_init)()
+        else:
+            state = jax.jit(unboxed_init, out_shardings=shardings)()
     return state, shardings
 
 

@@ -137,9 +137,18 @@ def _accumulate(loss_fn, params, batch, rng, n: int, scale=None):
     return aux["loss_sum"] / total, aux, moe_aux, grads
 
 
-def make_eval_step(model, mesh, param_shardings, num_tasks: int):
-    """Returns `eval_step(params, batch) -> aux` of summed losses and token counts."""
+def make_eval_step(model, mesh, param_shardings, num_tasks: int, offload=None):
+    """Returns `eval_step(params, batch) -> aux` of summed losses and token counts.
+
+    With an active `offload` plan the step takes the params in their stored layout
+    (`param_shardings` ignored): a streamed stack runs `scan_units`, one unit's weights
+    on the device at a time, as in the train step; a Pseudo stack comes in whole."""
+    if offload is not None and offload.active:
+        param_shardings = offload.stored_shardings.params
+
     def eval_step(params, batch):
+        if offload is not None:
+            params = offload.resident_params(params)
         with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
             logits = model.apply({"params": params}, batch)
         return text_loss(logits, batch, num_tasks)[1]
