@@ -99,6 +99,7 @@ MODEL = {
     "sparse_window": (1, "sparse: neighbouring blocks seen on each side"),
     "sparse_stride": (4, "sparse: every stride-th block is a summary column all queries see"),
     "sparse_global_blocks": (1, "sparse: leading blocks seen by and seeing all"),
+    "kernels": ("", "'op=impl,...' overrides of the per-backend kernel table (m6jax/kernels.py)"),
 }
 
 MOE = {

@@ -41,7 +41,7 @@ class Block(nn.Module):
         h = layer_norm(self.dtype, "pre_attn_norm")(x)
         attn = SelfAttention(cfg.num_heads, cfg.emb_dim // cfg.num_heads, self.dtype,
                              cfg.dropout_rate, self.deterministic, self.decode,
-                             sparse=pattern_from_config(cfg), name="attn")
+                             sparse=pattern_from_config(cfg), kernels=cfg.kernels, name="attn")
         if self.decode:
             y, kv = attn(h, mask, cached)
         else:
