@@ -52,7 +52,8 @@ class Block(nn.Module):
         if self.use_moe:
             y, metrics = MoeMlp(cfg.moe, cfg.mlp_dim, cfg.mlp_activation, self.dtype,
                                 cfg.dropout_rate, self.deterministic, self.training,
-                                capacity_tokens=self.capacity_tokens, name="moe")(h, *route)
+                                capacity_tokens=self.capacity_tokens, kernels=cfg.kernels,
+                                name="moe")(h, *route)
             x = x + y
         else:
             x = x + Mlp(cfg.mlp_dim, cfg.mlp_activation, self.dtype, cfg.dropout_rate,
