@@ -45,7 +45,8 @@ def validate_config(config, num_devices: int, check_files: bool = True) -> tuple
     sparse.validate(config)
     kernels.validate(config)
     if t2i_vocab.enabled(config):  # image codes appended: vocab_size is text + codes
-        t2i_vocab.validate(config)
+        if check_files or t2i_vocab.vq_from(config):  # a dry run may plan without the tokenizer
+            t2i_vocab.validate(config)
     elif config.model.vocab_size != config.data.vocab_size:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} differs from "
                          f"data.vocab_size={config.data.vocab_size}; set data.vocab_size "
