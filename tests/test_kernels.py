@@ -67,11 +67,12 @@ def test_dense_mask_is_the_rule(kind):
 
 
 def test_step_mask_is_filled_slots_and_pattern_row():
-    pattern = Pattern(4, 1, 2, 1)
-    filled = np.random.default_rng(0).random((2, S)) < 0.7
-    for slot in (3, 9, 15):
+    pattern, slots = Pattern(4, 1, 3, 1), 32          # 8 blocks: block 5 skips 1, 3, 7
+    filled = np.random.default_rng(0).random((2, slots)) < 0.7
+    for slot in (3, 20, 30):
         got = np.asarray(StepMask(jnp.asarray(filled), jnp.int32(slot), pattern).dense())
-        want = filled & pattern.mask(S)[slot][None]
+        want = filled & pattern.mask(slots)[slot][None]
+        assert not pattern.mask(slots)[slot].all() or slot == 3
         np.testing.assert_array_equal(got[:, 0, 0], want)
         dense_only = np.asarray(StepMask(jnp.asarray(filled), jnp.int32(slot)).dense())
         np.testing.assert_array_equal(dense_only[:, 0, 0], filled)

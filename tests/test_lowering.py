@@ -104,3 +104,16 @@ def test_dry_run_lower_writes_hlo_and_one_summary_line(tmp_path):
     result = json.loads(proc.stdout)["lower"]
     assert result["square_buffers"] == [] and result["sequence"] == SEQ
     assert "stablehlo.custom_call @tpu_custom_call" in out.read_text()
+
+
+def test_splash_runs_per_device_under_a_mesh():
+    """The kernel sees its device's rows and heads (shard_map), not the global batch that
+    GSPMD would gather around an opaque call: batch 8 over data x fsdp = 4, heads 4 over
+    tensor = 2 -> q operands [2, 2, S, Dh]."""
+    from helpers import tiny_config
+    c = tiny_config(data=2, fsdp=2, tensor=2)
+    text = aot.lower_for(c, "tpu", units=1)
+    line = next(x for x in text.splitlines() if "splash_mha_fwd" in x)
+    operands = re.findall(r"tensor<(\d+)x(\d+)x\d+x(\d+)xf32>", line[line.rindex(": ("):])
+    dh = c.model.emb_dim // c.model.num_heads
+    assert operands and operands[0] == ("2", "2", str(dh)), operands
