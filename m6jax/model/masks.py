@@ -42,13 +42,16 @@ class AttentionMask:
         """bool [B, *shape]: key k_pos visible from query q_pos (static int arrays that
         broadcast to `shape`). Pad queries see what an unpacked row's would, so no
         softmax row is empty; their outputs are never used."""
-        q_pos, k_pos = np.broadcast_arrays(np.asarray(q_pos), np.asarray(k_pos))
-        causal = jnp.asarray(k_pos <= q_pos)
+        # Gathers at the un-broadcast positions ([S] per side for the dense mask, not
+        # an [S, S] index array), broadcast by the ops; the comparison runs in the graph
+        # (an [S, S] numpy constant would be embedded in the program).
+        q_pos, k_pos = np.asarray(q_pos), np.asarray(k_pos)
+        causal = jnp.asarray(k_pos) <= jnp.asarray(q_pos)
         out = self.valid[:, k_pos] & (self.prefix[:, k_pos] | causal[None])
         if self.segment_ids is not None:
             sq, sk = self.segment_ids[:, q_pos], self.segment_ids[:, k_pos]
             out &= (sq == sk) | (sq == 0)
-        return out
+        return jnp.broadcast_to(out, out.shape[:1] + causal.shape)
 
     def dense(self):
         """bool [B, 1, S, S], what jax.nn.dot_product_attention's XLA path takes."""
