@@ -36,7 +36,8 @@ def validate_config(config, num_devices: int, check_files: bool = True) -> tuple
       (here: batch, steps, profiling, checkpointing) -> MoE (model/moe/checks) -> image
       encoder (model/resnet) -> pipeline -> optimizer (train/optim, loss_scale) ->
       Pseudo-to-Real -> offload -> data (data/config: fields, then the files' globs
-      unless `check_files` is False: the dry run plans a config whose data is elsewhere).
+      unless `check_files` is False: the dry run plans a config whose data is elsewhere,
+      and then a text-to-image config without its tokenizer checkpoint too).
     """
     schema.check_complete(config)
     shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
