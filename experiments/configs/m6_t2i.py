@@ -71,9 +71,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def _long(c):
-    """4,096 positions: 16 patches + 4,080 text slots (a 16-token prompt, 63 x 64 code
-    slots), block-sparse in 128-position blocks; widths cut so the dry run lowers it
-    in about a minute (its shape, not its size, is what the kernels see)."""
+    """4,096 positions: 16 patches + 4,080 text slots, block-sparse in 128-position
+    blocks; widths cut so the dry run lowers it in seconds (its shape, not its size, is
+    what the kernels see). Training it needs `--config.vq_from` of a 1,024-code tokenizer
+    whose codes per image fit the text slots with a prompt (the config checks say how)."""
     c.data.update(image_size=8, patch_size=2, text_len=4080)
     c.t2i.codebook_size = 1024
     c.model.update(attention="sparse", sparse_block_size=128, sparse_window=1, sparse_stride=4,
