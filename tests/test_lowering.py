@@ -117,3 +117,13 @@ def test_splash_runs_per_device_under_a_mesh():
     operands = re.findall(r"tensor<(\d+)x(\d+)x\d+x(\d+)xf32>", line[line.rindex(": ("):])
     dh = c.model.emb_dim // c.model.num_heads
     assert operands and operands[0] == ("2", "2", str(dh)), operands
+
+
+def test_splash_lowers_inside_the_pipeline_schedule():
+    """mesh.stage=2: the kernel's shard_map nests inside the pipeline's stages."""
+    from helpers import tiny_config
+    c = tiny_config(data=2, stage=2, tensor=2)
+    c.model.num_layers = 4
+    c.pipeline.microbatches = 2
+    calls = aot.summarize(aot.lower_for(c, "tpu", units=4))["custom_calls"]
+    assert any(k.startswith("splash_mha_fwd") for k in calls), calls
