@@ -91,6 +91,7 @@ def test_cuda_dropless_moe_is_not_ragged_dot(lowered):
     assert "ragged_dot" not in lowered("moe", "cuda")
 
 
+@pytest.mark.slow  # the entry point end to end (~10 s, a subprocess); the tests above cover the step
 def test_dry_run_lower_writes_hlo_and_one_summary_line(tmp_path):
     out = tmp_path / "long.mlir"
     env = {**os.environ, "PYTHONPATH": ROOT}

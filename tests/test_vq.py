@@ -72,15 +72,15 @@ def test_vq_step_runs_data_parallel_on_the_mesh_with_one_device_numbers(devices)
     results = []
     for m in (None, mesh):
         state = vq_train.init_state(c, tx)
-        step = vq_train.make_step(c, tx, m)
+        # One compile per step function: the executable run is the one whose HLO is read.
+        step = vq_train.make_step(c, tx, m).lower(state, images[0], jax.random.key(0)).compile()
         for i in range(2):
             state, _ = step(state, images[i], jax.random.key(i))
         results.append(jax.device_get(state["params"]))
         if m is not None:
-            hlo = step.lower(state, images[0], jax.random.key(0)).compile().as_text()
             # The forward's first downsampling convolution: one device's 4 images of 16.
-            down = [x for x in hlo.splitlines() if "convolution(" in x and "transpose(" not in x
-                    and "VQVAE.encode/down_0/conv_general_dilated" in x]
+            down = [x for x in step.as_text().splitlines() if "convolution(" in x
+                    and "transpose(" not in x and "VQVAE.encode/down_0/conv_general_dilated" in x]
             assert down and all("= f32[4,8,8,16]" in x for x in down), down
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
