@@ -1,7 +1,8 @@
 r"""Dense vs block-sparse attention, forward + backward: time and peak memory.
 
   python benchmarks/attention.py --json=benchmarks/results/attention_cpu.json
-  python benchmarks/attention.py --tokens=4096,16384 --json=/tmp/attention_gpu.json  # GPU
+  python benchmarks/attention.py --tokens=4096,16384 --fused=triton --json=/tmp/attention_gpu.json
+  python benchmarks/attention.py --tokens=4096,16384 --fused=splash --json=/tmp/attention_tpu.json
 
 For each sequence length: q, k, v [batch, S, heads, head_dim] f32 and M6's prefix-LM
 mask (a bidirectional prefix of --prefix tokens, the rest causal); grad of
@@ -11,8 +12,8 @@ blocks); `dense` is jax.nn.dot_product_attention under the same mask AND'ed with
 pattern (so both compute the same function). Time: median of --iters calls, the two
 variants alternated call by call so both see the same background load. Memory: XLA's
 compiled temp buffer size (`memory_analysis().temp_size_in_bytes`: the step's peak
-scratch beyond inputs and outputs), plus the inputs' bytes (the [S, S] mask included,
-for both). Writes a list of {tokens, variant, ms, temp_mb, arg_mb, score_fraction}.
+scratch beyond inputs and outputs), plus the inputs' bytes (the mask is per-position
+vectors since issue 28: the dense variant builds its [S, S] inside the step). Writes a list of {tokens, variant, ms, temp_mb, arg_mb, score_fraction}.
 """
 import json
 import os
@@ -35,6 +36,7 @@ flags.DEFINE_integer("window", 1, "sparse: neighbouring blocks each side")
 flags.DEFINE_integer("stride", 8, "sparse: every stride-th block is a summary column")
 flags.DEFINE_integer("global_blocks", 4, "sparse: leading blocks (the prefix) seen by all")
 flags.DEFINE_integer("iters", 5, "timed calls per variant (after one warm-up call)")
+flags.DEFINE_list("fused", [], "fused kernels to add: triton (GPU) | splash (TPU)")
 flags.DEFINE_string("json", "", "write the results here")
 FLAGS = flags.FLAGS
 
@@ -45,6 +47,8 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
 
+    from m6jax.model import fused
+    from m6jax.model.masks import AttentionMask
     from m6jax.model.sparse import Pattern, sparse_attention
     pattern = Pattern(FLAGS.block_size, FLAGS.window, FLAGS.stride, FLAGS.global_blocks)
     results = []
@@ -53,13 +57,18 @@ def main(argv):
         ks = jax.random.split(jax.random.key(0), 4)
         q, k, v, w = (jax.random.normal(kk, (b, s, h, d), jnp.float32) for kk in ks)
         pos = np.arange(s)
-        mask = (pos[None, :] < FLAGS.prefix) | (pos[None, :] <= pos[:, None])
-        mask = jnp.asarray(np.broadcast_to(mask, (b, 1, s, s)))
+        # The model's mask: per-position vectors (masks.py); the dense path builds [S, S].
+        mask = AttentionMask(jnp.ones((b, s), bool),
+                             jnp.asarray(np.broadcast_to(pos < FLAGS.prefix, (b, s))))
         pmask = jnp.asarray(pattern.mask(s))[None, None]
         fns = {
-            "dense": lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m & pmask),
+            "dense": lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m.dense() & pmask,
+                                                                     implementation="xla"),
             "sparse": lambda q, k, v, m: sparse_attention(q, k, v, m, pattern),
         }
+        for impl in FLAGS.fused:
+            fns[impl] = (lambda q, k, v, m, impl=impl: fused.attend(
+                impl, q, k, v, m, pattern if impl == "splash" else None))
         compiled = {}
         for name, fn in fns.items():
             grad = jax.jit(jax.grad(lambda q, k, v, m, fn=fn: jnp.sum(fn(q, k, v, m) * w),
@@ -83,7 +92,7 @@ def main(argv):
                        load_avg_1min=os.getloadavg()[0])
             results.append(row)
             print(json.dumps(row), flush=True)
-        d_row, s_row = results[-2], results[-1]
+        d_row, s_row = results[-len(fns)], results[-len(fns) + 1]
         print(f"{s} tokens: sparse/dense time {s_row['ms'] / d_row['ms']:.2f}x, temp memory "
               f"{s_row['temp_mb'] / d_row['temp_mb']:.2f}x ({kept:.0%} of blocks kept)", flush=True)
     if FLAGS.json:

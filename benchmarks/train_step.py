@@ -3,6 +3,8 @@ r"""MFU of the M6 train step against this machine's measured matmul peak, in one
   python benchmarks/train_step.py                       # CPU, float32
   python benchmarks/train_step.py --dtype=bfloat16      # GPU/TPU
   python benchmarks/train_step.py --json=/tmp/bench.json --emb_dim=1024 --batch_size=16
+  python benchmarks/train_step.py --dtype=bfloat16 --text_len=4080 --kernels=attention=xla  # vs
+  python benchmarks/train_step.py --dtype=bfloat16 --text_len=4080    # the table's (GPU: triton)
 
 The bench model has width >= 512 and sequence >= 256 (16 image patches + 240 text
 tokens by default). Peak = the best of large jitted matmuls (2048^3, 4096^3) in the same process and dtype,
@@ -33,6 +35,7 @@ flags.DEFINE_string("dtype", "float32", "compute dtype")
 flags.DEFINE_string("remat_policy", "none", "remat policy")
 flags.DEFINE_string("activation", "gelu", "MLP activation")
 flags.DEFINE_list("peak_n", ["2048", "4096"], "matmul sizes for the peak; the best rate counts")
+flags.DEFINE_string("kernels", "", "model.kernels: overrides of m6jax/kernels.py's table")
 flags.DEFINE_string("json", "", "write the results here")
 flags.DEFINE_string("profile_dir", "", "if set, write a jax.profiler trace of 3 steps here")
 FLAGS = flags.FLAGS
@@ -53,7 +56,7 @@ def main(_):
     c = m6_config.get_config("tiny")
     c.model.update(emb_dim=FLAGS.emb_dim, num_heads=FLAGS.num_heads, mlp_dim=4 * FLAGS.emb_dim,
                    num_layers=FLAGS.num_layers, dtype=FLAGS.dtype, remat_policy=FLAGS.remat_policy,
-                   mlp_activation=FLAGS.activation)
+                   mlp_activation=FLAGS.activation, kernels=FLAGS.kernels)
     c.data.vocab_size = FLAGS.vocab_size
     c.data.text_len = FLAGS.text_len
     grid, patch_dim, b, t = 4, 4, FLAGS.batch_size, FLAGS.text_len

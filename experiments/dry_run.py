@@ -3,6 +3,8 @@ r"""Dry run: what a config needs per device on its intended grid, before paying 
   python experiments/dry_run.py --config=experiments/configs/m6_10b.py
   python experiments/dry_run.py --config=experiments/configs/m6_t_1t.py --json
   python experiments/dry_run.py --config=experiments/configs/m6_10b.py --aot
+  python experiments/dry_run.py --config=experiments/configs/m6_t2i.py:long --lower=tpu \
+      --hlo_out=/tmp/long_tpu.mlir
 
 From abstract shapes and the rules table (no allocation, no devices): total and
 activated-per-token parameters, train FLOPs per token, and the in-step device peak per
@@ -17,6 +19,10 @@ routing), with a warning when the capacity is below 4. `--aot` also compiles the
 time for the same mesh shape on fake CPU devices, with the depth cut to `--aot_units`
 scanned units, and prints XLA's memory analysis beside the analytic figures for that
 reduced model (compilation allocates nothing; it takes a minute or more on 2 cores).
+`--lower=cuda|tpu` lowers that reduced train step for a platform this machine need not
+have, with that platform's kernels (m6jax/kernels.py), writes its StableHLO text to
+`--hlo_out` and prints one line: the kernels (custom calls) it contains and its largest
+buffers (docs/kernels.md).
 """
 import json
 import os
@@ -34,6 +40,9 @@ _AOT = flags.DEFINE_bool("aot", False, "Also compile a reduced-depth train step 
                          "time on fake CPU devices and report XLA's memory analysis.")
 _AOT_UNITS = flags.DEFINE_integer("aot_units", 2, "Scanned units (layers, or MoE groups of "
                                   "`every` layers) of the --aot model.")
+_LOWER = flags.DEFINE_enum("lower", None, ["cuda", "tpu"], "Also lower the reduced-depth "
+                           "train step for this platform and summarise its kernels.")
+_HLO_OUT = flags.DEFINE_string("hlo_out", None, "--lower: write the StableHLO text here.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -50,7 +59,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = _CONFIG.value
     n = _num_devices(config)
-    if _AOT.value:  # fake exactly the planned device count; must precede importing jax
+    if _AOT.value or _LOWER.value:  # fake the planned device count; must precede importing jax
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={n}").strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -62,12 +71,30 @@ def main(argv):
     if _AOT.value:
         from m6jax import aot
         result["aot"] = aot.compare(config, _AOT_UNITS.value)
+    if _LOWER.value:
+        result["lower"] = _lower(config, _LOWER.value)
     if result.get("moe", {}).get("warning"):
         print(f"warning: {result['moe']['warning']}", file=sys.stderr)
     if _JSON.value:
         print(json.dumps(result, indent=2))
     else:
         print(_table(result))
+
+
+def _lower(config, platform: str) -> dict:
+    """Lowers the reduced train step for `platform`, writes --hlo_out, prints the line."""
+    from m6jax import aot
+    from m6jax.plan_memory import sequence_shape
+    text = aot.lower_for(config, platform, _AOT_UNITS.value)
+    if _HLO_OUT.value:
+        with open(_HLO_OUT.value, "w") as f:
+            f.write(text)
+    p, _, t = sequence_shape(config)
+    summary = aot.summarize(text)
+    print(aot.summary_line(platform, summary, p + t), file=sys.stderr)
+    return dict(platform=platform, custom_calls=summary["custom_calls"],
+                largest=summary["largest"], sequence=p + t,
+                square_buffers=[list(s) for s in aot.square_buffers(summary, p + t)])
 
 
 def _overflow(r):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from m6jax import offload, pipeline, schema, sharding
+from m6jax import kernels, offload, pipeline, schema, sharding
 from m6jax import pseudo_to_real as p2r
 from m6jax.data.config import data_settings, validate_data_config
 from m6jax.model import build, resnet, sparse
@@ -32,19 +32,22 @@ def validate_config(config, num_devices: int, check_files: bool = True) -> tuple
     module that owns it, in this order; returns the resolved mesh shape.
 
       schema (every field present) -> mesh (sharding) -> model (model/build) ->
-      attention (model/sparse) -> vocabulary (t2i/vocab, or data = model) -> run fields
+      attention (model/sparse, kernels) -> vocabulary (t2i/vocab, or data = model) -> run fields
       (here: batch, steps, profiling, checkpointing) -> MoE (model/moe/checks) -> image
       encoder (model/resnet) -> pipeline -> optimizer (train/optim, loss_scale) ->
       Pseudo-to-Real -> offload -> data (data/config: fields, then the files' globs
-      unless `check_files` is False: the dry run plans a config whose data is elsewhere).
+      unless `check_files` is False: the dry run plans a config whose data is elsewhere,
+      and then a text-to-image config without its tokenizer checkpoint too).
     """
     schema.check_complete(config)
     shape = sharding.resolve_mesh_shape(config.mesh, num_devices)
     sizes = dict(zip(sharding.MESH_AXES, shape))
     build.validate(config, sizes)
     sparse.validate(config)
+    kernels.validate(config)
     if t2i_vocab.enabled(config):  # image codes appended: vocab_size is text + codes
-        t2i_vocab.validate(config)
+        if check_files or t2i_vocab.vq_from(config):  # a dry run may plan without the tokenizer
+            t2i_vocab.validate(config)
     elif config.model.vocab_size != config.data.vocab_size:
         raise ValueError(f"model.vocab_size={config.model.vocab_size} differs from "
                          f"data.vocab_size={config.data.vocab_size}; set data.vocab_size "

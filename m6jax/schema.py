@@ -99,6 +99,7 @@ MODEL = {
     "sparse_window": (1, "sparse: neighbouring blocks seen on each side"),
     "sparse_stride": (4, "sparse: every stride-th block is a summary column all queries see"),
     "sparse_global_blocks": (1, "sparse: leading blocks seen by and seeing all"),
+    "kernels": ("", "'op=impl,...' overrides of the per-backend kernel table (m6jax/kernels.py)"),
 }
 
 MOE = {
@@ -111,7 +112,8 @@ MOE = {
     "aux_loss_weight": (0.01, "load-balancing loss weight (Switch)"),
     "z_loss_weight": (1e-3, "router z-loss weight (ST-MoE)"),
     "jitter": (0.0, "multiplicative router input noise in training"),
-    "dispatch": ("gather", "gather | einsum | grouped (capacity) | blocked | ragged (dropless)"),
+    "dispatch": ("gather", "gather | einsum | grouped (capacity) | dropless (the backend's kernel, "
+                 "m6jax/kernels.py) | blocked | ragged_dot | megablox (dropless)"),
     "group_size": (0, "tokens per routing group; 0 = one example per group"),
     "priority": ("order", "which over-capacity choices drop: order | score"),
     "peer_capacity_factor": (0.0, "dropless under mesh.expert=n: rows each device reserves "

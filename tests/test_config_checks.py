@@ -29,6 +29,7 @@ def test_valid_tiny_config_passes():
     (lambda c: c.optimizer.update(b1=1.0), r"optimizer.b1=1.0 must be in \[0, 1\)"),
     (lambda c: c.optimizer.update(weight_decay=-0.1), "optimizer.weight_decay=-0.1 must be >= 0"),
     (lambda c: c.optimizer.update(grad_clip_norm=0.0), "optimizer.grad_clip_norm=0.0 must be positive"),
+    (lambda c: c.model.update(kernels="attention=cudnn"), "model.kernels='attention=cudnn'"),
 ])
 def test_bad_config_names_the_field(edit, message):
     c = tiny_config()

@@ -7,7 +7,8 @@ from m6jax import flops
 
 
 def _cfg(moe=None):
-    c = ml_collections.ConfigDict(dict(emb_dim=4, mlp_dim=8, num_layers=2, vocab_size=10))
+    c = ml_collections.ConfigDict(dict(emb_dim=4, mlp_dim=8, num_layers=2, vocab_size=10,
+                                       attention="dense"))
     if moe:
         c.moe = ml_collections.ConfigDict(moe)
     return c
@@ -17,6 +18,29 @@ def test_dense_train_flops_by_hand():
     # patches 2x3->4: 24; layers 2 x (4*16 + 2*32) x 5 tokens: 1280; head 3 x 10 x 4: 120;
     # attention 2 layers x 2 x 5 x 5 x 4: 400. Total x 6.
     assert flops.train_flops_per_sequence(_cfg(), 2, 3, 3) == 6 * (24 + 1280 + 120 + 400)
+
+
+def test_sparse_attention_counts_the_kept_blocks_pairs():
+    # S = 8 in blocks of 2, window 0, no stride column, 1 global block: the 4 x 4 layout
+    # keeps row 0 (4 blocks), column 0 (3 more) and the diagonal (3 more) = 10 blocks of
+    # 2 x 2 = 40 pairs (dense: 64).
+    c = _cfg()
+    c.update(attention="sparse", sparse_block_size=2, sparse_window=0, sparse_stride=100,
+             sparse_global_blocks=1)
+    assert flops.attended_pairs(c, 8) == 40
+    dense = flops.train_flops_per_sequence(_cfg(), 2, 3, 6)
+    assert dense - flops.train_flops_per_sequence(c, 2, 3, 6) == 6 * 2 * 2 * (64 - 40) * 4
+    from m6jax.model.sparse import Pattern  # the model's own layout agrees
+    c.update(sparse_block_size=4, sparse_window=1, sparse_stride=3)
+    assert flops.attended_pairs(c, 40) == Pattern(4, 1, 3, 1).mask(40).sum()
+
+
+def test_accelerator_peak_fallback_times_a_large_matmul(monkeypatch):
+    sizes = []
+    monkeypatch.setattr(flops, "measure_peak_flops", lambda n=2048, **_: sizes.append(n) or 1.0)
+    gpu = type("D", (), dict(platform="gpu", device_kind="Unknown GPU"))()
+    flops.peak_flops_total(0.0, [gpu], "bfloat16")
+    assert sizes == [flops.ACCELERATOR_MATMUL] and flops.ACCELERATOR_MATMUL >= 8192
 
 
 def test_moe_counts_activated_experts_and_router():

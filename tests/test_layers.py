@@ -9,7 +9,8 @@ LAYERS, lowest first. A module may import its own layer and the layers below; it
 layer is that of its longest matching prefix in LAYERS (so `m6jax.train.loop` sits
 above the rest of `m6jax.train`, `m6jax.vq.model` below the rest of `m6jax.vq`).
 
-  base       errors, schema, sharding, pipeline, distributed, flops, checkpoint (+ its
+  base       errors, schema, sharding, pipeline, distributed, flops, kernels (the
+             per-backend kernel table), checkpoint (+ its
              checkpoint_files, preemption), offload_layout: the
              config schema (every field's default), parallelism, storage and
              arithmetic that know nothing of M6's modules. `pipeline` is the SPMD
@@ -53,7 +54,7 @@ PKG = ROOT / "m6jax"
 LAYERS = [
     ("base", ["m6jax", "m6jax.errors", "m6jax.schema", "m6jax.sharding", "m6jax.pipeline",
               "m6jax.distributed", "m6jax.flops", "m6jax.checkpoint", "m6jax.checkpoint_files",
-              "m6jax.preemption", "m6jax.offload_layout"]),
+              "m6jax.preemption", "m6jax.offload_layout", "m6jax.kernels"]),
     ("model", ["m6jax.model", "m6jax.vq.model"]),
     ("data", ["m6jax.data", "m6jax.vq", "m6jax.vq.data", "m6jax.vq.load", "m6jax.vq.checks",
               "m6jax.t2i", "m6jax.t2i.vocab", "m6jax.t2i.data", "m6jax.t2i.images"]),

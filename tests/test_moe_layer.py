@@ -182,9 +182,14 @@ def test_group_size_spanning_examples_pools_their_capacity():
 
 def test_dropless_default_is_chosen_per_backend():
     from m6jax.model.moe.layer import dropless_impl
-    assert dropless_impl("dropless", "cpu") == "blocked"
-    assert dropless_impl("dropless", "gpu") == "ragged_dot"
-    assert dropless_impl("ragged_dot", "cpu") == "ragged_dot"
+    from m6jax import kernels
+    assert dropless_impl("dropless") == "blocked"                     # this CPU
+    with kernels.lowering_for("cuda"):  # not jax.lax.ragged_dot: a padded dense matmul there
+        assert dropless_impl("dropless") == "blocked"
+    with kernels.lowering_for("tpu"):
+        assert dropless_impl("dropless") == "megablox"
+        assert dropless_impl("dropless", "gmm=ragged_dot") == "ragged_dot"
+    assert dropless_impl("ragged_dot") == "ragged_dot"
 
 
 def test_over_capacity_tokens_pass_through_as_zero():

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m6jax.model.masks import prefix_lm_mask
+from m6jax.model.masks import attention_mask
 from m6jax.model.sparse import Pattern, sparse_attention, step_row
 
 PATTERN = Pattern(block_size=4, window=1, stride=3, global_blocks=1)
@@ -18,7 +18,7 @@ def _inputs(s, seed=0, b=2, h=2, d=8):
     image_mask = jnp.array([[True] * p, [False] * p])
     text_mask = jnp.arange(t)[None] < jnp.array([[14], [9]])
     prefix = jnp.arange(t)[None] < jnp.array([[3], [5]])
-    return q, k, v, prefix_lm_mask(image_mask, text_mask, prefix)
+    return q, k, v, attention_mask(image_mask, text_mask, prefix)
 
 
 @jax.jit
@@ -28,12 +28,13 @@ def _sparse(q, k, v, mask):
 
 @jax.jit
 def _dense(q, k, v, mask):
-    return jax.nn.dot_product_attention(q, k, v, mask=mask & PATTERN.mask(q.shape[1])[None, None])
+    dense = mask.dense() & PATTERN.mask(q.shape[1])[None, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=dense)
 
 
 def _real_rows(mask):
     # Rows that keep at least one visible key under pattern & mask (all real queries do).
-    return np.asarray(mask & PATTERN.mask(mask.shape[-1])[None, None]).any(-1)[:, 0]
+    return np.asarray(mask.dense() & PATTERN.mask(mask.length)[None, None]).any(-1)[:, 0]
 
 
 # 22: not whole blocks (a decode prefill), so also the padding path; 24 runs with the slow set.

@@ -53,3 +53,34 @@ def test_ema_moves_used_codes_to_their_mean_and_restarts_dead_ones():
     np.testing.assert_allclose(np.asarray(new["codebook"][1]), [5.0, 5.0], atol=1e-6)
     # code 2's count (0.005) is below the restart threshold: it jumps onto a batch vector
     assert any(np.allclose(np.asarray(new["codebook"][2]), np.asarray(r)) for r in z)
+
+
+def test_vq_step_runs_data_parallel_on_the_mesh_with_one_device_numbers(devices):
+    """The tokenizer trains like the main model: images split over a `data` mesh (the
+    compiled step's activations are one device's quarter of the batch), and two steps
+    give the single-device state."""
+    import optax
+
+    from m6jax.vq import train as vq_train
+    c = vq_config.get_config("tiny")
+    c.vq.update(image_size=16, num_downsamples=2, code_dim=8, codebook_size=16)
+    c.batch_size = 16
+    tx = optax.adam(1e-2)
+    images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 16, 1))
+    mesh = vq_train.data_mesh(c.batch_size, devices[:4])
+    assert mesh.size == 4 and vq_train.data_mesh(12, devices).size == 4  # gcd(8, 12)
+    results = []
+    for m in (None, mesh):
+        state = vq_train.init_state(c, tx)
+        # One compile per step function: the executable run is the one whose HLO is read.
+        step = vq_train.make_step(c, tx, m).lower(state, images[0], jax.random.key(0)).compile()
+        for i in range(2):
+            state, _ = step(state, images[i], jax.random.key(i))
+        results.append(jax.device_get(state["params"]))
+        if m is not None:
+            # The forward's first downsampling convolution: one device's 4 images of 16.
+            down = [x for x in step.as_text().splitlines() if "convolution(" in x
+                    and "transpose(" not in x and "VQVAE.encode/down_0/conv_general_dilated" in x]
+            assert down and all("= f32[4,8,8,16]" in x for x in down), down
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

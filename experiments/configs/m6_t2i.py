@@ -7,7 +7,9 @@
       --strategy=mask --num_samples=16
 
 Variants: tiny (this 2-core CPU, a few minutes: the digits' 64 codes of 64),
-small (one GPU). The codes are appended to the text vocabulary, so model.vocab_size =
+small (one GPU), long (the paper's long setting: 4,096 positions with block-sparse
+attention, narrow enough to lower for GPU/TPU here in a minute:
+`experiments/dry_run.py --config=experiments/configs/m6_t2i.py:long --lower=tpu`). The codes are appended to the text vocabulary, so model.vocab_size =
 data.vocab_size + t2i.codebook_size + 3 (m6jax/t2i/vocab.py says why); the config
 checks refuse a t2i.codebook_size that differs from the checkpoint in vq_from.
 """
@@ -31,9 +33,10 @@ def _base(arg):
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     variant = arg or "tiny"
-    if variant not in ("tiny", "small"):
-        raise ValueError(f"unknown variant {arg!r} of experiments/configs/m6_t2i.py; use tiny or small")
-    c = _base(variant)
+    if variant not in ("tiny", "small", "long"):
+        raise ValueError(f"unknown variant {arg!r} of experiments/configs/m6_t2i.py; "
+                         "use tiny, small or long")
+    c = _base("small" if variant == "long" else variant)
     c.variant = variant
     # The shared vocabulary reference of m6.py is rebuilt: the model's is larger here.
     vocab = ml_collections.FieldReference(int(c.data.vocab_size))
@@ -59,7 +62,25 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.total_steps = 1200
         c.eval_every = 100_000  # only the final evaluation
         c.checkpoint_every = 400
-    else:
+    elif variant == "small":
         c.data.text_len = 2 + 16 + 256  # 16 x 16 codes (a 64 px tokenizer, f4)
         c.model.sparse_block_size = 64
+    else:
+        _long(c)
     return c
+
+
+def _long(c):
+    """4,096 positions: 16 patches + 4,080 text slots, block-sparse in 128-position
+    blocks; widths cut so the dry run lowers it in seconds (its shape, not its size, is
+    what the kernels see). Training it needs `--config.vq_from` of a 1,024-code tokenizer
+    whose codes per image fit the text slots with a prompt (the config checks say how)."""
+    c.data.update(image_size=8, patch_size=2, text_len=4080)
+    c.t2i.codebook_size = 1024
+    c.model.update(attention="sparse", sparse_block_size=128, sparse_window=1, sparse_stride=4,
+                   sparse_global_blocks=1, emb_dim=256, num_heads=2, mlp_dim=512,
+                   num_layers=2, dtype="bfloat16", remat_policy="full")
+    c.batch_size = 1
+    c.mesh.update(data=1, fsdp=1, tensor=1, expert=1, stage=1)
+    c.hardware = schema.hardware_section(num_devices=1, device_kind="H100",
+                                         device_memory_gb=80.0)

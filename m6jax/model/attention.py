@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m6jax import kernels
+from m6jax.model import fused
 from m6jax.model.layers import constrain, dense_init
 from m6jax.model.sparse import Pattern, sparse_attention
 
@@ -26,11 +28,12 @@ class SelfAttention(nn.Module):
     deterministic: bool = True
     decode: bool = False
     sparse: Pattern | None = None  # model.attention='sparse': the block pattern
+    kernels: str = ""  # model.kernels: overrides of m6jax/kernels.py's table
 
     @nn.compact
     def __call__(self, x, mask, cached=None):
-        """x: [B, S, D]; mask: bool [B, 1, S, S] (True = may attend), or for a step
-        [B, 1, 1, L] over the cache slots; cached: (keys, values) [B, L, H, Dh] or None."""
+        """x: [B, S, D]; mask: an AttentionMask over S, or for a step a StepMask over
+        the cache slots; cached: (keys, values) [B, L, H, Dh] or None."""
         d, h, dh = x.shape[-1], self.num_heads, self.head_dim
         # Kernels are created at their full [D, H, Dh] shape (flax's DenseGeneral would
         # box a flattened kernel with the wrong number of logical axes).
@@ -40,15 +43,19 @@ class SelfAttention(nn.Module):
                                         self.param(n, qkv_init, (d, h, dh)).astype(self.dtype)),
                              _QKV_AXES)
                    for n in ("query", "key", "value"))
-        if cached is None and self.sparse is not None:
+        # The kernel per backend (m6jax/kernels.py); the step is one query row.
+        impl = kernels.resolve("attention" if self.sparse is None else "sparse_attention",
+                               self.kernels)
+        if cached is not None:
+            out = _attend_step(q, k, v, cached, mask.dense())
+        elif impl in ("splash", "triton"):
+            out = fused.attend(impl, q, k, v, mask, self.sparse, kernels.interpret(impl))
+        elif self.sparse is not None:
             out = sparse_attention(q, k, v, mask, self.sparse)
-        elif cached is None and q.dtype == jnp.float16 and jax.default_backend() == "cpu":
-            out = _attend_f16_cpu(q, k, v, mask)
-        elif cached is None:
-            # jax's fused op can use cuDNN flash attention on GPU; the XLA path elsewhere.
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        else:
-            out = _attend_step(q, k, v, cached, mask)
+        elif q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+            out = _attend_f16_cpu(q, k, v, mask.dense())
+        else:  # jax's XLA path: the dense [B, 1, S, S] mask and S x S scores
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="xla")
         out = constrain(out, _QKV_AXES)
         wo = self.param("out", dense_init(("heads", "kv", "embed"), in_axis=(0, 1), out_axis=2),
                         (h, dh, d))

@@ -41,7 +41,7 @@ class Block(nn.Module):
         h = layer_norm(self.dtype, "pre_attn_norm")(x)
         attn = SelfAttention(cfg.num_heads, cfg.emb_dim // cfg.num_heads, self.dtype,
                              cfg.dropout_rate, self.deterministic, self.decode,
-                             sparse=pattern_from_config(cfg), name="attn")
+                             sparse=pattern_from_config(cfg), kernels=cfg.kernels, name="attn")
         if self.decode:
             y, kv = attn(h, mask, cached)
         else:
@@ -52,7 +52,8 @@ class Block(nn.Module):
         if self.use_moe:
             y, metrics = MoeMlp(cfg.moe, cfg.mlp_dim, cfg.mlp_activation, self.dtype,
                                 cfg.dropout_rate, self.deterministic, self.training,
-                                capacity_tokens=self.capacity_tokens, name="moe")(h, *route)
+                                capacity_tokens=self.capacity_tokens, kernels=cfg.kernels,
+                                name="moe")(h, *route)
             x = x + y
         else:
             x = x + Mlp(cfg.mlp_dim, cfg.mlp_activation, self.dtype, cfg.dropout_rate,

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 
 from m6jax.model.stack import Stack
 from m6jax.model.layers import constrain, dense_init, layer_norm
-from m6jax.model.masks import prefix_lm_mask
+from m6jax.model.masks import StepMask, attention_mask
 from m6jax.model.moe import moe_config
 from m6jax.model.resnet import ResNetEncoder
-from m6jax.model.sparse import pattern_from_config, step_row
+from m6jax.model.sparse import pattern_from_config
 
 _EMB_INIT = nn.initializers.normal(stddev=0.02)
 
@@ -108,13 +108,11 @@ class M6(nn.Module):
             key_valid = self.variable("cache", "key_valid", lambda: None)
             kv_vars = [self.variable("cache", n, lambda: None) for n in ("key", "value")]
             cached = tuple(v.value for v in kv_vars)
-            mask = key_valid.value[:, None, None, :]                 # [B, 1, 1, L]: filled
-            pattern = pattern_from_config(cfg)
-            if pattern is not None:  # the sparse layout's row for this query's slot
-                mask = mask & step_row(pattern, num_patches + index.value, mask.shape[-1])
+            # The filled slots, and the sparse layout's row for this query's slot.
+            mask = StepMask(key_valid.value, num_patches + index.value, pattern_from_config(cfg))
         else:
-            mask = prefix_lm_mask(batch["image_mask"], batch["text_mask"], batch["text_is_prefix"],
-                                  batch.get("segment_ids"))
+            mask = attention_mask(batch["image_mask"], batch["text_mask"],
+                                  batch["text_is_prefix"], batch.get("segment_ids"))
         # Decoding routes each sequence in its own group (a sample must not depend on the
         # rest of the batch): a prefill's capacity is that of a whole P + text_len
         # sequence, the group the uncached decoder routes; a one-token step is a group of

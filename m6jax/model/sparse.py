@@ -87,12 +87,13 @@ def _key_blocks(pattern: Pattern, num_blocks: int):
 
 
 def sparse_attention(q, k, v, mask, pattern: Pattern):
-    """q, k, v [B, S, H, Dh]; mask bool [B, 1, S, S] -> [B, S, H, Dh].
+    """q, k, v [B, S, H, Dh]; mask an `AttentionMask` over S -> [B, S, H, Dh].
 
-    Equals `jax.nn.dot_product_attention(q, k, v, mask=mask & pattern.mask(S))` on every
-    query row that keeps a visible key (rows left with none, e.g. trailing padding
-    slots, give 0 here). S need not divide into blocks (a decode prefill is shorter than
-    the trained sequence): it is padded to whole blocks with invisible keys.
+    Equals `jax.nn.dot_product_attention(q, k, v, mask=mask.dense() & pattern.mask(S))`
+    on every query row that keeps a visible key (rows left with none, e.g. trailing
+    padding slots, give 0 here). The mask is evaluated at the kept blocks' positions
+    only, so no [S, S] array exists. S need not divide into blocks (a decode prefill is
+    shorter than the trained sequence): it is padded to whole blocks with invisible keys.
     """
     b, s, h, dh = q.shape
     bs = pattern.block_size
@@ -100,13 +101,14 @@ def sparse_attention(q, k, v, mask, pattern: Pattern):
     pad = nb * bs - s
     if pad:
         q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
-        mask = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, pad)))
+    mask = mask.pad_to(nb * bs)
     g = min(pattern.global_blocks, nb)
     scale = dh ** -0.5
     outs = []
     if g:  # global query rows see every block: plain dense rows
         scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, :g * bs], k).astype(jnp.float32) * scale
-        outs.append(_softmax_combine(scores, mask[:, :, :g * bs], v, "bhqk,bkhd->bqhd"))
+        m = mask.visible(np.arange(g * bs)[:, None], np.arange(nb * bs)[None, :])[:, None]
+        outs.append(_softmax_combine(scores, m, v, "bhqk,bkhd->bqhd"))
     if g < nb:
         idx, valid = _key_blocks(pattern, nb)                        # [nq, nk]
         nq, nk = idx.shape
@@ -114,11 +116,11 @@ def sparse_attention(q, k, v, mask, pattern: Pattern):
         vb = v.reshape(b, nb, bs, h, dh)[:, idx].reshape(b, nq, nk * bs, h, dh)
         qb = q[:, g * bs:].reshape(b, nq, bs, h, dh)
         scores = jnp.einsum("bnqhd,bnkhd->bhnqk", qb, kb).astype(jnp.float32) * scale
-        m = mask[:, 0].reshape(b, nb, bs, nb, bs)[:, g:]             # [B, nq, bs, nb, bs]
-        m = jnp.take_along_axis(m, jnp.asarray(idx)[None, :, None, :, None], axis=3)
-        m = m & jnp.asarray(valid)[None, :, None, :, None]           # [B, nq, bs, nk, bs]
-        m = m.reshape(b, nq, bs, nk * bs)[:, None]                   # [B, 1, nq, bs, nk*bs]
-        out = _softmax_combine(scores, m, vb, "bhnqk,bnkhd->bnqhd")
+        q_pos = (g * bs + np.arange(nq * bs)).reshape(nq, bs, 1)
+        k_pos = (idx[:, :, None] * bs + np.arange(bs)).reshape(nq, 1, nk * bs)
+        m = mask.visible(q_pos, k_pos)                               # [B, nq, bs, nk*bs]
+        m = m & jnp.asarray(np.repeat(valid, bs, axis=1))[None, :, None, :]
+        out = _softmax_combine(scores, m[:, None], vb, "bhnqk,bnkhd->bnqhd")
         outs.append(out.reshape(b, nq * bs, h, dh))
     out = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
     return out[:, :s].astype(q.dtype)

@@ -10,6 +10,7 @@ images), `codebook_perplexity` and `recon_mse`, and `reconstructions.png` shows 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from m6jax import checkpoint
 from m6jax.vq.data import TokenizerImages
@@ -40,27 +42,56 @@ def init_state(config, tx):
                 step=jnp.zeros((), jnp.int32))
 
 
-def make_step(config, tx):
+def data_mesh(batch_size: int, devices=None) -> jax.sharding.Mesh:
+    """A 1-D `data` mesh over the most local devices that divide `batch_size`."""
+    devices = list(devices or jax.devices())
+    n = math.gcd(len(devices), int(batch_size))
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=devices[:n])
+
+
+def make_step(config, tx, mesh=None):
+    """The jitted step. With `mesh`, each device runs the model's forward and backward
+    on its share of the images (`shard_map` over `data`; left to GSPMD the encoder's
+    input was all-gathered onto every device in one of two compiles tried), the
+    gradients and losses are averaged over devices (equal shares: the batch means), and
+    the EMA codebook update runs replicated on the gathered codes and encodings."""
     model = VQVAE(config.vq)
 
-    def step(state, images, key):
-        variables = state["params"]
-
+    def forward_backward(variables, images):
         def loss_fn(params):
             _, loss, aux = model.apply({**variables, "params": params}, images)
             return loss, aux
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        scalars = dict(loss=loss, mse=aux["mse"], commitment=aux["commitment"])
+        if mesh is not None:
+            grads, scalars = jax.lax.pmean((grads, scalars), "data")
+            aux = {n: jax.lax.all_gather(aux[n], "data", tiled=True) for n in ("z_e", "codes")}
+        return grads, scalars, aux["z_e"], aux["codes"]
+
+    if mesh is not None:
+        forward_backward = jax.shard_map(forward_backward, mesh=mesh,
+                                         in_specs=(P(), P("data")), out_specs=P(),
+                                         check_vma=False)
+
+    def step(state, images, key):
+        variables = state["params"]
+        grads, scalars, z_e, codes = forward_backward(variables, images)
         updates, opt_state = tx.update(grads, state["opt_state"], variables["params"])
         params = optax.apply_updates(variables["params"], updates)
-        vq = ema_update(variables["vq"], aux["z_e"], aux["codes"], key, config.vq.ema_decay)
+        vq = ema_update(variables["vq"], z_e, codes, key, config.vq.ema_decay)
         k = config.vq.codebook_size
-        used = jnp.mean(jnp.zeros(k).at[aux["codes"].reshape(-1)].set(1.0))
-        metrics = dict(loss=loss, mse=aux["mse"], commitment=aux["commitment"], batch_usage=used)
+        used = jnp.mean(jnp.zeros(k).at[codes.reshape(-1)].set(1.0))
+        metrics = dict(scalars, batch_usage=used)
         return dict(params=dict(params=params, vq=vq), opt_state=opt_state,
                     step=state["step"] + 1), metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return jax.jit(step, in_shardings=(rep, rows, rep), out_shardings=(rep, rep),
+                   donate_argnums=0)
 
 
 def evaluate(config, variables, images: np.ndarray, batch: int = 256) -> dict:
@@ -95,24 +126,26 @@ def train(config, workdir: str) -> dict:
     v = config.vq
     data = TokenizerImages(config.data.image_text_files, v.image_size, v.image_channels)
     tx = make_optimizer(config)
-    device = jax.devices()[0]
-    state = init_state(config, tx)
+    mesh = data_mesh(config.batch_size)
+    rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    logging.info("vq: data-parallel over %d device(s)", mesh.size)
+    state = jax.device_put(init_state(config, tx), rep)
     ckpt = checkpoint.Checkpointer(workdir, config)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-        a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(device)), state)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                            state)
     restored = ckpt.restore_latest(abstract)
     start = 0
     if restored is not None:
         state, meta = restored
         start = int(meta["step"])
         logging.info("vq: resuming at step %d", start)
-    step_fn = make_step(config, tx)
+    step_fn = make_step(config, tx, mesh)
     key = jax.random.key(config.seed + 1)
     meta = dict(config=checkpoint.config_json(config))
     m = None
     for step in range(start, config.total_steps):
         rng = np.random.default_rng([config.seed, step])
-        images = data.batch(rng.choice(data.train, config.batch_size))
+        images = jax.device_put(data.batch(rng.choice(data.train, config.batch_size)), rows)
         state, metrics = step_fn(state, images, jax.random.fold_in(key, step))
         done = step + 1
         if done % config.log_every == 0 or done == config.total_steps:

@@ -12,7 +12,8 @@ A third, `grouped`, keeps the same slots (so the same choices drop) but builds n
 [G, E, C, D] buffer: the kept choices go through the dropless path's grouped matmuls, so
 empty slots cost nothing (the fast capacity path on CPU, BENCHMARKS.md).
 Dropless paths: choices sorted by expert, then grouped matmuls: `blocked` (block-padded
-rows, grouped.py; the fast one on CPU) or `ragged_dot` (`jax.lax.ragged_dot`).
+rows, grouped.py; the fast one on CPU), `ragged_dot` (`jax.lax.ragged_dot`) or
+`megablox` (the same sorted rows through megablox's Pallas `gmm`, TPU; m6jax/kernels.py).
 
 Shapes: G groups, S tokens per group, D model width, E experts, K choices, C capacity.
 """
@@ -29,6 +30,7 @@ from m6jax.model.moe.routers import Routing
 
 
 PRIORITIES = ("order", "score")
+_GMM_TILE = 128  # megablox rows per tile (and the widest k, n tiles)
 
 
 def expert_capacity(tokens_per_group: int, k: int, num_experts: int, factor: float) -> int:
@@ -148,8 +150,9 @@ def _combine_rows(y_nd, combine_weight):
     return jnp.einsum("gskd,gsk->gsd", y, combine_weight.astype(y.dtype))
 
 
-def dropless_ragged(x, routing: Routing, wi, wo, activation):
-    """Every choice computed, none dropped: sort choices by expert, `jax.lax.ragged_dot`.
+def dropless_ragged(x, routing: Routing, wi, wo, activation, impl: str = "ragged_dot"):
+    """Every choice computed, none dropped: sort choices by expert, then a ragged
+    grouped matmul (`impl`: `jax.lax.ragged_dot` or megablox's `gmm`).
 
     x [G, S, D]; wi [E, D, M]; wo [E, M, D]; returns [G, S, D]. Equals the capacity
     path whenever that path drops nothing.
@@ -159,9 +162,26 @@ def dropless_ragged(x, routing: Routing, wi, wo, activation):
     order = jnp.argsort(expert, stable=True)
     rows = _choice_rows(x, k)[order]                                     # [N, D] by expert
     sizes = jnp.bincount(expert, length=e).astype(jnp.int32)
-    h = activation(jax.lax.ragged_dot(rows, wi.astype(x.dtype), sizes))
-    y = jax.lax.ragged_dot(h, wo.astype(x.dtype), sizes)                 # [N, D]
+    matmul = jax.lax.ragged_dot if impl == "ragged_dot" else _megablox
+    h = activation(matmul(rows, wi.astype(x.dtype), sizes))
+    y = matmul(h, wo.astype(x.dtype), sizes)                             # [N, D]
     return _combine_rows(jnp.zeros_like(y).at[order].set(y), routing.combine_weight)
+
+
+def _megablox(rows, w, sizes):
+    """rows [N, K] sorted by group, w [E, K, M], sizes [E] -> [N, M] by megablox's gmm
+    (its own VJP: gmm for the rows, tgmm for the weights). Rows are padded to its 128-row
+    tile (the padding belongs to no group and is cut off); off TPU it runs in interpret
+    mode (the CPU tests)."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm
+    from m6jax import kernels
+    n, kdim = rows.shape
+    extra = -n % _GMM_TILE
+    lhs = jnp.pad(rows, ((0, extra), (0, 0))) if extra else rows
+    tiling = (_GMM_TILE, min(_GMM_TILE, kdim), min(_GMM_TILE, w.shape[-1]))
+    out = gmm(lhs, w, sizes, rows.dtype, tiling, None, None, False,
+              kernels.interpret("megablox"))
+    return out[:n]
 
 
 def _grouped_mlp(rows, expert, wi, wo, activation, fused: bool, live=None, live_rows: int = 0):
@@ -205,12 +225,13 @@ def expert_mlp_rows(rows, expert, live, wi, wo, activation, impl: str, fused: bo
     -> [N, D]: the dropless expert MLP over a flat set of rows (expert parallelism's
     received buffer, of which about `live_rows` are live)."""
     e = wi.shape[0]
-    if impl == "ragged_dot":
+    if impl in ("ragged_dot", "megablox"):
         key = jnp.where(live, expert, e)
         order = jnp.argsort(key, stable=True)
         sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
-        h = activation(jax.lax.ragged_dot(rows[order], wi, sizes))
-        y = jax.lax.ragged_dot(h, wo, sizes)
+        matmul = jax.lax.ragged_dot if impl == "ragged_dot" else _megablox
+        h = activation(matmul(rows[order], wi, sizes))
+        y = matmul(h, wo, sizes)
         y = jnp.where(jnp.arange(y.shape[0])[:, None] < jnp.sum(sizes), y, 0)
         return jnp.zeros_like(y).at[order].set(y)
     return _grouped_mlp(rows, expert, wi, wo, activation, fused, live, live_rows)

@@ -7,22 +7,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from m6jax import kernels
 from m6jax.model.layers import constrain
 from m6jax.model.mlp import ACTIVATIONS
 from m6jax.model.moe import dispatch as dsp
 from m6jax.model.moe import parallel, routers
 
-# `dropless` is the backend's fastest dropless path: `blocked` on CPU (measured,
-# BENCHMARKS.md); `ragged_dot` where XLA has a native grouped matmul (GPU, TPU).
-DISPATCHES = ("gather", "einsum", "grouped", "dropless", "blocked", "ragged_dot")
-DROPLESS = ("dropless", "blocked", "ragged_dot")
+# `dropless` is the backend's dropless kernel from m6jax/kernels.py's table (`gmm`):
+# `blocked` on CPU (measured, BENCHMARKS.md) and GPU, megablox's Pallas gmm on TPU.
+DISPATCHES = ("gather", "einsum", "grouped", "dropless", "blocked", "ragged_dot", "megablox")
+DROPLESS = ("dropless", "blocked", "ragged_dot", "megablox")
 
 
-def dropless_impl(dispatch: str, backend: str | None = None) -> str:
-    """The dropless implementation a `model.moe.dispatch` value runs on `backend`."""
+def dropless_impl(dispatch: str, overrides: str = "") -> str:
+    """The dropless implementation a `model.moe.dispatch` value runs on this platform
+    (`overrides`: model.kernels)."""
     if dispatch != "dropless":
         return dispatch
-    return "ragged_dot" if (backend or jax.default_backend()) in ("gpu", "tpu") else "blocked"
+    return kernels.resolve("gmm", overrides)
 
 
 def group_shape(batch: int, length: int, group_size: int) -> tuple[int, int]:
@@ -63,6 +65,7 @@ class MoeMlp(nn.Module):
     deterministic: bool = True
     training: bool = False      # picks capacity_factor vs eval_capacity_factor, jitter
     capacity_tokens: int = 0    # group size the capacity is computed for; 0 = S (decode: L)
+    kernels: str = ""           # model.kernels: the dropless kernel's override (gmm=...)
 
     @nn.compact
     def __call__(self, x, token_ids=None, modality=None, valid=None):
@@ -101,7 +104,8 @@ class MoeMlp(nn.Module):
         pure = self.deterministic or not self.dropout_rate
         act = ACTIVATIONS[self.activation] if pure else hidden
         if cfg.dispatch in DROPLESS or not factor:
-            impl = dropless_impl(cfg.dispatch if cfg.dispatch in DROPLESS else "dropless")
+            impl = dropless_impl(cfg.dispatch if cfg.dispatch in DROPLESS else "dropless",
+                                 self.kernels)
             y, sent = parallel.dropless(x, routing, wi_c, wo_c, act, impl, pure,
                                         float(cfg.peer_capacity_factor))
             kept = valid[..., None] & sent   # a peer block's overflow is dropped

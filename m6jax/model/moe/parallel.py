@@ -105,8 +105,8 @@ def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True,
     if mesh is None:
         def local(x, e, c, wi, wo):
             r = dsp.Routing(e, c, None, None, None)  # the paths read only these two
-            if impl == "ragged_dot":
-                return dsp.dropless_ragged(x, r, wi, wo, activation)
+            if impl in ("ragged_dot", "megablox"):
+                return dsp.dropless_ragged(x, r, wi, wo, activation, impl)
             return dsp.dropless_blocked(x, r, wi, wo, activation, fused)
         y = _per_device(local, (x, routing.expert_index, routing.combine_weight), (wi, wo))
         return y, jnp.ones(routing.expert_index.shape, bool)

@@ -1,0 +1,216 @@
+"""Masks carried as vectors give today's dense masks; the fused kernels (Pallas, in
+interpret mode on CPU: splash and Triton attention, megablox gmm) agree with the XLA
+paths and with references built here; the kernel table picks per platform.
+
+The reference mask is built here by a per-(row, query, key) loop from the rule in words
+(m6jax/model/masks.py's docstring), not from the model's code.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m6jax import kernels
+from m6jax.model import fused
+from m6jax.model.masks import StepMask, attention_mask
+from m6jax.model.sparse import Pattern, sparse_attention
+
+P, T, H, DH = 4, 12, 2, 8
+S = P + T
+
+
+def _rule(image, text, prefix, seg=None):
+    """bool [B, S, S] by a loop: k visible from q iff k is real and (k in the prefix or
+    k <= q), and for a real query of a packed row, k in q's example."""
+    valid = np.concatenate([image, text], 1)
+    pre = np.concatenate([image, prefix & text], 1)
+    b, s = valid.shape
+    out = np.zeros((b, s, s), bool)
+    for r in range(b):
+        for q in range(s):
+            for k in range(s):
+                ok = valid[r, k] and (pre[r, k] or k <= q)
+                if seg is not None and seg[r, q] != 0:
+                    ok = ok and seg[r, q] == seg[r, k]
+                out[r, q, k] = ok
+    return out
+
+
+def _kinds():
+    """name -> (image_mask, text_mask, text_is_prefix, segment_ids) over 2 rows."""
+    img, no_img = np.ones((2, P), bool), np.zeros((2, P), bool)
+    full = np.ones((2, T), bool)
+    lengths = np.arange(T)[None] < np.array([[T], [7]])             # row 1: 5 pads
+    src = np.arange(T)[None] < np.array([[3], [5]])
+    seg = np.zeros((2, S), np.int32)                                  # 2 + 1 examples
+    seg[0, P:P + 5], seg[0, P + 5:P + 10], seg[1, P:P + 9] = 1, 2, 1
+    packed_text = seg[:, P:] > 0
+    packed_src = np.zeros((2, T), bool)
+    packed_src[0, [0, 1, 5]] = packed_src[1, [0, 1, 2]] = True       # each example's source
+    return {
+        "prefix_lm": (img, full, src, None),
+        "causal": (no_img, full, np.zeros((2, T), bool), None),
+        "padding": (np.array([[1] * P, [0] * P], bool), lengths, src, None),
+        "packed": (no_img, packed_text, packed_src & packed_text, seg),
+    }
+
+
+KINDS = _kinds()
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_dense_mask_is_the_rule(kind):
+    image, text, prefix, seg = KINDS[kind]
+    got = np.asarray(attention_mask(image, text, prefix, seg).dense())[:, 0]
+    np.testing.assert_array_equal(got, _rule(image, text, prefix, seg))
+
+
+def test_step_mask_is_filled_slots_and_pattern_row():
+    pattern, slots = Pattern(4, 1, 3, 1), 32          # 8 blocks: block 5 skips 1, 3, 7
+    filled = np.random.default_rng(0).random((2, slots)) < 0.7
+    for slot in (3, 20, 30):
+        got = np.asarray(StepMask(jnp.asarray(filled), jnp.int32(slot), pattern).dense())
+        want = filled & pattern.mask(slots)[slot][None]
+        assert not pattern.mask(slots)[slot].all() or slot == 3
+        np.testing.assert_array_equal(got[:, 0, 0], want)
+        dense_only = np.asarray(StepMask(jnp.asarray(filled), jnp.int32(slot)).dense())
+        np.testing.assert_array_equal(dense_only[:, 0, 0], filled)
+
+
+def _qkv(seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(k, (2, S, H, DH)) for k in ks)
+
+
+def _reference(q, k, v, dense):
+    return jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(dense)[:, None],
+                                        implementation="xla")
+
+
+def _real_rows(image, text):
+    return np.concatenate([image, text], 1)
+
+
+# Interpret mode is slow on 2 cores; one jitted call per (impl, kind) keeps it seconds.
+@pytest.mark.parametrize("impl", ["splash", "triton"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fused_kernel_equals_xla(impl, kind):
+    image, text, prefix, seg = KINDS[kind]
+    q, k, v = _qkv()
+    mask = attention_mask(image, text, prefix, seg)
+    got = jax.jit(lambda q, k, v: fused.attend(impl, q, k, v, mask, interpret=True))(q, k, v)
+    want = _reference(q, k, v, _rule(image, text, prefix, seg))
+    rows = _real_rows(image, text)
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["prefix_lm", "padding"])
+def test_splash_sparse_equals_blocks_and_dense(kind):
+    image, text, prefix, seg = KINDS[kind]
+    pattern = Pattern(4, 1, 3, 1)
+    q, k, v = _qkv(1)
+    mask = attention_mask(image, text, prefix, seg)
+    got = jax.jit(lambda q, k, v: fused.attend("splash", q, k, v, mask, pattern,
+                                               interpret=True))(q, k, v)
+    blocks = jax.jit(lambda q, k, v: sparse_attention(q, k, v, mask, pattern))(q, k, v)
+    want = _reference(q, k, v, _rule(image, text, prefix, seg) & pattern.mask(S)[None])
+    rows = _real_rows(image, text)
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=2e-5)
+    np.testing.assert_allclose(np.asarray(blocks)[rows], np.asarray(want)[rows], atol=2e-5)
+
+
+def test_splash_gradients_equal_xla():
+    image, text, prefix, seg = KINDS["padding"]
+    q, k, v = _qkv(2)
+    mask = attention_mask(image, text, prefix, seg)
+    w = jnp.asarray(_real_rows(image, text), jnp.float32)[..., None, None]
+    dense = _rule(image, text, prefix, seg)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)) * w)
+
+    got = jax.jit(jax.grad(loss(lambda q, k, v: fused.attend("splash", q, k, v, mask,
+                                                             interpret=True)), (0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: _reference(q, k, v, dense)), (0, 1, 2))(q, k, v)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+def test_kernel_table_per_platform_and_override():
+    assert kernels.resolve("attention") == "xla"          # this CPU machine
+    assert kernels.resolve("sparse_attention") == "blocks"
+    assert kernels.resolve("gmm") == "blocked"
+    with kernels.lowering_for("tpu"):
+        assert kernels.resolve("attention") == "splash" and kernels.interpret("splash") is False
+        assert kernels.resolve("gmm") == "megablox"
+        assert kernels.resolve("attention", "attention=xla") == "xla"
+    with kernels.lowering_for("cuda"):
+        assert kernels.resolve("attention") == "triton"
+        assert kernels.resolve("sparse_attention") == "blocks"
+    assert kernels.interpret("splash") is True             # off its platform
+    with pytest.raises(ValueError, match="model.kernels"):
+        kernels.parse("attention=cudnn")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_logits():
+    """The tiny M6's logits on the XLA path (and its params, batch and config)."""
+    from helpers import synthetic_batch, tiny_config
+    from m6jax.model import build
+    config = tiny_config()
+    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(4).items()}
+    model = build.build_model(config)
+    params = model.init(jax.random.key(0), batch)["params"]
+    return config, params, batch, model.apply({"params": params}, batch)
+
+
+def test_model_on_splash_equals_xla_on_a_mesh(tiny_model_logits, devices):
+    """model.kernels='attention=splash' (interpret mode here) through the whole M6, run
+    per device under a data x tensor mesh (the kernel's shard_map), on the real tokens."""
+    from m6jax import sharding
+    from m6jax.model import build
+    config, params, batch, want = tiny_model_logits
+    with config.unlocked():
+        config.model.kernels = "attention=splash"
+        config.mesh.update(data=2, tensor=2)
+    mesh = sharding.make_mesh(config.mesh, devices[:4])
+    model = build.build_model(config)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        got = jax.jit(lambda p, b: model.apply({"params": p}, b))(params, batch)
+    rows = np.asarray(batch["text_mask"])
+    np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=2e-4)
+
+
+def test_megablox_dropless_equals_a_per_choice_loop_values_and_gradients():
+    """model.moe.dispatch='megablox' (interpret mode): every choice through its expert,
+    against a loop over choices; gradients against the same loop's autodiff."""
+    from m6jax.model.moe import dispatch as dsp
+    g, s, d, m, e, k = 2, 24, 16, 32, 4, 2
+    ks = jax.random.split(jax.random.key(3), 4)
+    x = jax.random.normal(ks[0], (g, s, d))
+    wi = jax.random.normal(ks[1], (e, d, m)) * 0.3
+    wo = jax.random.normal(ks[2], (e, m, d)) * 0.3
+    expert = jax.random.randint(ks[3], (g, s, k), 0, e)
+    weight = jax.nn.softmax(jax.random.normal(ks[3], (g, s, k)), -1)
+    routing = dsp.Routing(expert, weight, None, None, None)
+
+    def loop(x, wi, wo):
+        out = jnp.zeros_like(x)
+        for c in range(k):
+            ei = expert[..., c]
+            y = jnp.einsum("gsm,gsmd->gsd", jax.nn.gelu(jnp.einsum("gsd,gsdm->gsm", x, wi[ei])),
+                           wo[ei])
+            out = out + y * weight[..., c:c + 1]
+        return out
+
+    got = jax.jit(lambda *a: dsp.dropless_ragged(*a, jax.nn.gelu, "megablox"))
+    args = (x, routing, wi, wo)
+    np.testing.assert_allclose(np.asarray(got(*args)), np.asarray(loop(x, wi, wo)),
+                               atol=1e-4, rtol=1e-4)
+    loss = lambda f: lambda x, wi, wo: jnp.sum(jnp.sin(f(x, wi, wo)))  # noqa: E731
+    g_got = jax.jit(jax.grad(loss(lambda x, wi, wo: dsp.dropless_ragged(
+        x, routing, wi, wo, jax.nn.gelu, "megablox")), (0, 1, 2)))(x, wi, wo)
+    g_want = jax.grad(loss(loop), (0, 1, 2))(x, wi, wo)
+    for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
