@@ -11,8 +11,8 @@ from m6jax import schema
 from m6jax.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-IMAGE_TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar", ".tsv")
-IMAGE_TEXT_FORMATS = ("", "jsonl", "parquet", "webdataset", "folder")
+IMAGE_TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar", ".tsv", ".npy")
+IMAGE_TEXT_FORMATS = ("", "jsonl", "parquet", "webdataset", "folder", "preprocessed")
 
 TASK_NAMES = ("caption", "caption_denoise", "denoise", "lm", "text_to_image", "text_to_image_mask")
 
@@ -98,7 +98,7 @@ def task_probabilities(task_weights: dict) -> list[float]:
 
 def _check(s: dict) -> None:
     for field in ("text_len", "image_size", "image_channels", "patch_size", "vocab_size", "eval_examples",
-                  "max_text_chars", "prefetch"):
+                  "max_text_chars", "prefetch", "eval_records"):
         if not isinstance(s[field], int) or isinstance(s[field], bool) or s[field] <= 0:
             raise ValueError(f"data.{field}={s[field]!r} must be a positive integer")
     if s["text_len"] < MIN_TEXT_LEN:

@@ -69,7 +69,7 @@ class Pipeline:
         self.text = sources.TextSource(text_files, cache_dir, s["max_text_chars"])
         self.images = sources.ImageTextSource(image_files, cache_dir, s["image_size"], s["image_channels"],
                                               s["max_text_chars"], s["image_text_format"],
-                                              process_index, process_count)
+                                              process_index, process_count, s["eval_records"])
 
         path = s["tokenizer_path"] or os.path.join(workdir, "tokenizer.model")
         self.tokenizer = tokenizer_lib.load_or_train(
@@ -82,8 +82,11 @@ class Pipeline:
     def log_image_notice(self) -> None:
         """Logs what the first image-text record's image becomes (see data.describe)."""
         try:
-            image = self.images.parts[0].row(0)["image"]
-            channels, hw = describe.source_image_info(image, self.images.base_dirs[0])
+            # The host's first training record: a shard it reads anyway.
+            row = int(self.images.host_train[0])
+            part = int(np.searchsorted(self.images.offsets, row, side="right")) - 1
+            image = self.images.parts[part].row(row - int(self.images.offsets[part]))["image"]
+            channels, hw = describe.source_image_info(image, self.images.base_dirs[part])
         except (OSError, ValueError, KeyError, TypeError):  # a bad first record: counted later
             return
         line, warning = describe.image_notice(channels, hw, self.settings)
