@@ -7,7 +7,8 @@ In one process: scikit-image's photos (re-encoded as JPEG, --copies of each) wri
 webdataset and parquet shards (JPEG bytes) and as the preprocessed format (decoded
 224 px uint8 pixels, `make_shards.py --format=preprocessed`); `images_per_s` of the
 loader for each format with 0 and 2 worker processes (caption rows only, so one image
-per row; timed after each worker's first batch, which pays its start), also as the list
+per row; timed after each worker's first batch, which pays its start, and after the
+batches its queues filled meanwhile; the loader's closing is not timed), also as the list
 `formats` ({"format", "workers", "images_per_s"}). Then `startup_s_1000_shards`: a
 Pipeline over 1,000 small webdataset shards (sized from their shards.json) built and
 its first batch made, beside the same without shards.json (every shard opened). Then
@@ -49,11 +50,16 @@ FLAGS = flags.FLAGS
 
 def _throughput(config, data_dir, num_workers, batches):
     from m6jax.data import Pipeline
-    from m6jax.data.loader import Loader
+    from m6jax.data.loader import DEVICE_PREFETCH, Loader
     c = config.data
     pipe = Pipeline(c, seed=0, batch_size=FLAGS.batch_size, workdir=data_dir)
-    warm = 1 + num_workers  # every worker's start-up and first batch
-    loader = Loader(pipe, 0, batches + warm, num_workers=num_workers)
+    # Untimed: every worker's start-up and first batch, then the batches its queues
+    # filled meanwhile (timing those would count work done during the start-up).
+    warm = 1 + num_workers
+    if num_workers:
+        warm += num_workers * c.prefetch + DEVICE_PREFETCH
+    # One batch more than is read: the loader ends its workers on the last (seconds).
+    loader = Loader(pipe, 0, batches + warm + 1, num_workers=num_workers)
     t_start = time.perf_counter()
     for _ in range(warm):
         next(loader)
@@ -62,6 +68,7 @@ def _throughput(config, data_dir, num_workers, batches):
     for _ in range(batches):
         next(loader)
     dt = time.perf_counter() - t0
+    loader.close()
     return dict(images_per_s=batches * FLAGS.batch_size / dt, batches_per_s=batches / dt,
                 first_batch_s=first_s)
 

@@ -243,3 +243,33 @@ def test_heldout_is_the_first_eval_records_of_the_seed0_permutation(many_shards)
     assert len(src.train) == 75 and not set(src.train) & set(src.heldout)
     big = sources.ImageTextSource(paths, os.path.dirname(paths[0]), SIZE, 3, eval_records=1000)
     assert len(big.heldout) == 16  # 20% when that is fewer
+
+
+# ---- packing and text-to-image -----------------------------------------------------------
+
+def test_packing_text_to_image_is_refused_in_one_line_naming_the_field():
+    from m6jax.data.config import data_settings
+    c = make_config(pack=True, task_weights={"caption": 1.0, "text_to_image": 0.5})
+    with pytest.raises(ValueError, match=r"^data.pack=True cannot pack "
+                       r"data.task_weights.text_to_image examples[^\n]*data.pack=False$"):
+        data_settings(c)
+    data_settings(make_config(pack=True))  # text tasks alone still pack
+
+
+# ---- the held-out set, streamed ----------------------------------------------------------
+
+def test_caption_eval_batches_decode_one_chunk_at_a_time(many_shards):
+    root, paths, config, kwargs = many_shards
+    pipe = Pipeline(config, **kwargs)
+    decoded = []
+    record = pipe._image_record
+    pipe._image_record = lambda row, rng=None: decoded.append(row) or record(row, rng)
+    chunks = pipe.caption_eval_batches(3)
+    first = next(chunks)
+    assert len(decoded) == 3 and first[0].shape == (3, (SIZE // 8) ** 2, 8 * 8 * 3)
+    rest = list(chunks)
+    assert [len(c[2]) for c in rest] == [3, 3, 3, 3, 1]  # 16 held out
+    whole = pipe.caption_eval_set()
+    for k in range(3):
+        np.testing.assert_array_equal(np.concatenate([c[k] for c in [first] + rest]), whole[k])
+    assert pipe.heldout_captions() == [r for c in [first] + rest for r in c[3]]

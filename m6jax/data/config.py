@@ -126,3 +126,9 @@ def _check(s: dict) -> None:
     if not isinstance(s["num_workers"], int) or isinstance(s["num_workers"], bool) or s["num_workers"] < 0:
         raise ValueError(f"data.num_workers={s['num_workers']!r} must be an integer >= 0")
     task_probabilities(s["task_weights"])
+    t2i = [t for t in ("text_to_image", "text_to_image_mask") if s["task_weights"].get(t, 0) > 0]
+    if s["pack"] and t2i:
+        # A text-to-image example is a prompt + every code of its image: it fills the row
+        # alone, so packing has nothing to add to it (and packing.py lays out text only).
+        raise ValueError(f"data.pack=True cannot pack data.task_weights.{t2i[0]} examples (an "
+                         "image's codes fill the row); set data.pack=False")
