@@ -75,6 +75,8 @@ DATA = {
     "max_text_chars": (20_000, "a longer text or caption is a bad record, never sampled"),
     "vq_from": ("", "text-to-image: the image tokenizer's workdir (follows `vq_from`)"),
     "caption_dropout": (0.0, "text-to-image: share of examples whose caption is dropped"),
+    "codes_dir": ("", "text-to-image: image codes from experiments/encode_codes.py; '' = "
+                      "encode every image at start-up"),
 }
 
 MODEL = {

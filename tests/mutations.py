@@ -15,6 +15,28 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # name: (file, snippet, replacement, occurrences, pytest arguments)
 CASES = {
+    # issue 29: data at scale
+    "lazy_shards_off": ("m6jax/data/sources.py", "indexed = opener and shard_index.records(f)",
+                        "indexed = None", 1, ["tests/test_data_scale.py", "-k", "opens"]),
+    "normalise_channels_mixed": ("m6jax/data/images.py",
+                                 "np.tile(RGB_MEAN, width), np.tile(RGB_STD, width)",
+                                 "np.repeat(RGB_MEAN, width), np.repeat(RGB_STD, width)", 1,
+                                 ["tests/test_data_scale.py", "-k", "normalise or bitwise"]),
+    "pixels_centre_only": ("m6jax/data/images.py",
+                           "x0, y0 = _crop_offset(size - image_size, rng), _crop_offset(size - image_size, rng)",
+                           "x0, y0 = _crop_offset(size - image_size, None), _crop_offset(size - image_size, None)",
+                           1, ["tests/test_data_scale.py", "-k", "random_window"]),
+    "eval_records_unbounded": ("m6jax/data/sources.py",
+                               "min(int(round(IMAGE_HOLDOUT_FRACTION * n)), eval_records)",
+                               "int(round(IMAGE_HOLDOUT_FRACTION * n))", 1,
+                               ["tests/test_data_scale.py", "-k", "eval_records"]),
+    "eval_whole_set": ("m6jax/data/pipeline.py", "if chunk and (len(chunk) == size or",
+                       "if chunk and (False or", 1,
+                       ["tests/test_data_scale.py", "-k", "one_chunk"]),
+    "pack_t2i_allowed": ("m6jax/data/config.py", 'if s["pack"] and t2i:', "if False:", 1,
+                         ["tests/test_data_scale.py", "-k", "packing"]),
+    "codes_dir_ignored": ("m6jax/t2i/data.py", 'if s["codes_dir"]:', "if False:", 1,
+                          ["tests/test_t2i_codes.py", "-k", "never_runs"]),
     "blocked_layout": ("m6jax/model/moe/grouped.py", 'side="right"', 'side="left"', 1,
                        ["tests/test_moe_grouped.py", "-k", "reference"]),
     "blocked_full_sets": ("m6jax/model/moe/grouped.py", "first=k < n_sized", "first=True", 1,

@@ -115,7 +115,7 @@ def _check(s: dict) -> None:
         raise ValueError(f"data.mean_span={s['mean_span']} must be >= 1")
     if not 0.0 <= s["caption_dropout"] < 1.0:
         raise ValueError(f"data.caption_dropout={s['caption_dropout']} must be in [0, 1)")
-    for field in ("tokenizer_path", "text_files", "image_text_files", "vq_from"):
+    for field in ("tokenizer_path", "text_files", "image_text_files", "vq_from", "codes_dir"):
         if not isinstance(s[field], str):
             raise ValueError(f"data.{field}={s[field]!r} must be a string ('' for the default)")
     if s["image_text_format"] not in IMAGE_TEXT_FORMATS:
