@@ -35,6 +35,8 @@ CASES = {
                        ["tests/test_data_scale.py", "-k", "one_chunk"]),
     "pack_t2i_allowed": ("m6jax/data/config.py", 'if s["pack"] and t2i:', "if False:", 1,
                          ["tests/test_data_scale.py", "-k", "packing"]),
+    "grain_read_threads": ("m6jax/data/loader.py", ".to_iter_dataset(read)", ".to_iter_dataset()", 1,
+                           ["tests/test_data_scale.py", "-m", "", "-k", "prefetch_batches_ahead"]),
     "codes_dir_ignored": ("m6jax/t2i/data.py", 'if s["codes_dir"]:', "if False:", 1,
                           ["tests/test_t2i_codes.py", "-k", "never_runs"]),
     "blocked_layout": ("m6jax/model/moe/grouped.py", 'side="right"', 'side="left"', 1,
