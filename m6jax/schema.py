@@ -69,11 +69,14 @@ DATA = {
     "num_workers": (0, "worker processes that build batches; 0 = on the training thread"),
     "prefetch": (2, "batches each worker builds ahead (host queue)"),
     "eval_examples": (256, "held-out examples of the eval loss"),
+    "eval_records": (1000, "image-text records held out: min(20%, this), a fixed seed-0 sample"),
     "noise_density": (0.15, "denoising: share of tokens masked"),
     "mean_span": (3.0, "denoising: mean masked span length"),
     "max_text_chars": (20_000, "a longer text or caption is a bad record, never sampled"),
     "vq_from": ("", "text-to-image: the image tokenizer's workdir (follows `vq_from`)"),
     "caption_dropout": (0.0, "text-to-image: share of examples whose caption is dropped"),
+    "codes_dir": ("", "text-to-image: image codes from experiments/encode_codes.py; '' = "
+                      "encode every image at start-up"),
 }
 
 MODEL = {

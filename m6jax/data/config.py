@@ -11,8 +11,8 @@ from m6jax import schema
 from m6jax.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-IMAGE_TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar", ".tsv")
-IMAGE_TEXT_FORMATS = ("", "jsonl", "parquet", "webdataset", "folder")
+IMAGE_TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".tar", ".tsv", ".npy")
+IMAGE_TEXT_FORMATS = ("", "jsonl", "parquet", "webdataset", "folder", "preprocessed")
 
 TASK_NAMES = ("caption", "caption_denoise", "denoise", "lm", "text_to_image", "text_to_image_mask")
 
@@ -98,7 +98,7 @@ def task_probabilities(task_weights: dict) -> list[float]:
 
 def _check(s: dict) -> None:
     for field in ("text_len", "image_size", "image_channels", "patch_size", "vocab_size", "eval_examples",
-                  "max_text_chars", "prefetch"):
+                  "max_text_chars", "prefetch", "eval_records"):
         if not isinstance(s[field], int) or isinstance(s[field], bool) or s[field] <= 0:
             raise ValueError(f"data.{field}={s[field]!r} must be a positive integer")
     if s["text_len"] < MIN_TEXT_LEN:
@@ -115,7 +115,7 @@ def _check(s: dict) -> None:
         raise ValueError(f"data.mean_span={s['mean_span']} must be >= 1")
     if not 0.0 <= s["caption_dropout"] < 1.0:
         raise ValueError(f"data.caption_dropout={s['caption_dropout']} must be in [0, 1)")
-    for field in ("tokenizer_path", "text_files", "image_text_files", "vq_from"):
+    for field in ("tokenizer_path", "text_files", "image_text_files", "vq_from", "codes_dir"):
         if not isinstance(s[field], str):
             raise ValueError(f"data.{field}={s[field]!r} must be a string ('' for the default)")
     if s["image_text_format"] not in IMAGE_TEXT_FORMATS:
@@ -126,3 +126,9 @@ def _check(s: dict) -> None:
     if not isinstance(s["num_workers"], int) or isinstance(s["num_workers"], bool) or s["num_workers"] < 0:
         raise ValueError(f"data.num_workers={s['num_workers']!r} must be an integer >= 0")
     task_probabilities(s["task_weights"])
+    t2i = [t for t in ("text_to_image", "text_to_image_mask") if s["task_weights"].get(t, 0) > 0]
+    if s["pack"] and t2i:
+        # A text-to-image example is a prompt + every code of its image: it fills the row
+        # alone, so packing has nothing to add to it (and packing.py lays out text only).
+        raise ValueError(f"data.pack=True cannot pack data.task_weights.{t2i[0]} examples (an "
+                         "image's codes fill the row); set data.pack=False")

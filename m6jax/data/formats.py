@@ -6,12 +6,15 @@
                  or `KEY.json` ({"caption": ..., optional "lang", "label"})
   folder         a captions file (.tsv): `relative/image/path<TAB>caption[<TAB>caption...]`
                  a line, paths relative to the captions file's directory
+  preprocessed   .npy shards of decoded uint8 pixels + `.npy.meta` captions
+                 (m6jax/data/preprocessed.py): read without decoding
 
 The format is `data.image_text_format`, or by a file's extension when that is ''. Every
 part answers `len(part)`, `part.row(i)` (a dict with at least `image` and `caption`, the
 image still encoded) and `part.captions()`; decoding happens later, in the loader's
 workers. A tar shard is indexed once (member offsets) and read by seek, so random access
-costs one read per image.
+costs one read per image. A tar or .npy shard listed in its folder's `shards.json`
+(shard_index.py) is a `LazyShard`: sized from the index, opened on its first row.
 """
 import json
 import os
@@ -19,9 +22,9 @@ import tarfile
 
 from m6jax.errors import InputError
 
-FORMATS = ("jsonl", "parquet", "webdataset", "folder")
+FORMATS = ("jsonl", "parquet", "webdataset", "folder", "preprocessed")
 BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".tar": "webdataset",
-             ".tsv": "folder"}
+             ".tsv": "folder", ".npy": "preprocessed"}
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 FIELD = "data.image_text_files"
 
@@ -90,6 +93,36 @@ class TarShard:
                     continue
             else:
                 yield s.get(".txt")
+
+
+class LazyShard:
+    """A shard of `size` records (from shards.json), opened by `opener(path)` when a row
+    or caption of it is first read; pickled (to Grain's workers) unopened."""
+
+    def __init__(self, path: str, opener, size: int):
+        self.path, self.opener, self.size, self._part = path, opener, size, None
+
+    def part(self):
+        if self._part is None:
+            part = self.opener(self.path)
+            if len(part) != self.size:
+                raise InputError(f"{FIELD}: {self.path} has {len(part)} records, its "
+                                 f"shards.json {self.size}; rewrite the shards or delete "
+                                 "shards.json")
+            self._part = part
+        return self._part
+
+    def __getstate__(self):
+        return {**self.__dict__, "_part": None}
+
+    def __len__(self):
+        return self.size
+
+    def row(self, i: int) -> dict:
+        return self.part().row(i)
+
+    def captions(self):
+        return self.part().captions()
 
 
 class CaptionsFile:

@@ -7,6 +7,7 @@ image is therefore resized exactly as before crops existed. RGB is then normalis
 the ImageNet mean and std (what a CNN backbone expects); grey stays in [0, 1] (what the
 digits and the quickstart were trained on).
 """
+import functools
 import io
 import os
 
@@ -31,6 +32,8 @@ def load_image(value, base_dir: str, image_size: int, channels: int,
         value = value.get("bytes") or value.get("path")
         if value is None:
             raise ValueError("image dict has neither 'bytes' nor 'path'")
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8:  # the preprocessed format
+        return normalise(from_pixels(value, image_size, channels, rng))
     if isinstance(value, (bytes, bytearray, memoryview)):
         return normalise(decode(io.BytesIO(bytes(value)), image_size, channels, rng))
     if isinstance(value, str):
@@ -42,6 +45,12 @@ def load_image(value, base_dir: str, image_size: int, channels: int,
 def decode(file, image_size: int, channels: int, rng=None) -> np.ndarray:
     """A JPEG/PNG/WebP file or file object -> float32 [S, S, C] in [0, 1], resized and
     cropped as the module docstring says."""
+    return decode_pixels(file, image_size, channels, rng).astype(np.float32) / 255.0
+
+
+def decode_pixels(file, image_size: int, channels: int, rng=None) -> np.ndarray:
+    """`decode` before the division by 255: uint8 [S, S, C] (what the preprocessed
+    format stores, so its images are bitwise those of the JPEG path)."""
     with Image.open(file) as im:
         # JPEG decodes at 1/2, 1/4 or 1/8 scale in libjpeg when that still covers the
         # target: several times faster on photos far larger than image_size.
@@ -55,7 +64,26 @@ def decode(file, image_size: int, channels: int, rng=None) -> np.ndarray:
         x0, y0 = _crop_offset(size[0] - image_size, rng), _crop_offset(size[1] - image_size, rng)
         if size != (image_size, image_size):
             im = im.crop((x0, y0, x0 + image_size, y0 + image_size))
-        return (np.asarray(im, np.float32) / 255.0).reshape(image_size, image_size, channels)
+        return np.asarray(im, np.uint8).reshape(image_size, image_size, channels)
+
+
+def from_pixels(pixels: np.ndarray, image_size: int, channels: int, rng=None) -> np.ndarray:
+    """Stored uint8 pixels [M, M, C] (M >= image_size) -> float32 [S, S, C] in [0, 1]:
+    an S-square window at a random offset (`rng`) or the centre, no decoding. Raises
+    ValueError naming the data field when the stored images do not fit the config."""
+    size, width, stored_channels = pixels.shape
+    if stored_channels != channels:
+        raise ValueError(f"stored images have {stored_channels} channel(s), "
+                         f"data.image_channels={channels}; rewrite them with make_shards.py "
+                         f"--channels={channels}")
+    if size < image_size or width != size:
+        raise ValueError(f"stored images are {size}x{width} px, smaller than or not square as "
+                         f"data.image_size={image_size}; rewrite them with make_shards.py "
+                         f"--image_size={image_size}")
+    x0, y0 = _crop_offset(size - image_size, rng), _crop_offset(size - image_size, rng)
+    image = pixels[y0:y0 + image_size, x0:x0 + image_size].astype(np.float32)
+    image /= 255.0  # in place: one array, not two (the same division as `decode`'s)
+    return image
 
 
 def _crop_offset(slack: int, rng) -> int:
@@ -65,10 +93,20 @@ def _crop_offset(slack: int, rng) -> int:
 
 
 def normalise(image: np.ndarray) -> np.ndarray:
-    """[S, S, C] in [0, 1] -> the model's input: RGB standardised, grey unchanged."""
-    if image.shape[-1] == 3:
-        return (image - RGB_MEAN) / RGB_STD
-    return image
+    """[..., W, C] in [0, 1] -> the model's input: RGB standardised, grey unchanged."""
+    if image.shape[-1] != 3:
+        return image
+    # (image - mean) / std on rows of W * 3 values: the same float32 operations, 8x
+    # faster than broadcasting over a last axis of 3 (numpy's inner loop is 3 long).
+    width = image.shape[-2]
+    mean, std = _rgb_rows(width)
+    rows = np.subtract(image.reshape(*image.shape[:-2], width * 3), mean)
+    return np.divide(rows, std, out=rows).reshape(image.shape)
+
+
+@functools.lru_cache(maxsize=8)
+def _rgb_rows(width: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.tile(RGB_MEAN, width), np.tile(RGB_STD, width)
 
 
 def denormalise(image: np.ndarray) -> np.ndarray:

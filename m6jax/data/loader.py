@@ -53,7 +53,11 @@ def _grain_iterator(pipe, start: int, stop: int, num_workers: int, prefetch: int
     import grain
     if not flags.FLAGS.is_parsed():  # grain reads absl flags; a library caller has none
         flags.FLAGS.mark_as_parsed()
-    ds = grain.MapDataset.range(start, stop).map(_BuildBatch(pipe)).to_iter_dataset()
+    # No read threads inside a worker: Grain's default ReadOptions (16 threads, a buffer
+    # of 500 elements per worker) would hold up to 500 host batches per worker (~5 GB at
+    # 224 px) and fight the workers for the cores; per_worker_buffer_size is the bound.
+    read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    ds = grain.MapDataset.range(start, stop).map(_BuildBatch(pipe)).to_iter_dataset(read)
     options = grain.MultiprocessingOptions(num_workers=num_workers,
                                            per_worker_buffer_size=prefetch)
     return iter(ds.mp_prefetch(options))

@@ -69,7 +69,7 @@ class Pipeline:
         self.text = sources.TextSource(text_files, cache_dir, s["max_text_chars"])
         self.images = sources.ImageTextSource(image_files, cache_dir, s["image_size"], s["image_channels"],
                                               s["max_text_chars"], s["image_text_format"],
-                                              process_index, process_count)
+                                              process_index, process_count, s["eval_records"])
 
         path = s["tokenizer_path"] or os.path.join(workdir, "tokenizer.model")
         self.tokenizer = tokenizer_lib.load_or_train(
@@ -82,8 +82,11 @@ class Pipeline:
     def log_image_notice(self) -> None:
         """Logs what the first image-text record's image becomes (see data.describe)."""
         try:
-            image = self.images.parts[0].row(0)["image"]
-            channels, hw = describe.source_image_info(image, self.images.base_dirs[0])
+            # The host's first training record: a shard it reads anyway.
+            row = int(self.images.host_train[0])
+            part = int(np.searchsorted(self.images.offsets, row, side="right")) - 1
+            image = self.images.parts[part].row(row - int(self.images.offsets[part]))["image"]
+            channels, hw = describe.source_image_info(image, self.images.base_dirs[part])
         except (OSError, ValueError, KeyError, TypeError):  # a bad first record: counted later
             return
         line, warning = describe.image_notice(channels, hw, self.settings)
@@ -237,24 +240,36 @@ class Pipeline:
                 examples.append((tasks.LM, [self.tokenizer.lm_id], target, None))
         return examples
 
-    def caption_eval_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """All held-out images: patches [N, P, D] f32, image_mask [N, P] bool, labels [N] i32.
-
-        labels are -1 for records without a `label` field.
-        """
-        records = [r for r in map(self._image_record, self.images.heldout) if r is not None]
-        if not records:
+    def caption_eval_batches(self, size: int):
+        """The held-out images, decoded `size` usable records at a time (at most
+        data.eval_records in all): yields (patches [n, P, D] f32, image_mask [n, P] bool,
+        labels [n] i32 (-1 without a `label` field), per record [(caption, lang), ...])."""
+        chunk, found = [], 0
+        for row in self.images.heldout:
+            record = self._image_record(row)
+            if record is not None:
+                chunk.append(record)
+                found += 1
+            if chunk and (len(chunk) == size or row == self.images.heldout[-1]):
+                patches = np.stack([images.patchify(r[0], self.patch_size) for r in chunk])
+                yield (patches, np.ones(patches.shape[:2], bool),
+                       np.array([r[3] for r in chunk], np.int32),
+                       [list(zip(r[1], r[2])) for r in chunk])
+                chunk = []
+        if not found:
             raise InputError(f"data.image_text_files={', '.join(self.images.files)}: no usable "
                              f"held-out record ({len(self.images.heldout)} all bad; last: "
                              f"{self._last_bad})")
-        patches = np.stack([images.patchify(r[0], self.patch_size) for r in records])
-        labels = np.array([r[3] for r in records], np.int32)
-        return patches, np.ones(patches.shape[:2], bool), labels
+
+    def caption_eval_set(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All held-out images at once: patches [N, P, D] f32, image_mask [N, P] bool,
+        labels [N] i32 (the chunks of `caption_eval_batches`, joined)."""
+        chunks = list(self.caption_eval_batches(len(self.images.heldout)))
+        return tuple(np.concatenate([c[k] for c in chunks]) for k in range(3))
 
     def heldout_captions(self) -> list[list[tuple[str, str]]]:
         """(caption, lang) pairs of each usable held-out record, in caption_eval_set order."""
-        records = [r for r in map(self._image_record, self.images.heldout) if r is not None]
-        return [list(zip(r[1], r[2])) for r in records]
+        return [refs for c in self.caption_eval_batches(256) for refs in c[3]]
 
     def caption_langs(self, limit: int = 500) -> set[str]:
         """Languages among the captions of the first `limit` records of each image-text

@@ -1,19 +1,22 @@
-"""Writing image-caption shards: webdataset tars and parquet files with image bytes.
+"""Writing image-caption shards: webdataset tars and parquet files with image bytes, or
+the preprocessed format (decoded pixels, m6jax/data/preprocessed.py).
 
 Encoded image bytes are copied as they are (no re-encoding, so a shard decodes exactly
 like the folder it came from); captions go in `KEY.json` ({"caption": [...], "lang":
 [...]} when known) or the parquet columns `caption`/`lang`. Files are written under a
-temporary name and renamed, so a reader never sees half a shard.
+temporary name and renamed, so a reader never sees half a shard; `shards.json` then
+records each shard's size (m6jax/data/shard_index.py).
 """
 import io
 import json
 import os
 import tarfile
 
-from m6jax.data import formats
+from m6jax.data import formats, preprocessed, shard_index
 from m6jax.errors import InputError
 
-SHARD_FORMATS = ("webdataset", "parquet")
+SHARD_FORMATS = ("webdataset", "parquet", "preprocessed")
+EXTS = {"webdataset": "tar", "parquet": "parquet", "preprocessed": "npy"}
 
 
 def read_captions(path: str, images_dir: str) -> list[dict]:
@@ -40,20 +43,29 @@ def read_captions(path: str, images_dir: str) -> list[dict]:
 
 
 def write_shards(records: list[dict], out_dir: str, fmt: str, per_shard: int = 1000,
-                 prefix: str = "shard") -> list[str]:
+                 prefix: str = "shard", image_size: int = 224, channels: int = 3,
+                 crop_margin: int = 0) -> list[str]:
     """Writes `records` ({image: path | bytes, caption, optional lang/label}) as shards of
-    `per_shard` records: `prefix-00000.tar` or `.parquet`. Returns the paths."""
+    `per_shard` records: `prefix-00000.tar`, `.parquet` or `.npy` (preprocessed: images
+    of (image_size + crop_margin) px a side, `channels` channels). Returns the paths."""
     if fmt not in SHARD_FORMATS:
         raise InputError(f"--format={fmt!r} is not one of {', '.join(SHARD_FORMATS)}")
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for n, start in enumerate(range(0, len(records), per_shard)):
         chunk = records[start:start + per_shard]
-        path = os.path.join(out_dir, f"{prefix}-{n:05d}.{'tar' if fmt == 'webdataset' else 'parquet'}")
+        path = os.path.join(out_dir, f"{prefix}-{n:05d}.{EXTS[fmt]}")
         tmp = f"{path}.tmp{os.getpid()}"
-        (_write_tar if fmt == "webdataset" else _write_parquet)(chunk, tmp, start)
+        if fmt == "preprocessed":
+            preprocessed.write(chunk, tmp, image_size, channels, crop_margin,
+                               lambda r: io.BytesIO(_image_bytes(r)[0]), _meta)
+            os.replace(tmp + preprocessed.META_SUFFIX, path + preprocessed.META_SUFFIX)
+        else:
+            (_write_tar if fmt == "webdataset" else _write_parquet)(chunk, tmp, start)
         os.replace(tmp, path)
         paths.append(path)
+    shard_index.write(out_dir, {p: min(per_shard, len(records) - i * per_shard)
+                                for i, p in enumerate(paths)})
     return paths
 
 

@@ -12,7 +12,7 @@ pipeline counts and redraws. Only a source with nothing valid left is an error.
 
 Splits never depend on the run seed: a text is held out iff crc32(text) % 50 == 0
 (~2%, and duplicates land on the same side); image-text records are held out by a
-fixed seed-0 permutation (20%).
+fixed seed-0 permutation: its first min(20%, data.eval_records) rows.
 """
 import json
 import os
@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 from absl import logging
 
-from m6jax.data import captions, formats, images
+from m6jax.data import captions, formats, images, preprocessed, shard_index
 from m6jax.data.config import expand_globs  # noqa: F401 (where it used to live)
 from m6jax.errors import InputError
 
@@ -149,19 +149,25 @@ class ImageTextSource:
     ... (`host_train`): hosts read disjoint shards that together cover the data. With
     fewer files every host draws from all of them, so the global batch stays a function
     of the step alone. Held-out rows always span all files (every host builds the same
-    eval set).
+    eval set): at most `eval_records` of them. Shards listed in a shards.json are opened
+    only when first read (formats.LazyShard), so a host opens only the shards it draws.
     """
 
     def __init__(self, files: list[str], cache_dir: str, image_size: int, channels: int,
                  max_chars: int = 20_000, fmt: str = "", process_index: int = 0,
-                 process_count: int = 1):
+                 process_count: int = 1, eval_records: int = 1000):
         self.image_size, self.channels, self.max_chars = image_size, channels, max_chars
         self.files, self.parts, self.base_dirs, sizes = list(files), [], [], []
         self.num_malformed = 0  # JSON lines that are not a record: counted, never sampled
         for f in files:
             kind = formats.format_of(f, fmt)
-            if kind == "webdataset":
-                part = formats.TarShard(f)
+            opener = {"webdataset": formats.TarShard,
+                      "preprocessed": preprocessed.PixelShard}.get(kind)
+            indexed = opener and shard_index.records(f)
+            if indexed:
+                part = formats.LazyShard(f, opener, indexed)
+            elif opener:
+                part = opener(f)
             elif kind == "folder":
                 part = formats.CaptionsFile(f)
             else:
@@ -178,12 +184,14 @@ class ImageTextSource:
             sizes.append(len(part))
         self.offsets = np.cumsum([0] + sizes)
         n = int(self.offsets[-1])
+        # O(n) once per host: about a second per 10^7 records.
         perm = np.random.default_rng(0).permutation(n)
-        num_heldout = int(round(IMAGE_HOLDOUT_FRACTION * n))
+        num_heldout = min(int(round(IMAGE_HOLDOUT_FRACTION * n)), eval_records)
         self.heldout, self.train = perm[:num_heldout], np.sort(perm[num_heldout:])
         if not len(self.train) or not len(self.heldout):
             raise InputError(f"data.image_text_files: {n} records in {', '.join(files)} cannot "
-                             "fill both splits (20% is held out); add more")
+                             "fill both splits (20% is held out, at most data.eval_records); "
+                             "add more")
         self.host_files = host_shards(len(files), process_index, process_count)
         part_of_train = np.searchsorted(self.offsets, self.train, side="right") - 1
         self.host_train = self.train[np.isin(part_of_train, self.host_files)]

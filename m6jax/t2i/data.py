@@ -17,11 +17,14 @@ phrased differently.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from m6jax.data import captions as captions_lib
 from m6jax.data import tasks
 from m6jax.errors import InputError
+from m6jax.t2i import codes as codes_lib
 from m6jax.t2i.vocab import T2I_TASKS, CodeVocab
 
 GEN_TEMPLATES = {"zh": ("画一个数字{}", "画数字{}", "请画{}"),
@@ -63,14 +66,14 @@ class Prompts:
 
 
 class CodeExamples:
-    """Codes of every image-text record (encoded once by the tokenizer in data.vq_from)
-    and the two tasks' examples."""
+    """Codes of every image-text record (read from data.codes_dir, else encoded once at
+    start-up by the tokenizer in data.vq_from) and the two tasks' examples."""
 
     def __init__(self, pipe, image_files, cache_dir):
-        from m6jax.vq.data import TokenizerImages
         from m6jax.vq.load import ImageTokenizer
         s = pipe.settings
         self.pipe, self.dropout = pipe, s["caption_dropout"]
+        self._image_files, self._cache_dir = list(image_files), cache_dir
         self.image_tokenizer = ImageTokenizer(s["vq_from"], "data.vq_from")
         it = self.image_tokenizer
         self.vocab = CodeVocab(s["vocab_size"], it.codebook_size, it.num_codes)
@@ -78,10 +81,21 @@ class CodeExamples:
             raise InputError(f"data.text_len={pipe.text_len} cannot hold a prompt and the "
                              f"{it.num_codes} codes of an image")
         self.prompts = Prompts(pipe.tokenizer, self.vocab, pipe.text_len)
-        self.images = TokenizerImages(list(image_files), it.image_size, it.channels, cache_dir)
+        if s["codes_dir"]:  # made once by experiments/encode_codes.py: no encoding here
+            self.codes = codes_lib.StoredCodes(s["codes_dir"], pipe.images, it.num_codes,
+                                               it.codebook_size)
+            return
         if len(self.images.source) != len(pipe.images):
             raise InputError("data.image_text_files: the tokenizer's view of the records differs")
         self.codes = it.encode(self.images.batch(np.arange(len(self.images.source))))
+
+    @functools.cached_property
+    def images(self):
+        """The records at the tokenizer's size (vq.data.TokenizerImages): built on first
+        use (start-up encoding, or the t2i evaluation's classifier and references)."""
+        from m6jax.vq.data import TokenizerImages
+        it = self.image_tokenizer
+        return TokenizerImages(self._image_files, it.image_size, it.channels, self._cache_dir)
 
     def record_prompts(self, record) -> tuple[list[str], list[str]]:
         _, caps, langs, label = record

@@ -83,34 +83,45 @@ class Evaluator:
         captions, per language present) is reported instead, and `examples` shows
         reference vs generated captions.
         """
-        patches, image_mask, labels = self.pipe.caption_eval_set()
+        labels, refs, texts = [], [], {lang: {} for lang in LANGS}
+        # Streamed: one chunk of held-out images in memory at a time (data.eval_records
+        # bounds how many); a record is captioned in every language if labelled, else
+        # in the languages of its own captions.
+        for patches, image_mask, chunk_labels, chunk_refs in self.pipe.caption_eval_batches(
+                self.decode_batch):
+            for lang in LANGS:
+                rows = [i for i, (y, r) in enumerate(zip(chunk_labels, chunk_refs))
+                        if y >= 0 or any(l == lang for _, l in r)]
+                if rows:
+                    got = self.captions(params, patches[rows], image_mask[rows], lang)
+                    texts[lang].update({len(labels) + i: t for i, t in zip(rows, got)})
+            labels += [int(y) for y in chunk_labels]
+            refs += chunk_refs
+        labels = np.asarray(labels)
         if (labels < 0).all():
-            return self._unlabelled(params, patches, image_mask)
-        out, texts = {}, {}
+            return self._unlabelled(texts, refs)
+        out = {}
         for lang in LANGS:
-            texts[lang] = self.captions(params, patches, image_mask, lang)
-            pred = [self.pipe.caption_class(t, lang) for t in texts[lang]]
+            pred = [self.pipe.caption_class(texts[lang].get(i, ""), lang) for i in range(len(labels))]
             out[f"caption_accuracy_{lang}"] = float(np.mean([p == y for p, y in zip(pred, labels)]))
         out["caption_accuracy"] = float(np.mean([out[f"caption_accuracy_{l}"] for l in LANGS]))
-        out["examples"] = [f"digit {labels[i]}: en '{texts['en'][i]}' | zh '{texts['zh'][i]}'"
-                           for i in across_classes(labels, 8)]
+        out["examples"] = [f"digit {labels[i]}: en '{texts['en'].get(i, '')}' | zh "
+                           f"'{texts['zh'].get(i, '')}'" for i in across_classes(labels, 8)]
         return out
 
-    def _unlabelled(self, params, patches, image_mask, shown: int = 8) -> dict:
-        refs = self.pipe.heldout_captions()  # per record: [(caption, lang), ...]
+    def _unlabelled(self, texts, refs, shown: int = 8) -> dict:
         out = {f"caption_accuracy{s}": None for s in ("", "_en", "_zh")}
         examples, f1 = [], []
         for lang in LANGS:
             rows = [i for i, r in enumerate(refs) if any(l == lang for _, l in r)]
             if not rows:  # no caption in this language: nothing to compare with
                 continue
-            texts = self.captions(params, patches[rows], image_mask[rows], lang)
-            scores = [max(char_f1(t, c) for c, l in refs[i] if l == lang)
-                      for i, t in zip(rows, texts)]
+            pairs = [(i, texts[lang][i]) for i in rows]
+            scores = [max(char_f1(t, c) for c, l in refs[i] if l == lang) for i, t in pairs]
             out[f"caption_overlap_f1_{lang}"] = float(np.mean(scores))
             f1 += scores
             examples += [f"{lang} reference '{next(c for c, l in refs[i] if l == lang)}' -> "
-                         f"generated '{t}'" for i, t in list(zip(rows, texts))[:shown]]
+                         f"generated '{t}'" for i, t in pairs[:shown]]
         out["caption_overlap_f1"] = float(np.mean(f1))
         out["examples"] = examples
         return out
