@@ -7,19 +7,27 @@ R@1 is printed for every pooling here, and the fine-tune configs default to the 
   first  the first text position: the task token ([<lm>] / [<caption>]) that reads the
          whole (bidirectional) prefix
   last   the last valid text position
+  lexical  SPLADE's pooling (Formal et al. 2021) through the (tied) LM head: per
+         vocabulary entry v, max over the text positions of log(1 + relu(logit_v)),
+         a [vocab]-sized bag of the words the model reads there and expects around them
 Vectors are L2-normalised, so a dot product is the cosine.
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
-POOLINGS = ("mean", "first", "last")
+POOLINGS = ("mean", "first", "last", "lexical")
 
 
-def pool(hidden_bsd, valid_bs, num_patches: int, pooling: str):
-    """hidden [B, S, D] (S = P + T), valid bool [B, S] -> unit vectors f32 [B, D]."""
+def pool(hidden_bsd, valid_bs, num_patches: int, pooling: str, logits_btv=None):
+    """hidden [B, S, D] (S = P + T), valid bool [B, S] -> unit vectors f32 [B, D]
+    (lexical: from logits [B, T, V] -> [B, V])."""
     h = hidden_bsd.astype(jnp.float32)
-    if pooling == "mean":
+    if pooling == "lexical":
+        w = jnp.log1p(jax.nn.relu(logits_btv.astype(jnp.float32)))
+        v = jnp.where(valid_bs[:, num_patches:, None], w, 0.0).max(1)
+    elif pooling == "mean":
         w = valid_bs.astype(jnp.float32)
         v = (h * w[..., None]).sum(1) / jnp.maximum(w.sum(1, keepdims=True), 1.0)
     elif pooling == "first":

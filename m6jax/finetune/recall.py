@@ -52,9 +52,8 @@ def info_nce(q_bd, d_bd, temperature: float):
 def pair_loss(pooling: str, temperature: float):
     """loss_fn for adapt_loop: rows 2i / 2i + 1 of the batch are query / document i."""
     def loss_fn(logits, hidden, batch):
-        del logits
         valid = jnp.concatenate([batch["image_mask"], batch["text_mask"]], axis=1)
-        v = pool(hidden, valid, batch["patches"].shape[1], pooling)
+        v = pool(hidden, valid, batch["patches"].shape[1], pooling, logits)
         loss, acc = info_nce(v[0::2], v[1::2], temperature)
         return loss, {"in_batch_top1": acc}
     return loss_fn
