@@ -48,6 +48,7 @@ def test_first_last_and_lexical_pooling():
     np.testing.assert_allclose(pool(h, valid, 2, "last"), unit(np.stack([h[0, 3], h[1, 4]])),
                                rtol=1e-5)
     logits = np.random.default_rng(1).normal(size=(2, 3, 4)).astype(np.float32)
+    logits[0, 2] = 5.0  # a padding position's logits would win every max
     w = np.log1p(np.maximum(logits, 0))
     want = np.stack([w[0, :2].max(0), w[1].max(0)])  # row 0: text positions 0, 1 valid
     np.testing.assert_allclose(pool(h, valid, 2, "lexical", logits), unit(want), rtol=1e-5)
