@@ -209,7 +209,8 @@ def _is_count_of(fraction: float, n: int) -> bool:
 def _check_scores(task, s):
     """What each number is, not only its range: a fraction of the evaluated items."""
     if task.endswith(("_lora", "_prompt")):  # adapter-only checkpoints, small next to the base
-        assert 0 < s["adapter_bytes"] < 0.1 * s["base_bytes"], s
+        # The test model is 113 kB: rank 4 is 13% of it (cpu_hour: 2.1%, tests/test_finetune_peft.py)
+        assert 0 < s["adapter_bytes"] < 0.25 * s["base_bytes"], s
         assert s["adapter_disk_bytes"] > 0
         task = task.split("_")[0]
     if task == "recall":  # 24 pairs: every recall is a count of 48 ranked queries

@@ -76,7 +76,6 @@ def test_lora_merge_equals_the_unmerged_side_path(tiny):
 
     want = jax.jit(unmerged)(base, batch)
     np.testing.assert_allclose(merged, want, rtol=2e-4, atol=2e-4)
-    assert not np.allclose(_plain(model)(base, batch), want, atol=1e-3)
 
 
 def test_lora_attention_kernels_get_the_low_rank_sum_per_layer(host_params):
