@@ -196,3 +196,16 @@ def test_bad_method_fields_are_refused_naming_the_field():
     c.method = "prompt"
     with pytest.raises(ValueError, match="method=prompt"):
         validate_finetune_config(c)
+
+
+def test_lora_on_the_token_table_adds_its_low_rank_sum(host_params):
+    base = host_params
+    lora = peft.Adaptation("lora", rank=2, alpha=4.0, targets=("token_emb", "wi"))
+    ad = _random_adapter(lora, base)
+    merged = lora.merge(base, ad)
+    w = np.asarray(base["token_emb"]["embedding"])
+    delta = np.asarray(ad["token_emb"]["a"][0]) @ np.asarray(ad["token_emb"]["b"][0])
+    np.testing.assert_allclose(merged["token_emb"]["embedding"], w + 2.0 * delta, rtol=1e-5,
+                               atol=1e-5)
+    assert not np.allclose(merged["stack"]["layers"]["mlp"]["wi"]["kernel"],
+                           base["stack"]["layers"]["mlp"]["wi"]["kernel"])

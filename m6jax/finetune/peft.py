@@ -31,7 +31,11 @@ METHODS = ("full", "lora", "prompt")
 # kernel name -> (path under params["stack"]["layers"], input axes after the layer axis)
 LORA_KERNELS = {"query": (("attn", "query"), 1), "key": (("attn", "key"), 1),
                 "value": (("attn", "value"), 1), "out": (("attn", "out"), 2),
-                "wi": (("mlp", "wi", "kernel"), 1), "wo": (("mlp", "wo", "kernel"), 1)}
+                "wi": (("mlp", "wi", "kernel"), 1), "wo": (("mlp", "wo", "kernel"), 1),
+                # Not a default target: the token table [V, D] (tied: also the output
+                # layer), at the top of the params; its A, B get a leading axis of 1.
+                "token_emb": (("token_emb", "embedding"), 1)}
+_TOP_LEVEL = ("token_emb",)
 
 
 @dataclass(frozen=True)
@@ -73,13 +77,13 @@ class Adaptation:
             # Init from the embeddings of random vocabulary tokens (Lester et al.'s best).
             ids = jax.random.randint(rng, (self.prompt_length,), 10, emb.shape[0])
             return {"prompt": jnp.asarray(emb)[ids].astype(jnp.float32)}
-        layers = base["stack"]["layers"]
         out = {}
         for i, name in enumerate(self.targets):
-            w = _at(layers, LORA_KERNELS[name][0])
+            w = _at(base if name in _TOP_LEVEL else base["stack"]["layers"], LORA_KERNELS[name][0])
+            shape = (1, *w.shape) if name in _TOP_LEVEL else w.shape
             n_in = LORA_KERNELS[name][1]
-            lead, fan_in, fan_out = w.shape[0], int(np.prod(w.shape[1:1 + n_in])), int(
-                np.prod(w.shape[1 + n_in:]))
+            lead, fan_in, fan_out = shape[0], int(np.prod(shape[1:1 + n_in])), int(
+                np.prod(shape[1 + n_in:]))
             a = jax.random.normal(jax.random.fold_in(rng, i), (lead, fan_in, self.rank),
                                   jnp.float32) / np.sqrt(fan_in)
             out[name] = {"a": a, "b": jnp.zeros((lead, self.rank, fan_out), jnp.float32)}
@@ -93,13 +97,15 @@ class Adaptation:
         if self.method == "prompt":
             return base
         scale = self.alpha / self.rank
-        layers = dict(base["stack"]["layers"])
+        layers, top = dict(base["stack"]["layers"]), dict(base)
         for name, ab in trainable.items():
             path, _ = LORA_KERNELS[name]
-            w = _at(layers, path)
+            tree = top if name in _TOP_LEVEL else layers
+            w = _at(tree, path)
             delta = jnp.einsum("lir,lro->lio", ab["a"], ab["b"]).reshape(w.shape)
-            layers = _set(layers, path, (w.astype(jnp.float32) + scale * delta).astype(w.dtype))
-        return {**base, "stack": {**base["stack"], "layers": layers}}
+            tree = _set(tree, path, (w.astype(jnp.float32) + scale * delta).astype(w.dtype))
+            layers, top = (layers, tree) if name in _TOP_LEVEL else (tree, top)
+        return {**top, "stack": {**base["stack"], "layers": layers}}
 
     merge = params  # lora: the merged weights a server loads as an ordinary checkpoint
 
