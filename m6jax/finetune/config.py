@@ -27,9 +27,11 @@ def base_config(task: str) -> ml_collections.ConfigDict:
     # What is trained (m6jax/finetune/peft.py): full | lora | prompt.
     c.method = "full"
     c.lora = ml_collections.ConfigDict(dict(
-        rank=4,  # 2.1% of m6.py:cpu_hour's parameters, 3.5% of :tiny's (7% at rank 8)
+        rank=4,  # 2.3% of m6.py:cpu_hour's parameters, 4.3% of :tiny's
         alpha=8.0,  # the update is scaled by alpha / rank
-        targets="query,key,value,out,wi,wo"))  # attention and MLP kernels of every layer
+        # Attention and MLP kernels of every layer, and the (tied) token table: without
+        # it sentiment on :tiny stopped at 59.6% (loss 0.88), with it 69.1% (loss 0.13).
+        targets="query,key,value,out,wi,wo,token_emb"))
     c.prompt = ml_collections.ConfigDict(dict(length=8))  # learned slots before the text
 
     c.optimizer = ml_collections.ConfigDict()

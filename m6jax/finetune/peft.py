@@ -2,7 +2,7 @@
 
   full    every parameter (the pretraining train step's path, `loop.finetune`)
   lora    W + (alpha / rank) * A @ B on the attention (query, key, value, out) and MLP
-          (wi, wo) kernels of every layer (Hu et al. 2021): A [L, in, r] ~ N(0, 1/in),
+          (wi, wo) kernels of every layer and the token table (Hu et al. 2021): A [L, in, r] ~ N(0, 1/in),
           B [L, r, out] = 0, so step 0 is the pretrained model; the base stays frozen
   prompt  `prompt_length` learned vectors that replace the token embeddings of as many
           slots put in front of the text (Lester et al. 2021); the base stays frozen
@@ -32,8 +32,8 @@ METHODS = ("full", "lora", "prompt")
 LORA_KERNELS = {"query": (("attn", "query"), 1), "key": (("attn", "key"), 1),
                 "value": (("attn", "value"), 1), "out": (("attn", "out"), 2),
                 "wi": (("mlp", "wi", "kernel"), 1), "wo": (("mlp", "wo", "kernel"), 1),
-                # Not a default target: the token table [V, D] (tied: also the output
-                # layer), at the top of the params; its A, B get a leading axis of 1.
+                # The token table [V, D] (tied: also the output layer), at the top of
+                # the params; its A, B get a leading axis of 1.
                 "token_emb": (("token_emb", "embedding"), 1)}
 _TOP_LEVEL = ("token_emb",)
 
