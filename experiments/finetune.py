@@ -5,7 +5,9 @@ r"""M6 downstream fine-tuning from a pretraining checkpoint; writes WORKDIR/summ
 
 Tasks (one config each): finetune_sentiment.py (label-word classification of reviews +
 TF-IDF baseline), finetune_retrieval.py (caption-likelihood retrieval on held-out
-digits), finetune_caption.py (captioning from pretrained vs random init). The model
+digits), finetune_caption.py (captioning from pretrained vs random init),
+finetune_recall.py (two-tower contrastive text recall + TF-IDF). Any task:
+--config.method=full|lora|prompt (prompt: sentiment and recall). The model
 shape, data layout and tokenizer are the pretrained run's, read from init_from.
 """
 import json
@@ -36,7 +38,7 @@ def main(argv):
     from m6jax import sharding
     from m6jax.config_checks import clamp_warmup, validate_config
     from m6jax.errors import InputError
-    from m6jax.finetune import caption, pretrained, retrieval, sentiment
+    from m6jax.finetune import caption, pretrained, recall, retrieval, sentiment
     from m6jax.finetune.config import validate_finetune_config
 
     # ---- The pretrained run (checkpoint, config, tokenizer) and the run config.
@@ -59,7 +61,8 @@ def main(argv):
     mesh = sharding.make_mesh(config.mesh)
 
     # ---- Fine-tune and evaluate.
-    runner = {"sentiment": sentiment, "retrieval": retrieval, "caption": caption}[ft.task]
+    runner = {"sentiment": sentiment, "retrieval": retrieval, "caption": caption,
+              "recall": recall}[ft.task]
     try:
         summary = runner.run(config, ft, source, mesh, workdir)
     except InputError as e:  # bad data, found while building batches (before compiling)

@@ -204,6 +204,27 @@ CASES = {
                                '"gmm": {"cpu": "blocked", "cuda": "blocked", "tpu": "megablox"}',
                                '"gmm": {"cpu": "blocked", "cuda": "ragged_dot", "tpu": "ragged_dot"}', 1,
                                ["tests/test_lowering.py", "-k", "moe"]),
+    # Issue 31: representation fine-tuning (LoRA, prompt, contrastive recall, pooling).
+    "lora_unscaled": ("m6jax/finetune/peft.py", "(w.astype(jnp.float32) + scale * delta)",
+                      "(w.astype(jnp.float32) + delta)", 1,
+                      ["tests/test_finetune_peft.py", "-k", "side_path"]),
+    "lora_trains_base": ("m6jax/finetune/adapt_loop.py",
+                         "    if not adaptation.frozen_base:\n        return {}, base",
+                         "    if True:\n        return {}, base", 1,
+                         ["tests/test_finetune_peft.py", "-k", "only_the_adapter"]),
+    "prompt_not_placed": ("m6jax/finetune/peft.py",
+                          "out = out.at[:, :n].set(prompt_nd.astype(out.dtype))", "out = out", 1,
+                          ["tests/test_finetune_peft.py", "-k", "prompt_slots"]),
+    "info_nce_one_way": ("m6jax/finetune/recall.py",
+                         "softmax_cross_entropy_with_integer_labels(s.T, labels)",
+                         "softmax_cross_entropy_with_integer_labels(s, labels)", 1,
+                         ["tests/test_finetune_recall.py", "-k", "info_nce"]),
+    "mean_pool_padding": ("m6jax/embed/pooling.py", "w = valid_bs.astype(jnp.float32)",
+                          "w = jnp.ones_like(valid_bs, jnp.float32)", 1,
+                          ["tests/test_finetune_recall.py", "-k", "mean_pooling"]),
+    "lexical_pool_padding": ("m6jax/embed/pooling.py",
+                             "jnp.where(valid_bs[:, num_patches:, None], w, 0.0).max(1)",
+                             "w.max(1)", 1, ["tests/test_finetune_recall.py", "-k", "lexical"]),
 }
 
 

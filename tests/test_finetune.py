@@ -141,10 +141,19 @@ TASK_ARGS = {
     "sentiment": ["--config.eval_reviews=16", "--config.baseline_train_reviews=300"],
     "retrieval": ["--config.eval_images=6"],
     "caption": ["--config.total_steps=2", "--config.log_every=2", "--config.eval_before=false"],
+    "recall": ["--config.recall_candidates=24", "--config.score_batch=16"],
+    "sentiment_lora": ["--config.eval_reviews=16", "--config.baseline_train_reviews=300",
+                       "--config.method=lora", "--config.eval_before=false"],
+    "recall_prompt": ["--config.recall_candidates=24", "--config.method=prompt",
+                      "--config.prompt.length=2", "--config.eval_before=false"],
 }
 KEYS = {"sentiment": ("sentiment_accuracy", "baseline_accuracy"),
         "retrieval": ("retrieval_r1", "retrieval_r5"),
-        "caption": ("caption_accuracy_pretrained", "caption_accuracy_scratch")}
+        "caption": ("caption_accuracy_pretrained", "caption_accuracy_scratch"),
+        "recall": ("recall_r1", "recall_r5", "recall_r10", "recall_baseline_r1",
+                   "recall_pretrained_r1", "recall_candidates"),
+        "sentiment_lora": ("sentiment_accuracy", "baseline_accuracy", "adapter_bytes", "base_bytes"),
+        "recall_prompt": ("recall_r1", "recall_baseline_r1", "adapter_bytes", "base_bytes")}
 
 
 def _env(cache):
@@ -173,10 +182,12 @@ def pretrained_workdir(tmp_path_factory):
 # shared 2-core machine; 2m45s on a quieter moment), beyond the default suite's budget.
 # Run: python -m pytest -q -m slow tests/test_finetune.py
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["sentiment", "retrieval", "caption"])
+@pytest.mark.parametrize("task", ["sentiment", "retrieval", "caption", "recall", "sentiment_lora",
+                                  "recall_prompt"])
 def test_finetune_entry_point_writes_the_summary_keys(task, pretrained_workdir, tmp_path):
     workdir, cache = pretrained_workdir
-    proc = _run("experiments/finetune.py", [f"--config=experiments/configs/finetune_{task}.py",
+    config = task.split("_")[0]
+    proc = _run("experiments/finetune.py", [f"--config=experiments/configs/finetune_{config}.py",
                 f"--config.init_from={workdir}", *FT_TINY, *TASK_ARGS[task],
                 f"--workdir={tmp_path}"], cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -185,7 +196,7 @@ def test_finetune_entry_point_writes_the_summary_keys(task, pretrained_workdir, 
         assert key in summary, key
     _check_scores(task, summary)
     assert summary["mesh"]["data"] == 2
-    assert f"fine-tune {task}" in proc.stdout
+    assert f"fine-tune {config}" in proc.stdout
 
 
 HELD_OUT_DIGITS = round(0.2 * 1797)  # sources.IMAGE_HOLDOUT_FRACTION of the shipped digits
@@ -197,7 +208,18 @@ def _is_count_of(fraction: float, n: int) -> bool:
 
 def _check_scores(task, s):
     """What each number is, not only its range: a fraction of the evaluated items."""
-    if task == "sentiment":  # 16 test reviews (--config.eval_reviews=16)
+    if task.endswith(("_lora", "_prompt")):  # adapter-only checkpoints, small next to the base
+        # The test model is 113 kB: rank 4 is 13% of it (cpu_hour: 2.1%, tests/test_finetune_peft.py)
+        assert 0 < s["adapter_bytes"] < 0.25 * s["base_bytes"], s
+        assert s["adapter_disk_bytes"] > 0
+        task = task.split("_")[0]
+    if task == "recall":  # 24 pairs: every recall is a count of 48 ranked queries
+        assert s["recall_candidates"] == 24
+        for key in ("recall_r1", "recall_baseline_r1", "recall_pretrained_r1"):
+            if key in s:
+                assert _is_count_of(s[key], 48), (key, s[key])
+        assert s["recall_r1"] <= s["recall_r5"] <= s["recall_r10"]
+    elif task == "sentiment":  # 16 test reviews (--config.eval_reviews=16)
         for key in ("sentiment_accuracy", "baseline_accuracy", "majority_class_accuracy"):
             assert _is_count_of(s[key], 16), (key, s[key])
         assert s["majority_class_accuracy"] >= 0.5

@@ -31,7 +31,7 @@ above the rest of `m6jax.train`, `m6jax.vq.model` below the rest of `m6jax.vq`).
              training), t2i/evaluate (the t2i metrics the loop logs).
   plan       plan, aot: the dry-run planner and its compiled check, from the same
              builders as training (train.stages), over abstract shapes.
-  apps       finetune/*, decoding/run (sampling from a checkpoint), t2i/cli, cli: users
+  apps       finetune/*, embed/* (embeddings and their index), decoding/run (sampling from a checkpoint), t2i/cli, cli: users
              of trained checkpoints and the entry points' helpers; they build models
              with model/build, not with the pretraining loop.
   loop       train/loop: the pretraining run itself; only experiments/ call it.
@@ -63,7 +63,8 @@ LAYERS = [
                "m6jax.streamed_update", "m6jax.config_checks", "m6jax.vq.train",
                "m6jax.t2i.evaluate"]),
     ("plan", ["m6jax.plan", "m6jax.plan_memory", "m6jax.plan_parallel", "m6jax.aot"]),
-    ("apps", ["m6jax.finetune", "m6jax.decoding.run", "m6jax.t2i.cli", "m6jax.cli"]),
+    ("apps", ["m6jax.finetune", "m6jax.embed", "m6jax.decoding.run", "m6jax.t2i.cli",
+              "m6jax.cli"]),
     ("loop", ["m6jax.train.loop"]),
 ]
 RANK = {name: i for i, (name, _) in enumerate(LAYERS)}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from m6jax.data.config import TASK_NAMES
-from m6jax.finetune import digits, loop
+from m6jax.finetune import digits, loop, peft
 from m6jax.train import evaluation
 from m6jax.train.step import make_eval_step
 
@@ -39,10 +39,15 @@ def run(config, ft, pretrained, mesh, workdir: str) -> dict:
         params = loop.load_params(config, mesh, pretrained.step_dir)
         accuracy(params, loop.shardings_of(params), "before_finetune")
         del params
+    # method=lora adapts the pretrained run; the scratch control has no base to adapt
+    # and trains whole, as before.
+    adaptation = peft.Adaptation.from_config(ft)
     for key, init in (("pretrained", pretrained.step_dir), ("scratch", None)):
         params, param_sh, stats = loop.finetune(config, mesh, pipe.batch, TASK_NAMES,
-                                                os.path.join(workdir, key), init, name=key)
+                                                os.path.join(workdir, key), init, name=key,
+                                                adaptation=adaptation if init else None)
         accuracy(params, param_sh, key)
         out.update({f"{k}_{key}": v for k, v in stats.items()})
+        out.update({k: v for k, v in stats.items() if k in ("adapter_bytes", "base_bytes")})
         del params
     return out

@@ -27,8 +27,13 @@ def example_batch(config):
 
 
 def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir: str,
-             init_from: str | None, name: str = "") -> tuple[object, object, dict]:
+             init_from: str | None, name: str = "",
+             adaptation=None) -> tuple[object, object, dict]:
     """Trains `config.total_steps` AdamW steps on `batch_fn(step)` batches.
+
+    `adaptation` (`peft.Adaptation`, None = full) lora / prompt: only the adapter trains
+    (`adapt_loop`, the text loss), it is saved under WORKDIR/adapter and the stats add
+    its bytes; lora returns the merged params, prompt the pair (base, prompt).
 
     Args:
       config: a run config (`pretrained.run_config`).
@@ -40,6 +45,9 @@ def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir:
     Returns:
       (params, param_shardings, stats) with stats = final_train_loss, step_ms, train_s.
     """
+    if adaptation is not None and adaptation.frozen_base:
+        return _finetune_adapter(config, mesh, batch_fn, task_names, workdir, init_from, name,
+                                 adaptation)
     t0 = time.time()
     train_model = build_model(config, deterministic=config.model.dropout_rate == 0.0)
     tx = optim.make_optimizer(config.optimizer, config.total_steps)
@@ -83,6 +91,28 @@ def finetune(config, mesh, batch_fn: Callable[[int], dict], task_names, workdir:
                  step_ms=1000 * (time.time() - t_mark) / timed if timed else float("nan"),
                  train_s=time.time() - t0)
     return state.params, state_sh.params, stats
+
+
+def _finetune_adapter(config, mesh, batch_fn, task_names, workdir, init_from, name, adaptation):
+    from m6jax.finetune import adapt_loop, peft
+    from m6jax.train.losses import text_loss
+
+    def loss_fn(logits, hidden, batch):
+        del hidden
+        return text_loss(logits, batch, len(task_names))[0], {}
+
+    base = load_params(config, mesh, init_from)
+    base, trainable = adapt_loop.init_trainable(adaptation, base, mesh, config.seed)
+    model = build_model(config, deterministic=config.model.dropout_rate == 0.0)
+    trainable, stats = adapt_loop.train(config, mesh, model, adaptation, base, trainable,
+                                        batch_fn, loss_fn, workdir, name)
+    stats.update(peft.summary(adaptation, base, trainable, workdir, init_from))
+    if adaptation.method == "prompt":
+        params = (base, trainable)
+    else:
+        with jax.set_mesh(mesh):
+            params = jax.jit(adaptation.merge, out_shardings=shardings_of(base))(base, trainable)
+    return params, shardings_of(params), stats
 
 
 def load_params(config, mesh, step_dir: str):

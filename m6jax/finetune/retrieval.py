@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from m6jax.data.config import TASK_NAMES
-from m6jax.finetune import digits, loop, scoring
+from m6jax.finetune import digits, loop, peft, scoring
 
 
 def recalls(scores_nc: np.ndarray, relevant_nc: np.ndarray, prefix: str = "retrieval") -> dict:
@@ -50,6 +50,7 @@ def run(config, ft, pretrained, mesh, workdir: str) -> dict:
                            "before_finetune_retrieval"))
         del params
     params, param_sh, stats = loop.finetune(config, mesh, pipe.batch, TASK_NAMES, workdir,
-                                            pretrained.step_dir, name="retrieval")
+                                            pretrained.step_dir, name="retrieval",
+                                            adaptation=peft.Adaptation.from_config(ft))
     out = {**recalls(score_matrix(params, param_sh), relevant), **out}
     return dict(out, num_images=len(image_labels), num_captions=len(captions), **stats)

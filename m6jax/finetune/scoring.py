@@ -16,16 +16,19 @@ from m6jax import distributed, sharding
 _MODEL_KEYS = ("patches", "image_mask", "text_tokens", "text_mask", "text_is_prefix")
 
 
-def make_scorer(model, mesh, param_shardings):
+def make_scorer(model, mesh, param_shardings, adaptation=None):
     """Returns `score(params, batch) -> f32 [B]`: sum of log p(targets) where loss_mask.
 
     batch holds the pretraining layout's keys (`m6jax.data.pipeline`) for B rows; the
     text arrays may be shorter than the model's text_len (position embeddings are sliced),
-    which keeps scoring short captions cheap. The sum covers the target and its eos.
+    which keeps scoring short captions cheap. The sum covers the target and its eos. With an
+    `adaptation` (`peft.Adaptation`, method=prompt) params is the pair (base, prompt).
     """
     def score(params, batch):
+        inputs = {k: batch[k] for k in _MODEL_KEYS}
         with nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
-            logits = model.apply({"params": params}, {k: batch[k] for k in _MODEL_KEYS})
+            logits = (adaptation.apply(model, params[0], params[1], inputs)[0] if adaptation
+                      else model.apply({"params": params}, inputs))
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)             # [B, T, V]
         token_logp = jnp.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]  # [B, T]
         return (token_logp * batch["loss_mask"]).sum(-1)

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from m6jax.data.tokenizer import Tokenizer
-from m6jax.finetune import baseline, loop, scoring
+from m6jax.finetune import baseline, loop, peft, scoring
 from m6jax.finetune import sentiment_data as sd
 
 
@@ -33,8 +33,11 @@ def run(config, ft, pretrained, mesh, workdir: str) -> dict:
     if len(label_words) != 2:
         raise ValueError(f"label_words={ft.label_words!r} must name 2 words, negative first "
                          "(label 0), e.g. '差评,好评'")
-    examples = sd.SentimentExamples(Tokenizer(pretrained.tokenizer_path), d.text_len,
-                                    label_words, ft.prompt_suffix)
+    adaptation = peft.Adaptation.from_config(ft)
+    # method=prompt: the learned slots go in front of each row, so rows leave them room.
+    examples = sd.SentimentExamples(Tokenizer(pretrained.tokenizer_path),
+                                    d.text_len - adaptation.prompt_length, label_words,
+                                    ft.prompt_suffix)
     eval_rows = sd.scoring_rows(examples, test_texts, num_patches, patch_dim)
 
     # ---- Baseline on the same split.
@@ -61,8 +64,10 @@ def run(config, ft, pretrained, mesh, workdir: str) -> dict:
             before.reshape(len(test_idx), -1), test_labels)
         del params
     params, param_sh, stats = loop.finetune(config, mesh, batch_fn, ("sentiment",), workdir,
-                                            pretrained.step_dir, name="sentiment")
-    scorer = scoring.make_scorer(model, mesh, param_sh)
+                                            pretrained.step_dir, name="sentiment",
+                                            adaptation=adaptation)
+    scorer = scoring.make_scorer(model, mesh, param_sh,
+                                 adaptation if adaptation.method == "prompt" else None)
     scores = scoring.score_rows(scorer, params, mesh, eval_rows, ft.score_batch)
     accuracy = scoring.label_accuracy(scores.reshape(len(test_idx), -1), test_labels)
     return dict(
@@ -70,5 +75,5 @@ def run(config, ft, pretrained, mesh, workdir: str) -> dict:
         majority_class_accuracy=float(max(np.mean(test_labels), 1 - np.mean(test_labels))),
         num_train_reviews=len(train_idx), num_test_reviews=len(test_idx),
         baseline_train_reviews=len(base_idx), baseline_s=baseline_s,
-        label_words=label_words, **stats)
+        label_words=label_words, method=adaptation.method, **stats)
 
