@@ -85,3 +85,23 @@ def test_pretrain_without_tokenizer_checkpoint_is_refused_in_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "vq_from=''" in lines[0] and "train_vq.py" in lines[0], proc.stderr
+
+
+def test_pretraining_from_stored_codes_equals_encoding_at_start_up(runs, tmp_path):
+    """encode_codes.py once, then the fixture's run reading those codes: bitwise the same
+    losses and t2i_accuracy as encoding every image at start-up (the fixture's run), so
+    the full-length figure (BENCHMARKS "Data at scale") carries over."""
+    vq_dir, t2i_dir, cache = runs
+    codes, workdir = tmp_path / "codes", tmp_path / "from_codes"
+    proc = _run("encode_codes.py", [f"--vq_from={vq_dir}", f"--out={codes}"], cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run("pretrain.py", ["--config=experiments/configs/m6_t2i.py:tiny", *SMALL,
+                                "--config.total_steps=6", "--config.log_every=3",
+                                f"--config.vq_from={vq_dir}", f"--config.data.codes_dir={codes}",
+                                f"--workdir={workdir}"], cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [[json.loads(l)["loss"] for l in open(d / "metrics.jsonl") if '"loss"' in l]
+              for d in (workdir, t2i_dir)]
+    assert losses[0] and losses[0] == losses[1]
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (workdir, t2i_dir)]
+    assert summaries[0]["t2i_accuracy"] == summaries[1]["t2i_accuracy"]
