@@ -3,6 +3,8 @@ r"""Forward+backward time of the MoE layer vs a dense MLP with the same activate
   python benchmarks/moe_layer.py --json=/tmp/moe_layer.json
   python benchmarks/moe_layer.py --shape=peer --json=/tmp/moe_peer.json
   python benchmarks/moe_layer.py --groups=16 --tokens=512 --emb_dim=512   # GPU
+  python benchmarks/moe_layer.py --shape=peer --dtype=bfloat16 \
+      --dispatches=mgpu,blocked,ragged_dot                                  # Hopper GPU
 
 `--shape=peer` is the shape the peers were timed on (BENCHMARKS.md): 2,048 tokens (8
 groups of 256), D 512, M 2048, top-1, E in {8, 32}, every dispatch; `--shape=default`
@@ -39,6 +41,8 @@ flags.DEFINE_list("dispatches", ["gather", "einsum", "grouped", "blocked", "ragg
 flags.DEFINE_integer("group_size", 0, "model.moe.group_size (0 = one example per group)")
 flags.DEFINE_enum("priority", "order", ["order", "score"], "model.moe.priority")
 flags.DEFINE_float("capacity_factor", 1.25, "training capacity factor")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                  "activation / expert compute dtype (mgpu takes 16-bit operands)")
 flags.DEFINE_integer("iters", 10, "timed calls per measurement (after 2 warm-up calls)")
 flags.DEFINE_string("json", "", "write the results here")
 FLAGS = flags.FLAGS
@@ -86,7 +90,7 @@ def main(_):
     _apply_shape()
     g, s, d, m = FLAGS.groups, FLAGS.tokens, FLAGS.emb_dim, FLAGS.mlp_dim
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(g, s, d)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(g, s, d)), FLAGS.dtype)
     ids = jnp.asarray(rng.integers(0, 8000, size=(g, s)), jnp.int32)
     modality = jnp.asarray(np.arange(s)[None, :].repeat(g, 0) >= s // 4, jnp.int32)
 
@@ -108,7 +112,7 @@ def main(_):
     for spec in FLAGS.routers:
         router, k = spec.split(":")[0], int(spec.split(":")[1])
         if k not in dense:  # a dense MLP k times wider: the same activated FLOPs
-            dense[k] = compiled(Mlp(k * m, "gelu"))
+            dense[k] = compiled(Mlp(k * m, "gelu", dtype=FLAGS.dtype))
         for e in map(int, FLAGS.experts):
             for dispatch in FLAGS.dispatches:
                 cfg = schema.moe_section(**dict(
@@ -117,7 +121,7 @@ def main(_):
                     eval_capacity_factor=FLAGS.capacity_factor, aux_loss_weight=0.01,
                     z_loss_weight=1e-3, jitter=0.0, dispatch=dispatch,
                     group_size=FLAGS.group_size, priority=FLAGS.priority))
-                layer = MoeMlp(cfg, m, "gelu")
+                layer = MoeMlp(cfg, m, "gelu", dtype=FLAGS.dtype)
                 step, args = compiled(layer, ids, modality)
                 moe_ms, dense_ms = _time_pair((step, args), dense[k])
                 _, metrics = jax.jit(lambda p: layer.apply({"params": p}, x, ids, modality))(

@@ -3,7 +3,7 @@
   op                 cpu      cuda     tpu       what the names are
   attention          xla      triton   splash    dense prefix-LM / causal / packed
   sparse_attention   blocks   blocks   splash    model.attention='sparse'
-  gmm                blocked  blocked  megablox  model.moe.dispatch='dropless'
+  gmm                blocked  mgpu     megablox  model.moe.dispatch='dropless'
 
   xla       jax.nn.dot_product_attention with the dense mask (XLA fuses nothing: S x S
             scores and mask; the CPU's measured path)
@@ -15,6 +15,9 @@
             segment ids; it has no block mask, so sparse attention stays on `blocks`
   blocked   m6jax/model/moe/grouped.py: a static menu of row blocks (CPU-measured)
   megablox  jax.experimental.pallas.ops.tpu.megablox.gmm (Pallas, Mosaic TPU)
+  mgpu      jax.experimental.pallas.ops.gpu.ragged_dot_mgpu + transposed_ragged_dot_mgpu
+            (Pallas, Mosaic GPU, WGMMA: Hopper, 16-bit operands; m6jax/model/moe/mgpu.py).
+            On a CUDA GPU that is not sm_90, or for an f32 model, `dropless` runs blocked.
   ragged_dot  jax.lax.ragged_dot (XLA; on CPU and, per public reports, GPU it expands
             into a zero-padded dense matmul: about E times the FLOPs)
 
@@ -36,12 +39,12 @@ import jax
 TABLE = {
     "attention": {"cpu": "xla", "cuda": "triton", "tpu": "splash"},
     "sparse_attention": {"cpu": "blocks", "cuda": "blocks", "tpu": "splash"},
-    "gmm": {"cpu": "blocked", "cuda": "blocked", "tpu": "megablox"},
+    "gmm": {"cpu": "blocked", "cuda": "mgpu", "tpu": "megablox"},
 }
 IMPLS = {
     "attention": ("xla", "splash", "triton"),
     "sparse_attention": ("blocks", "splash"),
-    "gmm": ("blocked", "megablox", "ragged_dot"),
+    "gmm": ("blocked", "megablox", "ragged_dot", "mgpu"),
 }
 # Pallas kernels compile for one platform; elsewhere they run only in interpret mode.
 NATIVE = {"splash": "tpu", "triton": "cuda", "megablox": "tpu"}
@@ -85,7 +88,16 @@ def resolve(op: str, overrides: str = "") -> str:
     chosen = parse(overrides).get(op)
     if chosen is not None:
         return chosen
-    return TABLE[op].get(platform(), TABLE[op]["cpu"])
+    impl = TABLE[op].get(platform(), TABLE[op]["cpu"])
+    return "blocked" if impl == "mgpu" and not _hopper() else impl
+
+
+def _hopper() -> bool:
+    """False on a CUDA device that is not sm_90 (mgpu's WGMMA kernels are Hopper's);
+    lowering without a GPU (experiments/dry_run.py --lower=cuda) assumes an H100/H200."""
+    if jax.default_backend() != "gpu":
+        return True
+    return str(getattr(jax.devices()[0], "compute_capability", "9.0")).startswith("9.")
 
 
 def interpret(impl: str) -> bool:

@@ -116,7 +116,7 @@ MOE = {
     "z_loss_weight": (1e-3, "router z-loss weight (ST-MoE)"),
     "jitter": (0.0, "multiplicative router input noise in training"),
     "dispatch": ("gather", "gather | einsum | grouped (capacity) | dropless (the backend's kernel, "
-                 "m6jax/kernels.py) | blocked | ragged_dot | megablox (dropless)"),
+                 "m6jax/kernels.py) | blocked | ragged_dot | megablox | mgpu (dropless)"),
     "group_size": (0, "tokens per routing group; 0 = one example per group"),
     "priority": ("order", "which over-capacity choices drop: order | score"),
     "peer_capacity_factor": (0.0, "dropless under mesh.expert=n: rows each device reserves "

@@ -182,10 +182,22 @@ def test_model_on_splash_equals_xla_on_a_mesh(tiny_model_logits, devices):
     np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=2e-4)
 
 
-def test_megablox_dropless_equals_a_per_choice_loop_values_and_gradients():
-    """model.moe.dispatch='megablox' (interpret mode): every choice through its expert,
-    against a loop over choices; gradients against the same loop's autodiff."""
+@pytest.fixture
+def mgpu_references(monkeypatch):
+    """Mosaic GPU kernels have no interpret mode: swap in their documented semantics
+    (jax.lax.ragged_dot_general) so the CPU checks our padding, masking and VJP."""
+    from m6jax.model.moe import mgpu
+    monkeypatch.setattr(mgpu, "KERNELS", mgpu.reference_kernels())
+
+
+@pytest.mark.parametrize("impl", ["megablox", "mgpu"])
+def test_dropless_kernel_equals_a_per_choice_loop_values_and_gradients(impl, request):
+    """model.moe.dispatch='megablox' (interpret mode) or 'mgpu' (references for jax's
+    kernels): every choice through its expert, against a loop over choices; gradients
+    against the same loop's autodiff. Widths 16 / 32 exercise mgpu's tile padding."""
     from m6jax.model.moe import dispatch as dsp
+    if impl == "mgpu":
+        request.getfixturevalue("mgpu_references")
     g, s, d, m, e, k = 2, 24, 16, 32, 4, 2
     ks = jax.random.split(jax.random.key(3), 4)
     x = jax.random.normal(ks[0], (g, s, d))
@@ -204,13 +216,68 @@ def test_megablox_dropless_equals_a_per_choice_loop_values_and_gradients():
             out = out + y * weight[..., c:c + 1]
         return out
 
-    got = jax.jit(lambda *a: dsp.dropless_ragged(*a, jax.nn.gelu, "megablox"))
+    got = jax.jit(lambda *a: dsp.dropless_ragged(*a, jax.nn.gelu, impl))
     args = (x, routing, wi, wo)
     np.testing.assert_allclose(np.asarray(got(*args)), np.asarray(loop(x, wi, wo)),
                                atol=1e-4, rtol=1e-4)
     loss = lambda f: lambda x, wi, wo: jnp.sum(jnp.sin(f(x, wi, wo)))  # noqa: E731
     g_got = jax.jit(jax.grad(loss(lambda x, wi, wo: dsp.dropless_ragged(
-        x, routing, wi, wo, jax.nn.gelu, "megablox")), (0, 1, 2)))(x, wi, wo)
+        x, routing, wi, wo, jax.nn.gelu, impl)), (0, 1, 2)))(x, wi, wo)
     g_want = jax.grad(loss(loop), (0, 1, 2))(x, wi, wo)
     for a, b in zip(g_got, g_want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_mgpu_rows_past_the_groups_are_zero_in_values_and_gradients(mgpu_references):
+    """Expert parallelism's received buffer has dead rows (no group): the kernels leave
+    them unwritten, so mgpu.gmm must give them 0 and pass them no gradient."""
+    from m6jax.model.moe import dispatch as dsp
+    n, d, m, e = 40, 16, 24, 3
+    ks = jax.random.split(jax.random.key(5), 4)
+    rows = jax.random.normal(ks[0], (n, d))
+    wi = jax.random.normal(ks[1], (e, d, m)) * 0.3
+    wo = jax.random.normal(ks[2], (e, m, d)) * 0.3
+    expert = jax.random.randint(ks[3], (n,), 0, e)
+    live = jnp.arange(n) % 3 != 0
+
+    def want(rows, wi, wo):  # per row, by hand
+        h = jax.nn.gelu(jnp.einsum("nd,ndm->nm", rows, wi[expert]))
+        return jnp.where(live[:, None], jnp.einsum("nm,nmd->nd", h, wo[expert]), 0)
+
+    got = lambda rows, wi, wo: dsp.expert_mlp_rows(  # noqa: E731
+        rows, expert, live, wi, wo, jax.nn.gelu, "mgpu")
+    np.testing.assert_allclose(np.asarray(jax.jit(got)(rows, wi, wo)),
+                               np.asarray(want(rows, wi, wo)), atol=1e-5)
+    from m6jax.model.moe import mgpu
+    sizes = jnp.array([10, 0, 20], jnp.int32)                          # rows 30.. in no group
+    assert np.all(np.asarray(mgpu.gmm(rows, wi, sizes))[30:] == 0)
+    loss = lambda f: lambda *a: jnp.sum(jnp.cos(f(*a)))  # noqa: E731
+    for a, b in zip(jax.jit(jax.grad(loss(got), (0, 1, 2)))(rows, wi, wo),
+                    jax.grad(loss(want), (0, 1, 2))(rows, wi, wo)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_mgpu_is_the_cuda_dropless_kernel_on_hopper_only(monkeypatch):
+    """WGMMA is sm_90's: an A100 (8.0) or a Blackwell (10.0) runs `blocked`."""
+    import types
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "gpu")
+    for capability, impl in (("9.0", "mgpu"), ("8.0", "blocked"), ("10.0", "blocked")):
+        gpu = types.SimpleNamespace(compute_capability=capability)
+        monkeypatch.setattr(kernels.jax, "devices", lambda *a, gpu=gpu: [gpu])
+        assert kernels.resolve("gmm") == impl, capability
+    assert kernels.resolve("gmm", "gmm=mgpu") == "mgpu"            # the user's choice wins
+
+
+def test_mgpu_is_the_cuda_dropless_kernel_for_16_bit_models_only():
+    """The table's CUDA entry, the f32 fallback (WGMMA takes 16-bit operands) and the
+    refusal of an explicit mgpu for an f32 model or off CUDA, each naming the field."""
+    from m6jax.model.moe import mgpu
+    from m6jax.model.moe.layer import dropless_impl
+    with kernels.lowering_for("cuda"):
+        assert dropless_impl("dropless", "", jnp.bfloat16) == "mgpu"
+        assert dropless_impl("dropless", "", jnp.float32) == "blocked"
+        with pytest.raises(ValueError, match="model.dtype=bfloat16"):
+            dropless_impl("dropless", "gmm=mgpu", jnp.float32)
+    x = jnp.ones((8, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="use blocked"):
+        mgpu.gmm(x, jnp.ones((2, 64, 64), jnp.bfloat16), jnp.array([4, 4], jnp.int32))

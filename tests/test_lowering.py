@@ -33,15 +33,16 @@ def lowered():
     def get(case, platform):
         if (case, platform) not in cache:
             config = {"long": _long, "long_dense": lambda: _long(attention="dense"),
-                      "moe": _moe}[case]()
+                      "moe": _moe, "moe_bf16": lambda: _moe(dtype="bfloat16")}[case]()
             cache[case, platform] = aot.lower_for(config, platform, units=1)
         return cache[case, platform]
     return get
 
 
-def _moe():
+def _moe(**model):
     c = m6_moe.get_config("tiny")
     c.model.moe.dispatch = "dropless"
+    c.model.update(model)
     return c
 
 
@@ -87,8 +88,28 @@ def test_tpu_dropless_moe_runs_megablox_gmm_not_a_padded_matmul(lowered):
     assert "ragged_dot" not in text          # XLA expands it into a zero-padded matmul
 
 
-def test_cuda_dropless_moe_is_not_ragged_dot(lowered):
-    assert "ragged_dot" not in lowered("moe", "cuda")
+def test_cuda_dropless_moe_runs_mosaic_gpu_grouped_matmuls_not_a_padded_matmul(lowered):
+    """bf16 dropless MoE on CUDA: jax's Mosaic GPU ragged dot over the [E, D, M] / [E, M, D]
+    expert weights (forward and row gradients) and its transposed ragged dot for the
+    weight gradients; no XLA ragged_dot and no [E, rows, ...] expansion."""
+    text = lowered("moe_bf16", "cuda")
+    c = _moe()
+    e, d, m = c.model.moe.num_experts, c.model.emb_dim, c.model.mlp_dim
+    calls = [line for line in text.splitlines() if "custom_call @mosaic_gpu" in line]
+    weights = rf"tensor<{e}x({d}x{m}|{m}x{d})xbf16>"
+    rows_dot = [ln for ln in calls if re.search(rf"{weights}\) -> tensor<\d+x\d+xbf16>", ln)]
+    weight_grad = [ln for ln in calls if re.search(rf"\) -> {weights}", ln)]
+    assert len(rows_dot) == 4 and len(weight_grad) == 2, (len(rows_dot), len(weight_grad))
+    assert "ragged_dot" not in text
+    experts = rf"tensor<{e}x({d}x{m}|{m}x{d})x(bf16|f32)>"
+    dense = [ln for ln in text.splitlines() if "dot_general" in ln and re.search(experts, ln)]
+    assert not dense, dense[0]  # the expert weights meet no XLA matmul (padded or not)
+
+
+def test_cuda_f32_dropless_moe_runs_blocked_not_ragged_dot(lowered):
+    """WGMMA takes 16-bit operands: an f32 model's dropless MoE runs `blocked` on CUDA."""
+    text = lowered("moe", "cuda")
+    assert "ragged_dot" not in text and "mosaic_gpu" not in text
 
 
 @pytest.mark.slow  # the entry point end to end (~10 s, a subprocess); the tests above cover the step

@@ -185,7 +185,8 @@ def test_dropless_default_is_chosen_per_backend():
     from m6jax import kernels
     assert dropless_impl("dropless") == "blocked"                     # this CPU
     with kernels.lowering_for("cuda"):  # not jax.lax.ragged_dot: a padded dense matmul there
-        assert dropless_impl("dropless") == "blocked"
+        assert dropless_impl("dropless", "", "bfloat16") == "mgpu"   # Hopper's Mosaic GPU kernel
+        assert dropless_impl("dropless", "", "float32") == "blocked"  # WGMMA: 16-bit only
     with kernels.lowering_for("tpu"):
         assert dropless_impl("dropless") == "megablox"
         assert dropless_impl("dropless", "gmm=ragged_dot") == "ragged_dot"

@@ -13,7 +13,8 @@ A third, `grouped`, keeps the same slots (so the same choices drop) but builds n
 empty slots cost nothing (the fast capacity path on CPU, BENCHMARKS.md).
 Dropless paths: choices sorted by expert, then grouped matmuls: `blocked` (block-padded
 rows, grouped.py; the fast one on CPU), `ragged_dot` (`jax.lax.ragged_dot`) or
-`megablox` (the same sorted rows through megablox's Pallas `gmm`, TPU; m6jax/kernels.py).
+`megablox` (the same sorted rows through megablox's Pallas `gmm`, TPU) or `mgpu` (jax's
+Mosaic GPU ragged dot, Hopper; mgpu.py); which one a backend runs: m6jax/kernels.py.
 
 Shapes: G groups, S tokens per group, D model width, E experts, K choices, C capacity.
 """
@@ -25,11 +26,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from m6jax.model.moe import grouped
+from m6jax.model.moe import grouped, mgpu
 from m6jax.model.moe.routers import Routing
 
 
 PRIORITIES = ("order", "score")
+RAGGED = ("ragged_dot", "megablox", "mgpu")  # dropless impls over sorted rows + group sizes
 _GMM_TILE = 128  # megablox rows per tile (and the widest k, n tiles)
 
 
@@ -152,7 +154,7 @@ def _combine_rows(y_nd, combine_weight):
 
 def dropless_ragged(x, routing: Routing, wi, wo, activation, impl: str = "ragged_dot"):
     """Every choice computed, none dropped: sort choices by expert, then a ragged
-    grouped matmul (`impl`: `jax.lax.ragged_dot` or megablox's `gmm`).
+    grouped matmul (`impl`: one of RAGGED).
 
     x [G, S, D]; wi [E, D, M]; wo [E, M, D]; returns [G, S, D]. Equals the capacity
     path whenever that path drops nothing.
@@ -162,10 +164,15 @@ def dropless_ragged(x, routing: Routing, wi, wo, activation, impl: str = "ragged
     order = jnp.argsort(expert, stable=True)
     rows = _choice_rows(x, k)[order]                                     # [N, D] by expert
     sizes = jnp.bincount(expert, length=e).astype(jnp.int32)
-    matmul = jax.lax.ragged_dot if impl == "ragged_dot" else _megablox
+    matmul = _ragged_matmul(impl)
     h = activation(matmul(rows, wi.astype(x.dtype), sizes))
     y = matmul(h, wo.astype(x.dtype), sizes)                             # [N, D]
     return _combine_rows(jnp.zeros_like(y).at[order].set(y), routing.combine_weight)
+
+
+def _ragged_matmul(impl: str):
+    """rows [N, K] sorted by group, w [E, K, M], sizes [E] -> [N, M] by `impl`."""
+    return {"ragged_dot": jax.lax.ragged_dot, "megablox": _megablox, "mgpu": mgpu.gmm}[impl]
 
 
 def _megablox(rows, w, sizes):
@@ -225,11 +232,11 @@ def expert_mlp_rows(rows, expert, live, wi, wo, activation, impl: str, fused: bo
     -> [N, D]: the dropless expert MLP over a flat set of rows (expert parallelism's
     received buffer, of which about `live_rows` are live)."""
     e = wi.shape[0]
-    if impl in ("ragged_dot", "megablox"):
+    if impl in RAGGED:
         key = jnp.where(live, expert, e)
         order = jnp.argsort(key, stable=True)
         sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
-        matmul = jax.lax.ragged_dot if impl == "ragged_dot" else _megablox
+        matmul = _ragged_matmul(impl)
         h = activation(matmul(rows[order], wi, sizes))
         y = matmul(h, wo, sizes)
         y = jnp.where(jnp.arange(y.shape[0])[:, None] < jnp.sum(sizes), y, 0)

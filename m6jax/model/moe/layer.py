@@ -14,17 +14,25 @@ from m6jax.model.moe import dispatch as dsp
 from m6jax.model.moe import parallel, routers
 
 # `dropless` is the backend's dropless kernel from m6jax/kernels.py's table (`gmm`):
-# `blocked` on CPU (measured, BENCHMARKS.md) and GPU, megablox's Pallas gmm on TPU.
-DISPATCHES = ("gather", "einsum", "grouped", "dropless", "blocked", "ragged_dot", "megablox")
-DROPLESS = ("dropless", "blocked", "ragged_dot", "megablox")
+# `blocked` on CPU (measured, BENCHMARKS.md), jax's Mosaic GPU ragged dot on a Hopper GPU
+# (16-bit models; `blocked` otherwise), megablox's Pallas gmm on TPU.
+DISPATCHES = ("gather", "einsum", "grouped", "dropless", "blocked", "ragged_dot", "megablox",
+              "mgpu")
+DROPLESS = ("dropless", "blocked", "ragged_dot", "megablox", "mgpu")
 
 
-def dropless_impl(dispatch: str, overrides: str = "") -> str:
+def dropless_impl(dispatch: str, overrides: str = "", dtype=jnp.bfloat16) -> str:
     """The dropless implementation a `model.moe.dispatch` value runs on this platform
-    (`overrides`: model.kernels)."""
-    if dispatch != "dropless":
-        return dispatch
-    return kernels.resolve("gmm", overrides)
+    (`overrides`: model.kernels) for experts computing in `dtype`."""
+    impl = kernels.resolve("gmm", overrides) if dispatch == "dropless" else dispatch
+    if impl == "mgpu" and jnp.dtype(dtype).itemsize != 2:
+        # Hopper's WGMMA takes 16-bit operands for these kernels.
+        if dispatch == "mgpu" or kernels.parse(overrides).get("gmm") == "mgpu":
+            raise ValueError(f"the mgpu grouped matmul takes 16-bit operands, not "
+                             f"{jnp.dtype(dtype)}: set model.dtype=bfloat16 or "
+                             "model.moe.dispatch=blocked")
+        return "blocked"
+    return impl
 
 
 def group_shape(batch: int, length: int, group_size: int) -> tuple[int, int]:
@@ -105,7 +113,7 @@ class MoeMlp(nn.Module):
         act = ACTIVATIONS[self.activation] if pure else hidden
         if cfg.dispatch in DROPLESS or not factor:
             impl = dropless_impl(cfg.dispatch if cfg.dispatch in DROPLESS else "dropless",
-                                 self.kernels)
+                                 self.kernels, self.dtype)
             y, sent = parallel.dropless(x, routing, wi_c, wo_c, act, impl, pure,
                                         float(cfg.peer_capacity_factor))
             kept = valid[..., None] & sent   # a peer block's overflow is dropped

@@ -97,7 +97,7 @@ def from_experts(y_gecd):
 def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True,
              peer_capacity_factor: float = 0.0):
     """x [G, S, D] -> (y [G, S, D], sent bool [G, S, K]): every choice through its expert
-    (`impl`: blocked or ragged_dot); with an expert mesh tokens travel, weights do not.
+    (`impl`: blocked or one of dispatch.RAGGED); with an expert mesh tokens travel, weights do not.
     `sent` is False only for a choice that overflowed its peer block
     (`peer_rows`; with peer_capacity_factor 0 nothing does: exact dropless).
     fused: `activation` has no RNG, so the blocked path may fuse it (dispatch.py)."""
@@ -105,7 +105,7 @@ def dropless(x, routing, wi, wo, activation, impl: str, fused: bool = True,
     if mesh is None:
         def local(x, e, c, wi, wo):
             r = dsp.Routing(e, c, None, None, None)  # the paths read only these two
-            if impl in ("ragged_dot", "megablox"):
+            if impl in dsp.RAGGED:
                 return dsp.dropless_ragged(x, r, wi, wo, activation, impl)
             return dsp.dropless_blocked(x, r, wi, wo, activation, fused)
         y = _per_device(local, (x, routing.expert_index, routing.combine_weight), (wi, wo))
