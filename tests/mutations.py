@@ -190,7 +190,7 @@ CASES = {
     "sparse_dense_mask": ("m6jax/model/sparse.py",
                           "m = mask.visible(np.arange(g * bs)[:, None], np.arange(nb * bs)[None, :])[:, None]",
                           "m = mask.dense()[:, :, :g * bs]", 1,
-                          ["tests/test_lowering.py", "-k", "cuda_long_step_holds"]),
+                          ["tests/test_lowering.py", "-k", "cuda_long_step_on_blocks"]),
     "flops_full_square": ("m6jax/flops.py", '    if model_cfg.attention != "sparse":\n',
                           "    if True:\n", 1, ["tests/test_flops.py", "-k", "sparse"]),
     "peak_small_matmul": ("m6jax/flops.py", "measure_peak_flops(ACCELERATOR_MATMUL, dtype",

@@ -33,6 +33,7 @@ def lowered():
     def get(case, platform):
         if (case, platform) not in cache:
             config = {"long": _long, "long_dense": lambda: _long(attention="dense"),
+                      "long_blocks": lambda: _long(kernels="sparse_attention=blocks"),
                       "moe": _moe}[case]()
             cache[case, platform] = aot.lower_for(config, platform, units=1)
         return cache[case, platform]
@@ -63,10 +64,22 @@ def test_tpu_long_step_runs_splash_and_holds_no_s_by_s_buffer(lowered):
     assert _square(text) == []
 
 
-def test_cuda_long_step_holds_no_s_by_s_buffer(lowered):
-    """Block-sparse on CUDA is the gathered-blocks path (Triton's kernel has no block
-    mask): no fused call, and no S x S scores or mask either."""
+def test_cuda_long_step_runs_sparse_triton_and_holds_no_s_by_s_buffer(lowered):
+    """Block-sparse on CUDA is our Pallas Triton kernel (m6jax/model/sparse_triton.py),
+    forward and both backward kernels; no S x S scores or mask."""
     text = lowered("long", "cuda")
+    calls = aot.summarize(text)["custom_calls"]
+    for name in ("sparse_flash_fwd", "sparse_flash_dq", "sparse_flash_dkv"):
+        assert name in calls, calls
+    assert "mha_forward" not in calls, calls      # not the dense two-call path
+    assert _square(text) == []
+
+
+def test_cuda_long_step_on_blocks_holds_no_s_by_s_buffer(lowered):
+    """model.kernels=sparse_attention=blocks (the gathered-blocks path, CPU's default):
+    no fused call, and no S x S scores or mask either."""
+    text = lowered("long_blocks", "cuda")
+    assert not any(k.startswith("sparse_flash") for k in aot.summarize(text)["custom_calls"])
     assert _square(text) == []
 
 

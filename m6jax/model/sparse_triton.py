@@ -113,7 +113,7 @@ def _visible(q_pos, seg_q, k_pos, kind_k, seg_k):
 
 
 def _masked_scores(q, k, scale, vis):
-    s = pl.dot(q, k, trans_b=True) * scale                              # f32 [bq, bk]
+    s = plgpu.dot(q, k, trans_b=True) * scale                           # f32 [bq, bk]
     return jnp.where(vis, s, -jnp.inf)
 
 
@@ -135,7 +135,7 @@ def _fwd_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, kind_ref, seg_ref, o_ref,
         p = jnp.exp(s - m_safe[:, None])
         corr = jnp.exp(m - m_safe)
         v = v_ref[ks, :]
-        acc = acc * corr[:, None] + pl.dot(p.astype(v.dtype), v)
+        acc = acc * corr[:, None] + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l * corr + jnp.sum(p, axis=1)
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bs,), -jnp.inf, jnp.float32),
@@ -161,9 +161,9 @@ def _dq_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, kind_ref, seg_ref, do_ref,
         vis = _visible(q_pos, seg_q, j * bs + jnp.arange(bs), kind_ref[ks], seg_ref[ks])
         k = k_ref[ks, :]
         p = jnp.exp(_masked_scores(q, k, scale, vis) - lse[:, None])
-        dp = pl.dot(do, v_ref[ks, :], trans_b=True)
+        dp = plgpu.dot(do, v_ref[ks, :], trans_b=True)
         ds = p * (dp - delta[:, None])
-        return dq + pl.dot(ds.astype(k.dtype), k)
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
 
     dq = jax.lax.fori_loop(0, cnt_ref[i], body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -184,9 +184,9 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, kind_ref, seg_ref, do_ref
         q, do = q_ref[qs, :], do_ref[qs, :]
         vis = _visible(i * bs + jnp.arange(bs), seg_ref[qs], k_pos, kind_k, seg_k)
         p = jnp.exp(_masked_scores(q, k, scale, vis) - lse_ref[qs][:, None])   # [bq, bk]
-        dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
-        ds = p * (pl.dot(do, v, trans_b=True) - delta_ref[qs][:, None])
-        return dk + pl.dot(ds.astype(q.dtype), q, trans_a=True), dv
+        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (plgpu.dot(do, v, trans_b=True) - delta_ref[qs][:, None])
+        return dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True), dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = jax.lax.fori_loop(0, cnt_ref[j], body, (zeros, zeros))
