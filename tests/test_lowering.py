@@ -133,6 +133,20 @@ def test_splash_runs_per_device_under_a_mesh():
     assert operands and operands[0] == ("2", "2", str(dh)), operands
 
 
+def test_sparse_triton_runs_per_device_under_a_mesh():
+    """CUDA block-sparse under data x fsdp x tensor: the kernel's operands are one
+    device's rows and heads (batch 8 / 4, heads 4 / 2; Dh 8 padded to 16)."""
+    from helpers import tiny_config
+    c = tiny_config(data=2, fsdp=2, tensor=2)
+    c.data.text_len = 16                                   # 32 positions: 2 blocks of 16
+    c.model.update(attention="sparse", sparse_block_size=16, sparse_window=0,
+                   sparse_stride=2, sparse_global_blocks=1)
+    text = aot.lower_for(c, "cuda", units=1)
+    line = next(x for x in text.splitlines() if "sparse_flash_fwd" in x)
+    operands = re.findall(r"tensor<(\d+)x(\d+)x(\d+)x(\d+)xf32>", line[line.rindex(": ("):])
+    assert operands and operands[0] == ("2", "32", "2", "16"), operands
+
+
 def test_splash_lowers_inside_the_pipeline_schedule():
     """mesh.stage=2: the kernel's shard_map nests inside the pipeline's stages."""
     from helpers import tiny_config
