@@ -241,6 +241,16 @@ def test_triton_sparse_refuses_a_block_it_cannot_tile():
         sparse_flash_attention(q, q, q, mask, Pattern(24), interpret=True)
 
 
+def test_config_check_refuses_a_sparse_block_triton_cannot_tile():
+    from helpers import tiny_config
+    c = tiny_config()
+    c.model.update(attention="sparse", sparse_block_size=24, kernels="sparse_attention=triton")
+    with pytest.raises(ValueError, match=r"model.sparse_block_size=24: .*power of two"):
+        kernels.validate(c)
+    c.model.kernels = ""                                 # CPU: blocks, any block size
+    kernels.validate(c)
+
+
 def test_kernel_table_per_platform_and_override():
     assert kernels.resolve("attention") == "xla"          # this CPU machine
     assert kernels.resolve("sparse_attention") == "blocks"

@@ -196,7 +196,7 @@ def _dkv_kernel(idx_ref, cnt_ref, q_ref, k_ref, v_ref, kind_ref, seg_ref, do_ref
 
 # ----------------------------------------------------------------------------- calls
 
-def _specs(b, s, h, dh, bs, n_max, n_counts):
+def _specs(s, dh, bs, n_max, n_counts):
     """BlockSpecs over grid (B, H, query-or-key block)."""
     return dict(
         table=pl.BlockSpec((None, n_max), lambda b, h, i: (i, 0)),
@@ -218,7 +218,7 @@ def _forward(q, k, v, kind, seg, pattern, scale, interpret):
     bs = pattern.block_size
     nb = s // bs
     idx, counts, _, _ = _tables(pattern, nb)
-    sp = _specs(b, s, h, dh, bs, idx.shape[1], counts.shape[0])
+    sp = _specs(s, dh, bs, idx.shape[1], counts.shape[0])
     return pl.pallas_call(
         functools.partial(_fwd_kernel, bs=bs, scale=scale),
         grid=(b, h, nb),
@@ -237,7 +237,7 @@ def _backward(q, k, v, kind, seg, o, lse, do, pattern, scale, interpret):
     nb = s // bs
     idx, counts, idx_t, counts_t = _tables(pattern, nb)
     delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
-    sp = _specs(b, s, h, dh, bs, idx.shape[1], counts.shape[0])
+    sp = _specs(s, dh, bs, idx.shape[1], counts.shape[0])
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, bs=bs, scale=scale),
         grid=(b, h, nb),
@@ -247,7 +247,7 @@ def _backward(q, k, v, kind, seg, o, lse, do, pattern, scale, interpret):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_params(dh), interpret=interpret, name="sparse_flash_dq",
     )(jnp.asarray(idx), jnp.asarray(counts), q, k, v, kind, seg, do, lse, delta)
-    sp = _specs(b, s, h, dh, bs, idx_t.shape[1], counts_t.shape[0])
+    sp = _specs(s, dh, bs, idx_t.shape[1], counts_t.shape[0])
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, bs=bs, scale=scale),
         grid=(b, h, nb),
