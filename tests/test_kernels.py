@@ -222,6 +222,19 @@ def test_triton_sparse_per_device_under_a_mesh_equals_blocks(devices):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
 
 
+def test_triton_sparse_on_a_partial_last_block_equals_blocks():
+    """A decode prefill shorter than the trained sequence (200 = 6 blocks of 32 + 8):
+    padded to whole blocks inside, the same as the blocks path."""
+    img, text, src, _ = SPARSE_KINDS["prefix_lm_missing_image"]
+    mask = attention_mask(img, text[:, :136], src[:, :136])
+    q, k, v = (a[:, :200] for a in _sparse_case("prefix_lm_missing_image", 8)[:3])
+    got = jax.jit(lambda q, k, v: sparse_flash_attention(q, k, v, mask, SP_PATTERN,
+                                                         interpret=True))(q, k, v)
+    want = sparse_attention(q, k, v, mask, SP_PATTERN)
+    assert got.shape == (2, 200, 2, 32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+
+
 def test_triton_sparse_bfloat16_equals_blocks_in_float32():
     """bf16 q, k, v (the long config's dtype): output bf16, within bf16 rounding of the
     f32 blocks path (measured 2.5e-3; the blocks path run in bf16: 7.4e-3)."""
