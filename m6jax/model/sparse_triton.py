@@ -62,7 +62,7 @@ def attend_rows(q, k, v, kind, seg, *, pattern: Pattern, interpret: bool = False
     padded to whole blocks (pad slots are no key) and Dh to a power of two >= 16 (zero
     columns change no score; their outputs are dropped)."""
     check_block_size(pattern)
-    b, s, h, dh = q.shape
+    _, s, _, dh = q.shape
     bs = pattern.block_size
     extra = -s % bs
     dh_pad = max(16, pl.next_power_of_2(dh))
