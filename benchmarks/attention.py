@@ -1,7 +1,7 @@
 r"""Dense vs block-sparse attention, forward + backward: time and peak memory.
 
   python benchmarks/attention.py --json=benchmarks/results/attention_cpu.json
-  python benchmarks/attention.py --tokens=4096,16384 --fused=triton --json=/tmp/attention_gpu.json
+  python benchmarks/attention.py --tokens=4096,16384 --fused=triton,triton_sparse --json=/tmp/attention_gpu.json
   python benchmarks/attention.py --tokens=4096,16384 --fused=splash --json=/tmp/attention_tpu.json
 
 For each sequence length: q, k, v [batch, S, heads, head_dim] f32 and M6's prefix-LM
@@ -9,8 +9,13 @@ mask (a bidirectional prefix of --prefix tokens, the rest causal); grad of
 sum(out * w) w.r.t. q, k and v, jitted. `sparse` is m6jax/model/sparse.py's fixed
 pattern (block --block_size, window --window, stride --stride, --global_blocks leading
 blocks); `dense` is jax.nn.dot_product_attention under the same mask AND'ed with the
-pattern (so both compute the same function). Time: median of --iters calls, the two
-variants alternated call by call so both see the same background load. Memory: XLA's
+pattern (so both compute the same function). `--fused` adds kernels: `splash` (TPU,
+the pattern), `triton` (GPU: jax's dense flash attention, no pattern: a different
+function, the dense-kernel baseline) and `triton_sparse` (GPU: our block-sparse Triton
+kernel, m6jax/model/sparse_triton.py, the pattern); a fused variant that computes the
+pattern's function also records `max_grad_diff_vs_sparse`. Off its platform a kernel
+runs in interpret mode (a CPU smoke test, not a timing). Time: median of --iters calls,
+the variants alternated call by call so all see the same background load. Memory: XLA's
 compiled temp buffer size (`memory_analysis().temp_size_in_bytes`: the step's peak
 scratch beyond inputs and outputs), plus the inputs' bytes (the mask is per-position
 vectors since issue 28: the dense variant builds its [S, S] inside the step). Writes a list of {tokens, variant, ms, temp_mb, arg_mb, score_fraction}.
@@ -36,7 +41,8 @@ flags.DEFINE_integer("window", 1, "sparse: neighbouring blocks each side")
 flags.DEFINE_integer("stride", 8, "sparse: every stride-th block is a summary column")
 flags.DEFINE_integer("global_blocks", 4, "sparse: leading blocks (the prefix) seen by all")
 flags.DEFINE_integer("iters", 5, "timed calls per variant (after one warm-up call)")
-flags.DEFINE_list("fused", [], "fused kernels to add: triton (GPU) | splash (TPU)")
+flags.DEFINE_list("fused", [], "fused kernels to add: triton | triton_sparse (GPU) | "
+                  "splash (TPU)")
 flags.DEFINE_string("json", "", "write the results here")
 FLAGS = flags.FLAGS
 
@@ -47,6 +53,7 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
 
+    from m6jax import kernels
     from m6jax.model import fused
     from m6jax.model.masks import AttentionMask
     from m6jax.model.sparse import Pattern, sparse_attention
@@ -66,15 +73,17 @@ def main(argv):
                                                                      implementation="xla"),
             "sparse": lambda q, k, v, m: sparse_attention(q, k, v, m, pattern),
         }
-        for impl in FLAGS.fused:
-            fns[impl] = (lambda q, k, v, m, impl=impl: fused.attend(
-                impl, q, k, v, m, pattern if impl == "splash" else None))
-        compiled = {}
+        sparse_fused = {"splash": "splash", "triton_sparse": "triton"}  # with the pattern
+        for name in FLAGS.fused:
+            fns[name] = (lambda q, k, v, m, impl=sparse_fused.get(name, name),
+                         pat=pattern if name in sparse_fused else None:
+                         fused.attend(impl, q, k, v, m, pat, kernels.interpret(impl)))
+        compiled, grads = {}, {}
         for name, fn in fns.items():
             grad = jax.jit(jax.grad(lambda q, k, v, m, fn=fn: jnp.sum(fn(q, k, v, m) * w),
                                     argnums=(0, 1, 2)))
             compiled[name] = grad.lower(q, k, v, mask).compile()
-            jax.block_until_ready(compiled[name](q, k, v, mask))  # warm-up
+            grads[name] = jax.block_until_ready(compiled[name](q, k, v, mask))  # warm-up
         times = {n: [] for n in fns}
         for _ in range(FLAGS.iters):
             for name in fns:
@@ -90,6 +99,9 @@ def main(argv):
                        arg_mb=mem.argument_size_in_bytes / 2 ** 20,
                        block_fraction_kept=kept, platform=jax.devices()[0].platform,
                        load_avg_1min=os.getloadavg()[0])
+            if name in sparse_fused:   # same function as `sparse`: does the kernel agree?
+                row["max_grad_diff_vs_sparse"] = max(
+                    float(jnp.max(jnp.abs(a - b))) for a, b in zip(grads[name], grads["sparse"]))
             results.append(row)
             print(json.dumps(row), flush=True)
         d_row, s_row = results[-len(fns)], results[-len(fns) + 1]

@@ -2,7 +2,7 @@
 
   op                 cpu      cuda     tpu       what the names are
   attention          xla      triton   splash    dense prefix-LM / causal / packed
-  sparse_attention   blocks   blocks   splash    model.attention='sparse'
+  sparse_attention   blocks   triton   splash    model.attention='sparse'
   gmm                blocked  mgpu     megablox  model.moe.dispatch='dropless'
 
   xla       jax.nn.dot_product_attention with the dense mask (XLA fuses nothing: S x S
@@ -11,8 +11,10 @@
             block] scores, no S x S array, plain XLA ops
   splash    jax.experimental.pallas.ops.tpu.splash_attention (Pallas, Mosaic TPU): a
             static block mask (the sparse pattern, causal) plus dynamic segment ids
-  triton    jax.experimental.pallas.ops.gpu.attention.mha (Pallas, Triton): causal plus
-            segment ids; it has no block mask, so sparse attention stays on `blocks`
+  triton    attention: jax.experimental.pallas.ops.gpu.attention.mha (Pallas, Triton):
+            causal plus segment ids. sparse_attention: m6jax/model/sparse_triton.py, our
+            block-sparse flash kernels (Pallas, Triton) over the static pattern, mask
+            from the per-position vectors, forward and backward
   blocked   m6jax/model/moe/grouped.py: a static menu of row blocks (CPU-measured)
   megablox  jax.experimental.pallas.ops.tpu.megablox.gmm (Pallas, Mosaic TPU)
   mgpu      jax.experimental.pallas.ops.gpu.ragged_dot_mgpu + transposed_ragged_dot_mgpu
@@ -38,12 +40,12 @@ import jax
 
 TABLE = {
     "attention": {"cpu": "xla", "cuda": "triton", "tpu": "splash"},
-    "sparse_attention": {"cpu": "blocks", "cuda": "blocks", "tpu": "splash"},
+    "sparse_attention": {"cpu": "blocks", "cuda": "triton", "tpu": "splash"},
     "gmm": {"cpu": "blocked", "cuda": "mgpu", "tpu": "megablox"},
 }
 IMPLS = {
     "attention": ("xla", "splash", "triton"),
-    "sparse_attention": ("blocks", "splash"),
+    "sparse_attention": ("blocks", "splash", "triton"),
     "gmm": ("blocked", "megablox", "ragged_dot", "mgpu"),
 }
 # Pallas kernels compile for one platform; elsewhere they run only in interpret mode.
@@ -106,5 +108,10 @@ def interpret(impl: str) -> bool:
 
 
 def validate(config) -> None:
-    """Refuses an unknown op or implementation in model.kernels, naming the field."""
+    """Refuses an unknown op or implementation in model.kernels, and a sparse block size
+    the Triton kernel cannot tile (where it would run), naming the field."""
     parse(config.model.kernels)
+    m = config.model
+    if m.attention == "sparse" and resolve("sparse_attention", m.kernels) == "triton":
+        from m6jax.model import sparse, sparse_triton
+        sparse_triton.check_block_size(sparse.pattern_from_config(m))

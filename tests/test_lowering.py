@@ -33,6 +33,7 @@ def lowered():
     def get(case, platform):
         if (case, platform) not in cache:
             config = {"long": _long, "long_dense": lambda: _long(attention="dense"),
+                      "long_blocks": lambda: _long(kernels="sparse_attention=blocks"),
                       "moe": _moe, "moe_bf16": lambda: _moe(dtype="bfloat16")}[case]()
             cache[case, platform] = aot.lower_for(config, platform, units=1)
         return cache[case, platform]
@@ -64,10 +65,22 @@ def test_tpu_long_step_runs_splash_and_holds_no_s_by_s_buffer(lowered):
     assert _square(text) == []
 
 
-def test_cuda_long_step_holds_no_s_by_s_buffer(lowered):
-    """Block-sparse on CUDA is the gathered-blocks path (Triton's kernel has no block
-    mask): no fused call, and no S x S scores or mask either."""
+def test_cuda_long_step_runs_sparse_triton_and_holds_no_s_by_s_buffer(lowered):
+    """Block-sparse on CUDA is our Pallas Triton kernel (m6jax/model/sparse_triton.py),
+    forward and both backward kernels; no S x S scores or mask."""
     text = lowered("long", "cuda")
+    calls = aot.summarize(text)["custom_calls"]
+    for name in ("sparse_flash_fwd", "sparse_flash_dq", "sparse_flash_dkv"):
+        assert name in calls, calls
+    assert "mha_forward" not in calls, calls      # not the dense two-call path
+    assert _square(text) == []
+
+
+def test_cuda_long_step_on_blocks_holds_no_s_by_s_buffer(lowered):
+    """model.kernels=sparse_attention=blocks (the gathered-blocks path, CPU's default):
+    no fused call, and no S x S scores or mask either."""
+    text = lowered("long_blocks", "cuda")
+    assert not any(k.startswith("sparse_flash") for k in aot.summarize(text)["custom_calls"])
     assert _square(text) == []
 
 
@@ -139,6 +152,20 @@ def test_splash_runs_per_device_under_a_mesh():
     operands = re.findall(r"tensor<(\d+)x(\d+)x\d+x(\d+)xf32>", line[line.rindex(": ("):])
     dh = c.model.emb_dim // c.model.num_heads
     assert operands and operands[0] == ("2", "2", str(dh)), operands
+
+
+def test_sparse_triton_runs_per_device_under_a_mesh():
+    """CUDA block-sparse under data x fsdp x tensor: the kernel's operands are one
+    device's rows and heads (batch 8 / 4, heads 4 / 2; Dh 8 padded to 16)."""
+    from helpers import tiny_config
+    c = tiny_config(data=2, fsdp=2, tensor=2)
+    c.data.text_len = 16                                   # 32 positions: 2 blocks of 16
+    c.model.update(attention="sparse", sparse_block_size=16, sparse_window=0,
+                   sparse_stride=2, sparse_global_blocks=1)
+    text = aot.lower_for(c, "cuda", units=1)
+    line = next(x for x in text.splitlines() if "sparse_flash_fwd" in x)
+    operands = re.findall(r"tensor<(\d+)x(\d+)x(\d+)x(\d+)xf32>", line[line.rindex(": ("):])
+    assert operands and operands[0] == ("2", "32", "2", "16"), operands
 
 
 def test_splash_lowers_inside_the_pipeline_schedule():

@@ -1,10 +1,13 @@
 """Fused attention kernels (Pallas, in jax) over an `AttentionMask`, never an S x S array.
 
-Both kernels take segment ids, not M6's per-row prefix, so the prefix-LM rule runs as
-two calls (`AttentionMask.kernel_segments`): a bidirectional one whose rows serve the
-prefix queries and a causal one whose rows serve the rest, picked per query. That is
-two kernel passes where one dense pass would do; the kernels skip the blocks their
-static mask rules out (causal, the sparse pattern), not those the segment ids do.
+Splash and jax's Triton kernel take segment ids, not M6's per-row prefix, so the
+prefix-LM rule runs as two calls (`AttentionMask.kernel_segments`): a bidirectional one
+whose rows serve the prefix queries and a causal one whose rows serve the rest, picked
+per query. That is two kernel passes where one dense pass would do; the kernels skip
+the blocks their static mask rules out (causal, the sparse pattern), not those the
+segment ids do.
+Block-sparse attention on CUDA is our own kernel (sparse_triton.py): it reads the mask
+vectors inside each kept block, so it is one call.
 
 Under a mesh each kernel runs per device (`shard_map` over the batch and head axes the
 activations are already split on: a Pallas call is opaque to GSPMD, which would
@@ -27,7 +30,15 @@ _PAD_ID = NONE_SEGMENT - 1  # tile padding: apart from pads and from real tokens
 
 
 def attend(impl: str, q, k, v, mask: AttentionMask, pattern=None, interpret: bool = False):
-    """q, k, v [B, S, H, Dh] -> [B, S, H, Dh] with `impl` in {'splash', 'triton'}."""
+    """q, k, v [B, S, H, Dh] -> [B, S, H, Dh] with `impl` in {'splash', 'triton'}.
+
+    'triton' with a sparse `pattern` is our block-sparse kernel (sparse_triton.py): one
+    call, the mask from its vectors, no two-call split."""
+    if impl == "triton" and pattern is not None:
+        from m6jax.model import sparse_triton
+        kernel = functools.partial(sparse_triton.attend_rows, pattern=pattern,
+                                   interpret=interpret)
+        return _per_device(kernel, q, k, v, *sparse_triton.mask_rows(mask))
     in_prefix, prefix_ids, causal_ids = mask.kernel_segments()
     call = functools.partial(_splash if impl == "splash" else _triton,
                              pattern=pattern, interpret=interpret)
@@ -87,11 +98,10 @@ def _splash(q, k, v, ids, *, causal, pattern, interpret):
 
 
 def _triton(q, k, v, ids, *, causal, pattern, interpret):
-    """jax's Pallas GPU flash attention (Triton): causal and segment ids; no block mask."""
+    """jax's Pallas GPU flash attention (Triton): causal and segment ids; no block mask
+    (a sparse pattern takes sparse_triton.py, see `attend`)."""
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
-    if pattern is not None:
-        raise ValueError("model.kernels: attention=triton has no block mask; sparse "
-                         "attention runs sparse_attention=blocks on GPU")
+    assert pattern is None, "attend routes sparse patterns to sparse_triton"
     sizes = gpu_attention.BlockSizes(block_q=_TILE, block_k=_TILE, block_q_dkv=32,
                                      block_kv_dkv=32, block_q_dq=32, block_kv_dq=32)
     return gpu_attention.mha(q, k, v, ids, sm_scale=1.0, causal=causal, block_sizes=sizes,
