@@ -108,10 +108,6 @@ def interpret(impl: str) -> bool:
 
 
 def validate(config) -> None:
-    """Refuses an unknown op or implementation in model.kernels, and a sparse block size
-    the Triton kernel cannot tile (where it would run), naming the field."""
+    """Refuses an unknown op or implementation in model.kernels, naming the field (the
+    sparse block the Triton kernel needs: m6jax/model/sparse.py's validate)."""
     parse(config.model.kernels)
-    m = config.model
-    if m.attention == "sparse" and resolve("sparse_attention", m.kernels) == "triton":
-        from m6jax.model import sparse, sparse_triton
-        sparse_triton.check_block_size(sparse.pattern_from_config(m))

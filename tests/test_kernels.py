@@ -257,11 +257,13 @@ def test_triton_sparse_refuses_a_block_it_cannot_tile():
 def test_config_check_refuses_a_sparse_block_triton_cannot_tile():
     from helpers import tiny_config
     c = tiny_config()
-    c.model.update(attention="sparse", sparse_block_size=24, kernels="sparse_attention=triton")
-    with pytest.raises(ValueError, match=r"model.sparse_block_size=24: .*power of two"):
-        kernels.validate(c)
+    from m6jax.config_checks import validate_config
+    seq = (c.data.image_size // c.data.patch_size) ** 2 + c.data.text_len   # 28: divides
+    c.model.update(attention="sparse", sparse_block_size=seq, kernels="sparse_attention=triton")
+    with pytest.raises(ValueError, match=rf"model.sparse_block_size={seq}: .*power of two"):
+        validate_config(c, 1)
     c.model.kernels = ""                                 # CPU: blocks, any block size
-    kernels.validate(c)
+    validate_config(c, 1)
 
 
 def test_kernel_table_per_platform_and_override():

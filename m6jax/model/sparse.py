@@ -19,6 +19,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from m6jax import kernels
+
 KINDS = ("dense", "sparse")
 
 
@@ -72,6 +74,17 @@ def validate(config) -> None:
         raise ValueError(f"model.sparse_block_size={m.sparse_block_size} does not divide the "
                          f"sequence of {seq} positions ((data.image_size / data.patch_size)**2 "
                          f"+ data.text_len); pick a divisor of {seq}")
+    if kernels.resolve("sparse_attention", m.get("kernels", "")) == "triton":
+        check_block_size(pattern_from_config(m))
+
+
+def check_block_size(pattern: Pattern) -> None:
+    """The block-sparse Triton kernel (sparse_triton.py) tiles by the block: a power of 2."""
+    bs = pattern.block_size
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"model.sparse_block_size={bs}: the Triton block-sparse kernel "
+                         "needs a power of two >= 16; pick one or set "
+                         "model.kernels=sparse_attention=blocks")
 
 
 def _key_blocks(pattern: Pattern, num_blocks: int):

@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from m6jax.model.sparse import Pattern
+from m6jax.model.sparse import Pattern, check_block_size
 
 PAD_KIND, CAUSAL_KIND, PREFIX_KIND = 0, 1, 2
 
@@ -47,14 +47,6 @@ def sparse_flash_attention(q, k, v, mask, pattern: Pattern, interpret: bool = Fa
     block by block with an online softmax: no score array beyond one block pair."""
     kind, seg = mask_rows(mask)
     return attend_rows(q, k, v, kind, seg, pattern=pattern, interpret=interpret)
-
-
-def check_block_size(pattern: Pattern) -> None:
-    bs = pattern.block_size
-    if bs < 16 or bs & (bs - 1):
-        raise ValueError(f"model.sparse_block_size={bs}: the Triton block-sparse kernel "
-                         "needs a power of two >= 16; pick one or set "
-                         "model.kernels=sparse_attention=blocks")
 
 
 def attend_rows(q, k, v, kind, seg, *, pattern: Pattern, interpret: bool = False):
