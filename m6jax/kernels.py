@@ -4,6 +4,7 @@
   attention          xla      triton   splash    dense prefix-LM / causal / packed
   sparse_attention   blocks   triton   splash    model.attention='sparse'
   gmm                blocked  mgpu     megablox  model.moe.dispatch='dropless'
+  capacity           grouped  gather   gather    model.moe.dispatch='capacity'
 
   xla       jax.nn.dot_product_attention with the dense mask (XLA fuses nothing: S x S
             scores and mask; the CPU's measured path)
@@ -20,6 +21,11 @@
   mgpu      jax.experimental.pallas.ops.gpu.ragged_dot_mgpu + transposed_ragged_dot_mgpu
             (Pallas, Mosaic GPU, WGMMA: Hopper, 16-bit operands; m6jax/model/moe/mgpu.py).
             On a CUDA GPU that is not sm_90, or for an f32 model, `dropless` runs blocked.
+  grouped   capacity slots through the grouped matmuls, no slot buffer (dispatch.py;
+            the fastest capacity path on CPU, BENCHMARKS.md); gather / einsum: the
+            [G, E, C, D] slot buffer by index gathers / one-hot matmuls. All three drop
+            the same choices, so `capacity` changes speed, not results. GPU/TPU get
+            gather (what the paper configs use; not measured against einsum there).
   ragged_dot  jax.lax.ragged_dot (XLA; on CPU and, per public reports, GPU it expands
             into a zero-padded dense matmul: about E times the FLOPs)
 
@@ -42,11 +48,13 @@ TABLE = {
     "attention": {"cpu": "xla", "cuda": "triton", "tpu": "splash"},
     "sparse_attention": {"cpu": "blocks", "cuda": "triton", "tpu": "splash"},
     "gmm": {"cpu": "blocked", "cuda": "mgpu", "tpu": "megablox"},
+    "capacity": {"cpu": "grouped", "cuda": "gather", "tpu": "gather"},
 }
 IMPLS = {
     "attention": ("xla", "splash", "triton"),
     "sparse_attention": ("blocks", "splash", "triton"),
     "gmm": ("blocked", "megablox", "ragged_dot", "mgpu"),
+    "capacity": ("gather", "einsum", "grouped"),
 }
 # Pallas kernels compile for one platform; elsewhere they run only in interpret mode.
 NATIVE = {"splash": "tpu", "triton": "cuda", "megablox": "tpu"}

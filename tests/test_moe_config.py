@@ -25,6 +25,8 @@ def _config(**mesh):
     (dict(data=2, expert=4), dict(dispatch="grouped"),
      r"model.moe.dispatch='grouped' runs each device's tokens through all experts "
      r"\(mesh.expert=4, mesh.stage=1 must be 1\)"),
+    (dict(data=2, expert=4), dict(dispatch="capacity"),   # grouped on this CPU
+     r"model.moe.dispatch='capacity' \(grouped here\) runs each device's tokens through all"),
 ])
 def test_bad_moe_routing_fields_are_refused_naming_the_field(mesh, edit, message):
     c = _config(**mesh)
@@ -98,3 +100,22 @@ def test_dry_run_warns_when_capacity_is_below_four():
     r = plan.moe_routing_plan(c)
     assert r["capacity_per_expert"] == 1 and r["uniform_drop_fraction"] > 0.25
     assert "moe.capacity_per_expert=1 < 4" in r["warning"]
+
+
+def test_capacity_dispatch_is_the_backends_capacity_path():
+    """`capacity` (m6_moe:tiny's default) is grouped on CPU, gather on GPU/TPU, or what
+    model.kernels names; an expert mesh on CPU is refused as grouped is, but not on GPU."""
+    from m6jax import kernels
+    from m6jax.model.moe.layer import capacity_impl
+    assert capacity_impl("capacity") == "grouped"
+    assert capacity_impl("capacity", "capacity=einsum") == "einsum"
+    assert capacity_impl("gather") == "gather"
+    with kernels.lowering_for("cuda"):
+        assert capacity_impl("capacity") == "gather"
+        c = _config(data=2, expert=4)
+        c.model.moe.dispatch = "capacity"
+        validate_config(c, 8)
+    with kernels.lowering_for("tpu"):
+        assert capacity_impl("capacity") == "gather"
+    from configs.m6_moe import get_config
+    assert get_config("tiny").model.moe.dispatch == "capacity"

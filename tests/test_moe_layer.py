@@ -151,6 +151,21 @@ def test_groups_and_score_priority_match_the_reference_with_drops(router, k, dis
     np.testing.assert_allclose(metrics["dropped_fraction"], dropped, rtol=1e-5)
 
 
+def test_capacity_dispatch_runs_the_backends_capacity_path():
+    """dispatch='capacity' traces to the very program of 'grouped' on CPU and of 'gather'
+    when lowering for CUDA (the table in m6jax/kernels.py)."""
+    from m6jax import kernels
+    x, ids, modality = inputs()
+
+    def text(dispatch):
+        layer = MoeMlp(moe_cfg(dispatch=dispatch), M, activation="relu")
+        p = layer.init(jax.random.key(0), x, ids, modality)
+        return jax.jit(lambda p: layer.apply(p, x, ids, modality)[0]).lower(p).as_text()
+    assert text("capacity") == text("grouped") != text("gather")
+    with kernels.lowering_for("cuda"):
+        assert text("capacity") == text("gather")
+
+
 def test_score_priority_keeps_the_most_confident_tokens():
     # One expert, capacity 2, probabilities 0.2, 0.9, 0.5: order keeps tokens 0 and 1,
     # score keeps 1 and 2.

@@ -18,16 +18,19 @@ model.moe fields:
   aux_loss_weight       Switch load-balancing loss weight (0 allowed)
   z_loss_weight         router z-loss weight (0 allowed)
   jitter                multiplicative router-input noise in [1-j, 1+j] while training
-  dispatch              capacity paths (the same choices drop in all three):
+  dispatch              capacity paths (the same choices drop in all four):
+                          capacity the backend's (m6jax/kernels.py): grouped on
+                                   CPU, gather on GPU/TPU (tiny's default)
                           gather   [G, E, C, D] slots by index gathers (the default;
                                    shards experts over mesh.expert)
                           einsum   the same slots by one-hot matmuls
                           grouped  the kept choices through the grouped matmuls, no
                                    slot buffer (tiny and the routing ablations: the
                                    fastest on this CPU, BENCHMARKS.md; mesh.expert=1)
-                        dropless paths: dropless (the backend's fastest: blocked on
-                        CPU, ragged_dot on GPU/TPU) | blocked (sort + a block per
-                        expert, grouped matmuls) | ragged_dot (jax.lax.ragged_dot)
+                        dropless paths: dropless (the backend's: blocked on CPU,
+                        mgpu on a Hopper GPU in 16-bit, megablox on TPU) | blocked
+                        (sort + a block per expert, grouped matmuls) | ragged_dot
+                        (jax.lax.ragged_dot) | megablox | mgpu
   group_size            tokens per routing group: consecutive tokens of consecutive
                         examples; must divide the tokens per device and microbatch;
                         0 = one example per group (tiny/small/base: 4 examples)
@@ -64,7 +67,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                              f"of {', '.join(ABLATION_ROUTINGS)} (optionally + '_noaux')")
         router, k = ABLATION_ROUTINGS[name]
         c = m6.get_config("tiny")
-        c.model.moe = moe_section(router=router, k=k, dispatch="grouped",
+        c.model.moe = moe_section(router=router, k=k, dispatch="capacity",
                                   aux_loss_weight=0.0 if noaux else 0.01)
         c.variant = arg
         return c
@@ -73,6 +76,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # uniform routing instead of 4.5% with one example per group), slots by score.
     seq = (c.data.image_size // c.data.patch_size) ** 2 + c.data.text_len
     c.model.moe = moe_section(group_size=4 * seq, priority="score")
-    if arg == "tiny":  # the CPU quickstart: measured fastest here (BENCHMARKS.md)
-        c.model.moe.dispatch = "grouped"
+    if arg == "tiny":  # grouped on CPU (measured fastest here, BENCHMARKS.md), gather on GPU/TPU
+        c.model.moe.dispatch = "capacity"
     return c

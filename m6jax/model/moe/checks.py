@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from m6jax.model.moe.dispatch import PRIORITIES
-from m6jax.model.moe.layer import DISPATCHES, DROPLESS
+from m6jax.model.moe.layer import DISPATCHES, DROPLESS, capacity_impl
 from m6jax.model.moe.routers import ROUTERS
 
 
@@ -64,16 +64,18 @@ def _check_moe_groups(config, moe, sizes: dict[str, int]) -> None:
                          f"{shards} batch shards / optimizer.grad_accum_steps={accum} / "
                          f"pipeline.microbatches={micro} x {seq} tokens per example), so that "
                          "no routing group spans two devices or microbatches")
-    if moe.dispatch == "grouped" and (sizes["expert"] > 1 or sizes.get("stage", 1) > 1):
+    grouped = capacity_impl(moe.dispatch, config.model.get("kernels", "")) == "grouped"
+    named = repr(moe.dispatch) + ("" if moe.dispatch == "grouped" else " (grouped here)")
+    if grouped and (sizes["expert"] > 1 or sizes.get("stage", 1) > 1):
         raise ValueError(
-            "model.moe.dispatch='grouped' runs each device's tokens through all experts "
+            f"model.moe.dispatch={named} runs each device's tokens through all experts "
             f"(mesh.expert={sizes['expert']}, mesh.stage={sizes.get('stage', 1)} must be 1): use "
             "model.moe.dispatch='gather' to shard experts or stages")
     dropless = moe.dispatch in DROPLESS or not moe.capacity_factor or not moe.eval_capacity_factor
     if moe.peer_capacity_factor < 0:
         raise ValueError(f"model.moe.peer_capacity_factor={moe.peer_capacity_factor} must be "
                          ">= 0 (0 = room for all of a device's choices per expert peer)")
-    sorting = moe.dispatch == "grouped" or dropless
+    sorting = grouped or dropless
     if sorting and sizes["tensor"] > 1 and sizes["expert"] == 1:
         raise ValueError(
             f"model.moe.dispatch={moe.dispatch!r} with mesh.tensor={sizes['tensor']} would hold "

@@ -16,9 +16,15 @@ from m6jax.model.moe import parallel, routers
 # `dropless` is the backend's dropless kernel from m6jax/kernels.py's table (`gmm`):
 # `blocked` on CPU (measured, BENCHMARKS.md), jax's Mosaic GPU ragged dot on a Hopper GPU
 # (16-bit models; `blocked` otherwise), megablox's Pallas gmm on TPU.
-DISPATCHES = ("gather", "einsum", "grouped", "dropless", "blocked", "ragged_dot", "megablox",
-              "mgpu")
+DISPATCHES = ("capacity", "gather", "einsum", "grouped", "dropless", "blocked", "ragged_dot",
+              "megablox", "mgpu")
 DROPLESS = ("dropless", "blocked", "ragged_dot", "megablox", "mgpu")
+
+
+def capacity_impl(dispatch: str, overrides: str = "") -> str:
+    """The capacity path a `model.moe.dispatch` value runs: `capacity` is the backend's
+    (m6jax/kernels.py: grouped on CPU, gather on GPU/TPU; the same choices drop in all)."""
+    return kernels.resolve("capacity", overrides) if dispatch == "capacity" else dispatch
 
 
 def dropless_impl(dispatch: str, overrides: str = "", dtype=jnp.bfloat16) -> str:
@@ -118,13 +124,14 @@ class MoeMlp(nn.Module):
                                         float(cfg.peer_capacity_factor))
             kept = valid[..., None] & sent   # a peer block's overflow is dropped
         else:
+            dispatch = capacity_impl(cfg.dispatch, self.kernels)
             cap = dsp.expert_capacity(self.capacity_tokens or s, k, e, float(factor))
             slots = dsp.assign_slots(routing, e, cap, valid, cfg.priority)
             kept = slots.kept
-            if cfg.dispatch == "grouped":
+            if dispatch == "grouped":
                 y = parallel.capacity_grouped(x, routing, kept, wi_c, wo_c, act, pure)
             else:
-                y = _through_slots(x, routing, slots, cap, wi_c, wo_c, hidden, cfg.dispatch)
+                y = _through_slots(x, routing, slots, cap, wi_c, wo_c, hidden, dispatch)
         metrics = self._metrics(routing, kept, valid, e)
         if regroup:
             y = y.reshape(b, s0, d)
