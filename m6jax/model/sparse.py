@@ -74,7 +74,7 @@ def validate(config) -> None:
         raise ValueError(f"model.sparse_block_size={m.sparse_block_size} does not divide the "
                          f"sequence of {seq} positions ((data.image_size / data.patch_size)**2 "
                          f"+ data.text_len); pick a divisor of {seq}")
-    if kernels.resolve("sparse_attention", m.get("kernels", "")) == "triton":
+    if kernels.resolve("sparse_attention", m.kernels) == "triton":
         check_block_size(pattern_from_config(m))
 
 

@@ -64,7 +64,7 @@ def _check_moe_groups(config, moe, sizes: dict[str, int]) -> None:
                          f"{shards} batch shards / optimizer.grad_accum_steps={accum} / "
                          f"pipeline.microbatches={micro} x {seq} tokens per example), so that "
                          "no routing group spans two devices or microbatches")
-    grouped = capacity_impl(moe.dispatch, config.model.get("kernels", "")) == "grouped"
+    grouped = capacity_impl(moe.dispatch, config.model.kernels) == "grouped"
     named = repr(moe.dispatch) + ("" if moe.dispatch == "grouped" else " (grouped here)")
     if grouped and (sizes["expert"] > 1 or sizes.get("stage", 1) > 1):
         raise ValueError(
