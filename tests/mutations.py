@@ -221,8 +221,8 @@ CASES = {
                                 "return drows, dw.astype(w.dtype), None", 1,
                                 ["tests/test_kernels.py", "-k", "mgpu"]),
     "mgpu_weight_grad_unpadded_rows": ("m6jax/model/moe/mgpu.py",
-                                       'dw = KERNELS["transposed"](_pad(rows, np_, kp), dyp, sizes)[:, :k, :m]',
-                                       'dw = KERNELS["transposed"](_pad(rows, np_, kp), dyp, sizes * 0)[:, :k, :m]', 1,
+                                       'dw = KERNELS["transposed"](rows_p, dy_p, sizes)[:, :k, :m]',
+                                       'dw = KERNELS["transposed"](rows_p, dy_p, sizes * 0)[:, :k, :m]', 1,
                                        ["tests/test_kernels.py", "-k", "mgpu"]),
     # Issue 28, block-sparse Triton kernel (m6jax/model/sparse_triton.py).
     "sparse_triton_no_segments": ("m6jax/model/sparse_triton.py",

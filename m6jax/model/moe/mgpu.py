@@ -96,13 +96,17 @@ def gmm(rows, w, sizes):
     return _forward(rows, w, sizes)
 
 
+def _tiled(rows, w):
+    """rows [N, K], w [E, K, M] zero-padded to the kernels' tiles (N to 128, K, M to 64)."""
+    (n, k), m = rows.shape, w.shape[2]
+    kp, mp = _up(k, _WIDTH), _up(m, _WIDTH)
+    return _pad(rows, _up(n, _ROWS), kp), jnp.pad(w, ((0, 0), (0, kp - k), (0, mp - m)))
+
+
 def _forward(rows, w, sizes):
-    n, k = rows.shape
-    m = w.shape[2]
-    np_, kp, mp = _up(n, _ROWS), _up(k, _WIDTH), _up(m, _WIDTH)
-    wp = jnp.pad(w, ((0, 0), (0, kp - k), (0, mp - m)))
-    y = KERNELS["ragged_dot"](_pad(rows, np_, kp), wp, sizes)
-    return _live(y[:n, :m], sizes)
+    (n, _), m = rows.shape, w.shape[2]
+    rows_p, w_p = _tiled(rows, w)
+    return _live(KERNELS["ragged_dot"](rows_p, w_p, sizes)[:n, :m], sizes)
 
 
 def _gmm_fwd(rows, w, sizes):
@@ -111,13 +115,11 @@ def _gmm_fwd(rows, w, sizes):
 
 def _gmm_bwd(res, dy):
     rows, w, sizes = res
-    n, k = rows.shape
-    m = w.shape[2]
-    np_, kp, mp = _up(n, _ROWS), _up(k, _WIDTH), _up(m, _WIDTH)
-    dyp = _pad(dy.astype(rows.dtype), np_, mp)
-    wp = jnp.pad(w, ((0, 0), (0, kp - k), (0, mp - m)))
-    drows = KERNELS["ragged_dot"](dyp, wp, sizes, transpose_rhs=True)[:n, :k]
-    dw = KERNELS["transposed"](_pad(rows, np_, kp), dyp, sizes)[:, :k, :m]
+    (n, k), m = rows.shape, w.shape[2]
+    rows_p, w_p = _tiled(rows, w)
+    dy_p = _pad(dy.astype(rows.dtype), rows_p.shape[0], w_p.shape[2])
+    drows = KERNELS["ragged_dot"](dy_p, w_p, sizes, transpose_rhs=True)[:n, :k]
+    dw = KERNELS["transposed"](rows_p, dy_p, sizes)[:, :k, :m]
     return _live(drows, sizes), dw.astype(w.dtype), None
 
 
