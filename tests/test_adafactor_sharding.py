@@ -152,7 +152,7 @@ def test_offloaded_factored_moments_are_stored_sharded(devices):
 @pytest.mark.slow  # two train steps of a 128-wide MoE model to compile (~30 s here)
 def test_streamed_update_of_sharded_factored_moments_trains_like_resident(devices):
     """Two steps with unit 0's params and optimizer state streamed from host memory end
-    in the same params and moments as with nothing offloaded."""
+    in the same params and moments as with nothing offloaded, step by step."""
     def train(**off):
         c = _config()
         c.model.num_layers = 4
@@ -161,14 +161,28 @@ def test_streamed_update_of_sharded_factored_moments_trains_like_resident(device
         plan_ = offload.OffloadPlan(c, p2r.STAGE_REAL, sh,
                                     abstract_train_state(model, tx, EXAMPLE, mesh)[0])
         step = make_train_step(model, tx, mesh, sh, NUM_TASKS, offload=plan_)
+        after = []
         with jax.set_mesh(mesh):
             state = plan_.to_stored(state)
             for i in range(2):
                 state, _ = step(state, sharding.global_batch(mesh, synthetic_batch(8, seed=i)))
-            return for_disk(state)
+                after.append(jax.tree.map(np.asarray, for_disk(state)))  # the next step donates
+        return after
     run = train(optimizer_layers="0,1", param_layers="0,1")
     ref = train(optimizer_layers="none", param_layers="none")
-    for a, b in zip(jax.tree.leaves(run.opt_state), jax.tree.leaves(ref.opt_state)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
-    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(ref.params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
+    # An unfactored Adafactor update is g / sqrt(v), sign(g) at the first step whatever
+    # |g|: an element whose gradient is rounding noise (v below 1e-10 of its leaf's mean;
+    # CI found one of 32,768 at v = 1.5e-21 against a mean of 2.7e-9) takes a full step
+    # in whichever direction that path's rounding gives, and keeps the difference. Every
+    # other element must agree.
+    noise = None
+    for got, want in zip(run, ref):
+        for a, b in zip(jax.tree.leaves(got.opt_state), jax.tree.leaves(want.opt_state)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        v, = [s.v for s in jax.tree.leaves(want.opt_state, is_leaf=is_factored) if is_factored(s)]
+        now = [x < 1e-10 * x.mean() if x.shape == p.shape else np.zeros(p.shape, bool)
+               for x, p in zip(jax.tree.leaves(v), jax.tree.leaves(want.params))]
+        noise = now if noise is None else [n | m for n, m in zip(noise, now)]
+        for a, b, n in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params), noise):
+            assert n.mean() < 1e-3
+            np.testing.assert_allclose(np.where(n, b, a), b, rtol=1e-4, atol=5e-5)
