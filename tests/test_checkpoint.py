@@ -51,7 +51,7 @@ def _cmd(workdir, cache, extra=(), args=None):
 
 def _env(cache, **hooks):
     return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                M6JAX_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR=str(cache / "xla"), **hooks)
+                M6JAX_CACHE=str(cache), **hooks)
 
 
 def _run(workdir, cache, extra=(), args=None, **hooks):

@@ -156,26 +156,21 @@ KEYS = {"sentiment": ("sentiment_accuracy", "baseline_accuracy"),
         "recall_prompt": ("recall_r1", "recall_baseline_r1", "adapter_bytes", "base_bytes")}
 
 
-def _env(cache):
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                JAX_COMPILATION_CACHE_DIR=str(cache / "xla"))
-
-
-def _run(script, args, cache):
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=_env(cache),
+def _run(script, args):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def pretrained_workdir(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
     workdir = tmp_path_factory.mktemp("pretrained")
     proc = _run("experiments/pretrain.py", ["--config=experiments/configs/m6.py:tiny", *TINY,
                 "--config.total_steps=2", "--config.log_every=2", "--config.eval_every=2",
                 "--config.batch_size=8", "--config.optimizer.warmup_steps=1",
-                f"--workdir={workdir}"], cache)
+                f"--workdir={workdir}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return workdir, cache
+    return workdir
 
 
 # Slow: a tiny pretrain plus the three fine-tunes take ~2 min of CPU (5 min wall on the
@@ -185,11 +180,11 @@ def pretrained_workdir(tmp_path_factory):
 @pytest.mark.parametrize("task", ["sentiment", "retrieval", "caption", "recall", "sentiment_lora",
                                   "recall_prompt"])
 def test_finetune_entry_point_writes_the_summary_keys(task, pretrained_workdir, tmp_path):
-    workdir, cache = pretrained_workdir
+    workdir = pretrained_workdir
     config = task.split("_")[0]
     proc = _run("experiments/finetune.py", [f"--config=experiments/configs/finetune_{config}.py",
                 f"--config.init_from={workdir}", *FT_TINY, *TASK_ARGS[task],
-                f"--workdir={tmp_path}"], cache)
+                f"--workdir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     for key in KEYS[task]:
@@ -234,8 +229,7 @@ def _check_scores(task, s):
 
 
 def test_init_from_without_a_checkpoint_names_what_to_pass(tmp_path):
-    cache = tmp_path / "cache"
     proc = _run("experiments/finetune.py", ["--config=experiments/configs/finetune_sentiment.py",
-                f"--config.init_from={tmp_path}", f"--workdir={tmp_path / 'w'}"], cache)
+                f"--config.init_from={tmp_path}", f"--workdir={tmp_path / 'w'}"])
     assert proc.returncode != 0
     assert "holds no checkpoint" in proc.stderr and "--config.init_from=PRETRAIN_WORKDIR" in proc.stderr

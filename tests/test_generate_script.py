@@ -23,7 +23,7 @@ PRETRAIN_ARGS = [
 
 def _run(script, args, cache_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               M6JAX_CACHE=str(cache_dir), JAX_COMPILATION_CACHE_DIR=str(cache_dir / "xla"))
+               M6JAX_CACHE=str(cache_dir))
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -33,7 +33,7 @@ def _cmd(workdir, cache, extra=()):
 
 def _env(cache, **extra):
     return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                M6JAX_CACHE=str(cache), JAX_COMPILATION_CACHE_DIR=str(cache / "xla"), **extra)
+                M6JAX_CACHE=str(cache), **extra)
 
 
 def _losses(workdir):

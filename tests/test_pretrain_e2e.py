@@ -19,7 +19,7 @@ ARGS = [
 
 def _pretrain(workdir, cache_dir, extra=()):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               M6JAX_CACHE=str(cache_dir), JAX_COMPILATION_CACHE_DIR=str(cache_dir / "xla"))
+               M6JAX_CACHE=str(cache_dir))
     cmd = [sys.executable, "experiments/pretrain.py", *ARGS, *extra, f"--workdir={workdir}"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
