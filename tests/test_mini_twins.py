@@ -5,7 +5,10 @@ its config passes the checks on 8 devices. The slow ones train each twin as a us
 it (`experiments/pretrain.py --config=...:mini`, 8 fake CPU devices) next to the same
 shape trained with the quickstart's recipe (`:mini_reference`), and ask that the twin
 learns (eval loss >= 1.5 nats under the initial one; a Pseudo-to-Real run ends Real)
-and is no more than 0.15 nat behind the reference.
+and is no more than 0.08 nat behind the reference. At the twins' 60 steps the optimizer
+bug of issue 25 (weight decay after the learning rate: the `decay_after_lr` mutation)
+puts m6_10t:mini 0.150 nat behind its reference with a 1.58-nat drop; the clean twins
+are within 0.01 of theirs (BENCHMARKS.md, "Mini twins").
 """
 import importlib
 import json
@@ -79,4 +82,4 @@ def test_mini_twin_learns_close_to_the_quickstart_recipe(name, tmp_path):
     ref = _train(name, "mini_reference", tmp_path / "reference")
     assert twin["stage"] == "real"
     assert twin["eval_loss"] <= twin["initial_eval_loss"] - 1.5, twin
-    assert twin["eval_loss"] <= ref["eval_loss"] + 0.15, (twin["eval_loss"], ref["eval_loss"])
+    assert twin["eval_loss"] <= ref["eval_loss"] + 0.08, (twin["eval_loss"], ref["eval_loss"])

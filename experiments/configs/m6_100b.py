@@ -2,7 +2,7 @@
 paper trains it on 128 A100s (1,440 samples/s).
 
 Variants: `paper` (default), `mini` (every training
-choice of `paper`, sizes shrunk: 8 CPU devices, 100 steps; experiments/configs/
+choice of `paper`, sizes shrunk: 8 CPU devices, 60 steps; experiments/configs/
 paper_scale.py `mini` lists what is kept), `mini_reference` (its shape, the quickstart
 recipe), and `tiny` (same structure, 8 experts; runs here).
 Shapes are ours (the paper's exact widths and expert count are not at hand): 1024

@@ -2,7 +2,7 @@
 optimizer-state sharding and gradient sharding on top of data parallelism.
 
 Variants: `paper` (default), `mini` (every training
-choice of `paper`, sizes shrunk: 8 CPU devices, 100 steps; experiments/configs/
+choice of `paper`, sizes shrunk: 8 CPU devices, 60 steps; experiments/configs/
 paper_scale.py `mini` lists what is kept), `mini_reference` (its shape, the quickstart
 recipe), and `tiny` (same structure, 128 wide; runs here).
 Shapes are ours (the paper's exact width/depth are not at hand): 4096 wide, 49 layers,

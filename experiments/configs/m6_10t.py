@@ -23,7 +23,7 @@ make it fit 512 GPUs of 32 GB, 8 per node:
 
 Variants: `paper` (default; = `paper_real`'s shapes with the Pseudo-to-Real schedule),
 `paper_real`, `paper_pseudo`, `mini` (every training choice of `paper`, sizes shrunk:
-8 experts on 8 CPU devices, 4 layers, 100 steps, the switch at step 10; trains here in
+8 experts on 8 CPU devices, 4 layers, 60 steps, the switch at step 6; trains here in
 a few minutes), `mini_reference` (the mini's Real shape with the quickstart recipe) and
 `tiny` (same structure, 8 experts, the quickstart recipe; runs here).
 Shapes are ours (the paper's exact widths are not at hand): 4096 wide, 48 layers,

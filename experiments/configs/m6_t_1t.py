@@ -3,7 +3,7 @@ k prototypes, each token routed top-1 inside every prototype). The paper trains 
 1 trillion parameters on 480 NVIDIA V100-32GB in about 3 days.
 
 Variants: `paper` (default), `mini` (every training
-choice of `paper`, sizes shrunk: 8 CPU devices, 100 steps; experiments/configs/
+choice of `paper`, sizes shrunk: 8 CPU devices, 60 steps; experiments/configs/
 paper_scale.py `mini` lists what is kept), `mini_reference` (its shape, the quickstart
 recipe), and `tiny` (same router, k and every; 8 experts; runs here).
 Shapes are ours (the paper's exact widths are not at hand): 2048 wide, 24 layers, every

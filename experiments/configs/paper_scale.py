@@ -73,7 +73,7 @@ def tiny_base(arg: str, moe: dict | None = None, remat_policy: str = "none"):
 
 
 def mini(paper: ml_collections.ConfigDict, num_layers: int = 4,
-         total_steps: int = 100) -> ml_collections.ConfigDict:
+         total_steps: int = 60) -> ml_collections.ConfigDict:
     """The `mini` twin of a paper variant: the same training choices at a size that
     trains on the shipped data here in a few minutes.
 
@@ -89,7 +89,7 @@ def mini(paper: ml_collections.ConfigDict, num_layers: int = 4,
 
     The peak learning rate is the quickstart's (2e-3) rather than the paper variant's
     3e-4: the papers give none, 3e-4 is ours for widths of thousands, and the rate that
-    trains a width-128 model in 100 steps is a size-dependent choice like the width.
+    trains a width-128 model in 60 steps is a size-dependent choice like the width.
     """
     tiny = m6.get_config("tiny")
     c = copy.deepcopy(paper)
