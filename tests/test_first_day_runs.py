@@ -26,8 +26,7 @@ def doc_commands(page: str, heading: str) -> list[str]:
 
 
 def _run(command: str, cwd, cache):
-    env = dict(os.environ, M6JAX_CACHE=str(cache),
-               PYTHONPATH=ROOT)
+    env = dict(os.environ, M6JAX_CACHE=str(cache), PYTHONPATH=ROOT)
     env.pop("XLA_FLAGS", None)  # a user's shell has none; a command may set its own
     proc = subprocess.run(["bash", "-c", command], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=900)
