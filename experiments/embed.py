@@ -30,8 +30,9 @@ _INIT = flags.DEFINE_string("init_from", "", "The pretraining run (workdir or a 
 _ADAPTER = flags.DEFINE_string("adapter", "", "A lora / prompt fine-tune's WORKDIR/adapter.")
 _INPUT = flags.DEFINE_string("input", "", "A .jsonl file, or shipped:peoples_daily|digits.")
 _OUT = flags.DEFINE_string("out", None, "Directory of embeddings.npy, ids.jsonl, index.faiss.")
-_POOLING = flags.DEFINE_string("pooling", "mean", "mean | first | last | lexical "
-                               "(m6jax/embed/pooling.py; docs/finetuning.md says which won)")
+_POOLING = flags.DEFINE_string("pooling", "mean", "mean | first | last | lexical | terms "
+                               "(m6jax/embed/pooling.py; docs/finetuning.md says which won; "
+                               "lexical / terms vectors are vocab-sized and more)")
 _BATCH = flags.DEFINE_integer("batch", 256, "Rows per encoder call (sharded over devices).")
 _LIMIT = flags.DEFINE_integer("limit", 0, "Embed only the first N records (0 = all).")
 _INDEX = flags.DEFINE_bool("index", False, "Build OUT/index.faiss from OUT/embeddings.npy.")

@@ -262,6 +262,13 @@ CASES = {
     "lexical_pool_padding": ("m6jax/embed/pooling.py",
                              "jnp.where(valid_bs[:, num_patches:, None], w, 0.0).max(1)",
                              "w.max(1)", 1, ["tests/test_finetune_recall.py", "-k", "lexical"]),
+    "terms_pool_task_token": ("m6jax/embed/pooling.py",
+                              "jnp.asarray(text_valid_bt).at[:, 0].set(False)",
+                              "jnp.asarray(text_valid_bt)", 1,
+                              ["tests/test_finetune_recall.py", "-k", "terms"]),
+    "terms_pool_padding": ("m6jax/embed/pooling.py",
+                           "jnp.where(held, jax.nn.softplus(own), 0.0)", "jax.nn.softplus(own)", 1,
+                           ["tests/test_finetune_recall.py", "-k", "terms"]),
 }
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m6jax.embed.pooling import pool
+from m6jax.embed.pooling import BIGRAM_BUCKETS, pool
 from m6jax.finetune import recall
 from m6jax.finetune import recall_data as rd
 
@@ -52,6 +52,31 @@ def test_first_last_and_lexical_pooling():
     w = np.log1p(np.maximum(logits, 0))
     want = np.stack([w[0, :2].max(0), w[1].max(0)])  # row 0: text positions 0, 1 valid
     np.testing.assert_allclose(pool(h, valid, 2, "lexical", logits), unit(want), rtol=1e-5)
+
+
+def test_terms_pooling_weighs_each_held_token_and_adjacent_pair_by_a_per_token_loop():
+    rng = np.random.default_rng(2)
+    vocab, num_patches = 6, 1
+    tokens = np.array([[1, 3, 4, 3, 0], [2, 5, 5, 2, 1]], np.int32)  # [B, T]; row 0 pads at 4
+    text_valid = np.array([[True, True, True, True, False], [True] * 5])
+    valid = np.concatenate([np.zeros((2, num_patches), bool), text_valid], axis=1)
+    logits = rng.normal(size=(2, 5, vocab)).astype(np.float32)
+    logits[0, 4, 0] = 9.0  # a padding position's weight would win its entry
+    h = np.zeros((2, num_patches + 5, 3), np.float32)
+    softplus = lambda x: np.log1p(np.exp(x))  # noqa: E731
+    want = np.zeros((2, vocab + BIGRAM_BUCKETS), np.float32)
+    for b in range(2):
+        held = [i for i in range(1, 5) if text_valid[b, i]]  # position 0: the task token
+        w = {i: softplus(logits[b, i, tokens[b, i]]) for i in held}
+        for i in held:
+            want[b, tokens[b, i]] = max(want[b, tokens[b, i]], w[i])
+            if i + 1 in w:
+                k = vocab + (tokens[b, i] * vocab + tokens[b, i + 1]) % BIGRAM_BUCKETS
+                want[b, k] = max(want[b, k], np.sqrt(w[i] * w[i + 1]))
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    got = pool(h, valid, num_patches, "terms", logits, tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert want[1, 2] > 0 and want[0, 1] == 0  # row 1 holds token 2 again at 3; row 0's 1 is the task token
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,8 @@ def make_encoder(model, mesh, param_shardings, adaptation: Adaptation | None = N
                                             {k: batch[k] for k in MODEL_KEYS})
         valid = jnp.concatenate([batch["image_mask"], batch["text_mask"]], axis=1)
         p = batch["patches"].shape[1]
-        return {name: pool(hidden, valid, p, name, logits) for name in poolings}
+        return {name: pool(hidden, valid, p, name, logits, batch["text_tokens"])
+                for name in poolings}
 
     bs = sharding.batch_sharding(mesh)
     return jax.jit(encode, in_shardings=(param_shardings, bs), out_shardings=bs)

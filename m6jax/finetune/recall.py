@@ -53,7 +53,8 @@ def pair_loss(pooling: str, temperature: float):
     """loss_fn for adapt_loop: rows 2i / 2i + 1 of the batch are query / document i."""
     def loss_fn(logits, hidden, batch):
         valid = jnp.concatenate([batch["image_mask"], batch["text_mask"]], axis=1)
-        v = pool(hidden, valid, batch["patches"].shape[1], pooling, logits)
+        v = pool(hidden, valid, batch["patches"].shape[1], pooling, logits,
+                 batch["text_tokens"])
         loss, acc = info_nce(v[0::2], v[1::2], temperature)
         return loss, {"in_batch_top1": acc}
     return loss_fn
